@@ -1,0 +1,5 @@
+import sys
+
+from mcvqa.cli import main
+
+sys.exit(main())

@@ -1,0 +1,37 @@
+"""Command line: the same flow as the notebook.
+
+    python -m mcvqa run --profile demo [key=value ...]
+    python -m mcvqa snapshot --run runs/demo --name first_try
+"""
+
+import argparse
+import sys
+
+from .config import resolve_config
+from .hardware import detect_hardware
+from .pipeline import run_pipeline
+from .reporting import snapshot_experiment
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m mcvqa", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train the folds and write submission.csv")
+    run.add_argument("--profile", default="auto", help="demo | kaggle_t4x2 | colab_a100 | local_gpu | auto")
+    run.add_argument("overrides", nargs="*", help="settings as key=value (see mcvqa/config.py)")
+    snap = sub.add_parser("snapshot", help="copy a finished run into experiments/<YYMMDD>_<name>/")
+    snap.add_argument("--run", required=True, help="the run's output_dir")
+    snap.add_argument("--name", required=True)
+    snap.add_argument("--notebook", default=None, help="the executed notebook to keep with it")
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        cfg = resolve_config(args.profile, args.overrides)
+        run_pipeline(cfg, detect_hardware(cfg))
+    else:
+        print(snapshot_experiment(args.run, args.name, notebook_path=args.notebook))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""## 5. Dataset and collator: images processed in the collator, labels only on the answer letter
+
+A *view* is a (row, option order) pair: training draws a fresh option permutation per epoch when
+`shuffle_options` is on (the label follows its option), inference uses cyclic shifts for TTA. The
+collator renders each prompt, lets the processor expand the image placeholders and make
+`pixel_values` with the configured pixel range (the same at train and test time), appends the
+answer letter and the template's end-of-turn tokens, pads on the right, and marks the one supervised
+position. `answer_positions` is the position whose logits predict the letter: the scorer reads it.
+"""
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .data import load_image
+from .prompts import OPTION_LETTERS, render_prompt
+
+IGNORE_INDEX = -100
+BLANK_IMAGE_SIZE = (224, 224)
+
+
+def identity_views(n_rows):
+    return [(row, (0, 1, 2, 3)) for row in range(n_rows)]
+
+
+def shuffled_views(n_rows, seed, epoch):
+    """One random option order per row, a pure function of (seed, epoch): resume reproduces it."""
+    rng = np.random.default_rng([seed, epoch])
+    return [(row, tuple(int(i) for i in rng.permutation(4))) for row in range(n_rows)]
+
+
+def cyclic_views(n_rows, n_shifts):
+    """TTA views: shift k shows original option (j + k) % 4 at display position j."""
+    return [(row, tuple((j + shift) % 4 for j in range(4))) for shift in range(n_shifts) for row in range(n_rows)]
+
+
+class VqaDataset(torch.utils.data.Dataset):
+    """Loads the image and arranges the options of one view; the collator does the rest."""
+
+    def __init__(self, frame, views, max_pixels, blank_images=False):
+        self.records = frame.to_dict("records")
+        self.views = list(views)
+        self.max_pixels = max_pixels
+        self.blank_images = blank_images
+
+    def __len__(self):
+        return len(self.views)
+
+    def __getitem__(self, index):
+        row, perm = self.views[index]
+        record = self.records[row]
+        if self.blank_images or not record.get("image_ok", True):
+            # Blank control / opted-in fallback for unreadable images (counted in the run report).
+            image = Image.new("RGB", BLANK_IMAGE_SIZE, (255, 255, 255))
+        else:
+            image = load_image(record["image_path"], max_pixels=self.max_pixels)
+        options = [record[letter] for letter in OPTION_LETTERS]
+        answer = record.get("answer")
+        answer = OPTION_LETTERS.index(answer) if isinstance(answer, str) and answer in OPTION_LETTERS else -1
+        return {"row": row, "perm": perm, "image": image, "question": record["question"],
+                "options": [options[p] for p in perm], "answer": perm.index(answer) if answer >= 0 else -1}
+
+
+class VqaCollator:
+    """Batch of views -> model inputs + labels + the position the scorer reads."""
+
+    def __init__(self, processor, prompt_format, min_pixels, max_pixels):
+        self.processor = processor
+        self.fmt = prompt_format
+        self.size = {"shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)}
+        self.pad_id = processor.tokenizer.pad_token_id
+
+    def __call__(self, items):
+        texts = [render_prompt(self.processor, self.fmt, it["question"], it["options"])[0] for it in items]
+        enc = self.processor(text=texts, images=[it["image"] for it in items], size=self.size, padding=False)
+        sequences, labels, type_ids, answer_positions = [], [], [], []
+        for i, item in enumerate(items):
+            prompt = list(enc["input_ids"][i])
+            answer_positions.append(len(prompt) - 1)
+            seq_labels = [IGNORE_INDEX] * len(prompt)
+            if item["answer"] >= 0:
+                # The supervised token is exactly the id the scorer reads; the suffix is context only.
+                prompt += [self.fmt.letter_ids[item["answer"]]] + self.fmt.suffix_ids
+                seq_labels += [self.fmt.letter_ids[item["answer"]]] + [IGNORE_INDEX] * len(self.fmt.suffix_ids)
+            sequences.append(prompt)
+            labels.append(seq_labels)
+            mm = list(enc["mm_token_type_ids"][i]) if "mm_token_type_ids" in enc else [0] * len(enc["input_ids"][i])
+            type_ids.append(mm + [0] * (len(prompt) - len(mm)))
+        width = max(len(s) for s in sequences)
+
+        def pad(rows, value):
+            return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+
+        batch = {
+            "input_ids": pad(sequences, self.pad_id),
+            "attention_mask": pad([[1] * len(s) for s in sequences], 0),
+            "mm_token_type_ids": pad(type_ids, 0),
+            "pixel_values": enc["pixel_values"],
+            "image_grid_thw": enc["image_grid_thw"],
+            "labels": pad(labels, IGNORE_INDEX),
+            "answer_positions": torch.tensor(answer_positions, dtype=torch.long),
+            "answer_index": torch.tensor([it["answer"] for it in items], dtype=torch.long),
+            "rows": torch.tensor([it["row"] for it in items], dtype=torch.long),
+            "perms": torch.tensor([it["perm"] for it in items], dtype=torch.long),
+        }
+        return batch

@@ -1,0 +1,182 @@
+"""## 1. Configuration: one block of commented defaults, one profile per environment
+
+Every setting lives in the `Config` dataclass below, with its default and why. A *profile* is a
+small set of overrides for one environment: `demo` (CPU, embedded tiny model and data), `kaggle_t4x2`,
+`colab_a100`, `local_gpu`; `auto` picks one from the environment (Kaggle env var, Colab, CUDA).
+On top of the profile come `MCVQA_<FIELD>` environment variables, then `key=value` overrides from
+the parameters cell, papermill or the command line. The resolved config is printed and saved as
+`config.json` beside the run's outputs.
+"""
+
+import dataclasses
+import importlib.util
+import json
+import os
+import pathlib
+import typing
+
+
+@dataclasses.dataclass
+class Config:
+    # --- where things are -------------------------------------------------------------------
+    profile: str = "auto"
+    data_dir: str = "data/demo"  # folder with train.csv, test.csv, sample_submission.csv, images
+    output_dir: str = "runs/latest"  # checkpoints, probabilities, metrics, submission.csv
+    submission_path: str = ""  # empty: <output_dir>/submission.csv
+    model_name_or_path: str = "Qwen/Qwen2.5-VL-3B-Instruct"  # local folder (no network) or hub id
+    demo: bool = False  # build the embedded demo data and tiny model before running
+    demo_family: str = "qwen2_5_vl"  # tiny model architecture for the demo: qwen2_5_vl | qwen3_vl
+    demo_hidden_size: int = 64  # tiny model width
+    demo_warmup_rows: int = 1200  # separately seeded images for the tiny base's warm-up
+    demo_warmup_epochs: int = 6
+    # --- images: the same pixel range at train and test time -------------------------------
+    min_pixels: int = 256 * 28 * 28  # Qwen's processor upsizes smaller images to this many pixels
+    max_pixels: int = 448 * 448  # ~256 image tokens; winners gained +4.75 pp from higher resolution
+    on_bad_image: str = "error"  # error: stop listing every bad row | blank: counted blank fallback
+    blank_images: bool = False  # control experiment: every image blank (accuracy should fall to chance)
+    # --- prompt -------------------------------------------------------------------------------
+    system_prompt: str = ""  # empty: the chat template's own default (Qwen2.5-VL adds one)
+    instruction: str = "정답에 해당하는 선택지의 알파벳(a, b, c, d) 하나로만 답하세요."
+    max_question_tokens: int = 256  # longer questions are cut (the answer position never is)
+    max_option_tokens: int = 64  # per option
+    # --- model and QLoRA -------------------------------------------------------------------------
+    load_in_4bit: bool = True  # NF4 weights + double quantisation (QLoRA); False: plain weights
+    dtype: str = "auto"  # auto: from the hardware (fp16 below sm80, bf16 from sm80, fp32 on CPU)
+    attn_implementation: str = "auto"  # auto: flash_attention_2 where installed and supported, else sdpa
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    # Language-model linear layers only: the vision tower stays frozen (see README for why).
+    lora_target_modules: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    gradient_checkpointing: bool = True  # trades ~30% speed for activation memory (needed on T4)
+    # --- training ----------------------------------------------------------------------------------
+    n_folds: int = 3
+    folds: str = "all"  # which folds to train, e.g. "0" or "0,2"
+    epochs: int = 2
+    micro_batch_size: int = 2  # per step; OOM halves it and doubles accumulation
+    grad_accum_steps: int = 8  # effective batch = micro_batch_size * grad_accum_steps
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05  # cosine schedule with linear warm-up (transformers' scheduler)
+    max_grad_norm: float = 1.0
+    ema_decay: float = 0.999  # EMA of the LoRA weights, used for evaluation and saving; 0 = off
+    shuffle_options: bool = True  # permute a-d in training, remap the label (augmentation)
+    early_stopping_patience: int = 2  # evaluations without val-accuracy gain before stopping; 0 = off
+    evals_per_epoch: int = 2
+    checkpoint_every_steps: int = 50  # optimizer steps between resumable checkpoints
+    checkpoint_every_minutes: float = 20.0  # ...or this much wall time, whichever comes first
+    max_nonfinite_steps: int = 10  # consecutive non-finite losses before stopping
+    num_workers: int = 2  # data-loader processes (image decoding + processor)
+    seed: int = 42
+    max_train_rows: int = 0  # 0 = all; a small number makes a quick smoke run
+    # --- inference -------------------------------------------------------------------------------
+    infer_batch_size: int = 8
+    tta_option_views: int = 4  # cyclic shifts of the options (1 = off); winners: +1.5 pp
+    tta_image_scales: str = ""  # extra pixel-budget views, e.g. "0.75,1.5" (x max_pixels)
+    tta_average: str = "prob"  # prob | logprob: how views are averaged
+    ensemble_weights: str = "equal"  # equal | oof_acc: fold weights
+    temperature_scaling: bool = False  # fit one temperature on out-of-fold logits
+
+
+# Profiles: small override sets per environment, like nanoGPT's config files.
+PROFILES = {
+    "demo": dict(
+        data_dir="data/demo", output_dir="runs/demo", model_name_or_path="",  # "": data/tiny_models/<demo_family>
+        demo=True, load_in_4bit=True, min_pixels=112 * 112, max_pixels=112 * 112,
+        gradient_checkpointing=False, epochs=4, micro_batch_size=16, grad_accum_steps=1,
+        learning_rate=1e-3, warmup_ratio=0.1, ema_decay=0.9, lora_r=16, lora_alpha=32, lora_dropout=0.0,
+        evals_per_epoch=1, early_stopping_patience=0, num_workers=0, infer_batch_size=32,
+        checkpoint_every_steps=20, max_question_tokens=64, max_option_tokens=16,
+    ),
+    "kaggle_t4x2": dict(
+        data_dir="auto", output_dir="/kaggle/working/run", submission_path="/kaggle/working/submission.csv",
+        model_name_or_path="Qwen/Qwen2.5-VL-3B-Instruct", micro_batch_size=2, grad_accum_steps=8,
+        num_workers=2, checkpoint_every_minutes=15.0,
+    ),
+    "colab_a100": dict(
+        data_dir="/content/drive/MyDrive/mcvqa/data", output_dir="/content/drive/MyDrive/mcvqa/runs/latest",
+        model_name_or_path="Qwen/Qwen2.5-VL-7B-Instruct", micro_batch_size=8, grad_accum_steps=2,
+        gradient_checkpointing=False, max_pixels=768 * 768, num_workers=8, infer_batch_size=16,
+    ),
+    "local_gpu": dict(data_dir="data", output_dir="runs/latest", micro_batch_size=4, grad_accum_steps=4),
+}
+
+
+def detect_environment(env=None):
+    """Name the profile `auto` stands for, and why."""
+    env = os.environ if env is None else env
+    if env.get("KAGGLE_KERNEL_RUN_TYPE") or env.get("KAGGLE_URL_BASE"):
+        return "kaggle_t4x2", "KAGGLE_KERNEL_RUN_TYPE is set"
+    if env.get("COLAB_RELEASE_TAG") or importlib.util.find_spec("google.colab") is not None:
+        return "colab_a100", "running inside Google Colab"
+    import torch  # late: config must stay importable and cheap
+
+    if torch.cuda.is_available():
+        return "local_gpu", "CUDA is available outside Kaggle and Colab"
+    return "demo", "no GPU found: the CPU demo is what can run here"
+
+
+def _parse_value(field, text):
+    """Turn an override string into the field's type, with a clear error."""
+    kind = field.type if isinstance(field.type, type) else typing.get_origin(field.type) or str
+    if kind is bool:
+        lowered = str(text).strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"config: {field.name} expects true/false, got {text!r}")
+    try:
+        return kind(text)
+    except ValueError as err:
+        raise ValueError(f"config: {field.name} expects {kind.__name__}, got {text!r}") from err
+
+
+def parse_overrides(overrides):
+    """Accept a dict, a list of "key=value" strings, or one string of such lines (comma-free)."""
+    if not overrides:
+        return {}
+    if isinstance(overrides, dict):
+        return dict(overrides)
+    if isinstance(overrides, str):
+        overrides = [line for line in overrides.splitlines() if line.strip() and not line.strip().startswith("#")]
+    parsed = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"config: override {item!r} is not key=value")
+        parsed[key.strip()] = value.strip()
+    return parsed
+
+
+def resolve_config(profile="auto", overrides=None, env=None, verbose=True):
+    """Defaults < profile < MCVQA_* environment < explicit overrides. Prints what it chose."""
+    env = os.environ if env is None else env
+    reason = "asked for explicitly"
+    if profile == "auto":
+        profile, reason = detect_environment(env)
+    if profile not in PROFILES:
+        raise ValueError(f"config: unknown profile {profile!r}; choose one of {sorted(PROFILES)} or 'auto'")
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    values = dict(PROFILES[profile], profile=profile)
+    layers = [{k[len("MCVQA_"):].lower(): v for k, v in env.items() if k.startswith("MCVQA_")},
+              parse_overrides(overrides)]
+    for layer in layers:
+        for key, value in layer.items():
+            if key not in fields:
+                raise ValueError(f"config: unknown setting {key!r}; known: {', '.join(fields)}")
+            values[key] = _parse_value(fields[key], value) if isinstance(value, str) else value
+    cfg = Config(**values)
+    if verbose:
+        print(f"[config] profile={profile} ({reason})")
+        changed = {k: v for k, v in dataclasses.asdict(cfg).items() if v != fields[k].default}
+        print("[config] non-default settings: " + json.dumps(changed, ensure_ascii=False))
+    return cfg
+
+
+def save_config(cfg, out_dir):
+    """Write the resolved config beside the run's outputs, so every run can be reproduced."""
+    path = pathlib.Path(out_dir) / "config.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dataclasses.asdict(cfg), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path

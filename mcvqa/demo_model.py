@@ -1,0 +1,201 @@
+"""## Demo model: a tiny Qwen-VL built locally
+
+The `demo` profile needs no download: it builds a *tiny* Qwen2.5-VL (or Qwen3-VL) with the real
+architecture classes, random weights from a fixed seed, a small byte-level BPE tokenizer trained on
+the demo text plus Qwen's special tokens, a chat template that renders the Qwen-VL conversation
+format, and an image processor with a small pixel budget. Everything is saved with
+`save_pretrained`, so the rest of the notebook loads it through exactly the same `from_pretrained`
+code as a real checkpoint. On Kaggle this cell only defines functions; nothing runs.
+"""
+
+import json
+import pathlib
+
+import torch
+from tqdm.auto import tqdm
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen2VLImageProcessor,
+    Qwen2VLVideoProcessor,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLProcessor,
+    Qwen3VLVideoProcessor,
+)
+
+# Qwen's special tokens, in Qwen's order (ids differ in the tiny vocabulary, names do not).
+QWEN_SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+)
+# Qwen2's pre-tokenizer regex: splitting text the same way keeps ' a' and 'a' distinct tokens.
+QWEN_PRETOKENIZE_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# The Qwen-VL conversation format for what this pipeline sends: an optional system turn (Qwen2/2.5-VL
+# insert a default one, Qwen3-VL does not), user turns holding images and text, assistant text.
+# tests/test_demo_model.py renders the same conversations with the real templates and compares.
+_TINY_TEMPLATE = (
+    "{%- if messages[0]['role'] != 'system' and DEFAULT_SYSTEM %}"
+    "{{ '<|im_start|>system\\nDEFAULT_SYSTEM<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string %}{{ message['content'] }}"
+    "{%- else %}{%- for part in message['content'] %}"
+    "{%- if part['type'] == 'image' or 'image' in part %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif 'text' in part %}{{ part['text'] }}{%- endif %}"
+    "{%- endfor %}{%- endif %}{{ '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+TINY_FAMILIES = ("qwen2_5_vl", "qwen3_vl")
+
+
+def tiny_chat_template(family):
+    """The chat template of the tiny model of `family` (Qwen2.5-VL adds a default system turn)."""
+    if family == "qwen2_5_vl":
+        return _TINY_TEMPLATE.replace("and DEFAULT_SYSTEM", "").replace("DEFAULT_SYSTEM", "You are a helpful assistant.")
+    return _TINY_TEMPLATE.replace("and DEFAULT_SYSTEM", "and false").replace("DEFAULT_SYSTEM", "")
+
+
+def train_tiny_tokenizer(texts, vocab_size=1200):
+    """A byte-level BPE tokenizer in Qwen's style: every byte is a token, so 'a'..'d' are single tokens."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(QWEN_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        additional_special_tokens=list(QWEN_SPECIAL_TOKENS[1:]), clean_up_tokenization_spaces=False,
+    )
+
+
+def _tiny_special_ids(tokenizer):
+    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in [
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
+    return ids
+
+
+def tiny_model_config(family, tokenizer, hidden_size=64):
+    """Architecture of the tiny model: the real config classes with small sizes."""
+    special = _tiny_special_ids(tokenizer)
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if family == "qwen2_5_vl":
+        # mrope_section splits head_dim/2 = 8 rotary pairs over (time, height, width).
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14,
+                      window_size=56, fullatt_block_indexes=[1], out_hidden_size=hidden_size)
+        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **special)
+    text["head_dim"] = 16
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                               "mrope_interleaved": True}
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16,
+                  num_position_embeddings=64, deepstack_visual_indexes=[0], out_hidden_size=hidden_size)
+    return Qwen3VLConfig(text_config=text, vision_config=vision, **special)
+
+
+def tiny_processor(family, tokenizer, max_pixels):
+    """Image processor + tokenizer + chat template, as a Qwen-VL processor of `family`."""
+    patch = 14 if family == "qwen2_5_vl" else 16
+    factor = patch * 2
+    # Smallest allowed image is one merged patch; the budget caps the token count per image.
+    pixels = {"shortest_edge": factor * factor, "longest_edge": max_pixels}
+    mean_std = ({"image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
+                if family == "qwen2_5_vl" else {"image_mean": [0.5] * 3, "image_std": [0.5] * 3})
+    image_processor = Qwen2VLImageProcessor(size=pixels, patch_size=patch, merge_size=2, **mean_std)
+    if family == "qwen2_5_vl":
+        video = Qwen2VLVideoProcessor(size=pixels, patch_size=patch, merge_size=2, **mean_std)
+        return Qwen2_5_VLProcessor(image_processor, tokenizer, video, chat_template=tiny_chat_template(family))
+    video = Qwen3VLVideoProcessor(size=pixels, patch_size=patch, merge_size=2, **mean_std)
+    return Qwen3VLProcessor(image_processor, tokenizer, video, chat_template=tiny_chat_template(family))
+
+
+def _warmup_batch(processor, examples):
+    """Chat-formatted (image, question) -> answer words, labels only on the answer and end token."""
+    prompts = [processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+        add_generation_prompt=True, tokenize=False) for _, q, _ in examples]
+    enc = processor(text=prompts, images=[img for img, _, _ in examples], padding=False)
+    tok = processor.tokenizer
+    seqs, labels = [], []
+    for ids, (_, _, answer) in zip(enc["input_ids"], examples):
+        target = tok.encode(answer + "<|im_end|>", add_special_tokens=False)
+        seqs.append(list(ids) + target)
+        labels.append([-100] * len(ids) + target)
+    width = max(map(len, seqs))
+    pad = tok.pad_token_id
+    return {"input_ids": torch.tensor([s + [pad] * (width - len(s)) for s in seqs]),
+            "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs]),
+            "labels": torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels]),
+            "pixel_values": enc["pixel_values"], "image_grid_thw": enc["image_grid_thw"]}
+
+
+def warm_up_tiny_base(model, processor, examples, epochs=6, lr=2e-3, batch_size=32, seed=0):
+    """Full-parameter fp32 training of the tiny base on (image, question, answer words) triples."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    steps = epochs * ((len(examples) + batch_size - 1) // batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    model.train()
+    bar = tqdm(total=steps, desc="warm-up of the tiny base", leave=False)
+    for _ in range(epochs):
+        order = torch.randperm(len(examples), generator=generator).tolist()
+        for start in range(0, len(order), batch_size):
+            batch = _warmup_batch(processor, [examples[i] for i in order[start:start + batch_size]])
+            loss = model(**batch).loss
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    return model.eval()
+
+
+def build_tiny_qwen_vl(out_dir, texts, family="qwen2_5_vl", seed=0, max_pixels=112 * 112, hidden_size=64,
+                       warmup_examples=(), warmup_epochs=6):
+    """Build and save a tiny Qwen-VL checkpoint folder (config, weights, tokenizer, processor).
+
+    Returns the folder. A `TINY_MODEL.json` marker written last makes re-runs free.
+    """
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"family must be one of {TINY_FAMILIES}, got {family!r}")
+    out_dir = pathlib.Path(out_dir)
+    marker = out_dir / "TINY_MODEL.json"
+    spec = {"family": family, "seed": seed, "max_pixels": max_pixels, "hidden_size": hidden_size,
+            "n_texts": len(texts), "n_warmup": len(warmup_examples), "warmup_epochs": warmup_epochs,
+            "builder_version": 2}
+    if marker.exists() and json.loads(marker.read_text()) == spec:
+        return out_dir
+    tokenizer = train_tiny_tokenizer(texts)
+    config = tiny_model_config(family, tokenizer, hidden_size)
+    torch.manual_seed(seed)
+    model_cls = Qwen2_5_VLForConditionalGeneration if family == "qwen2_5_vl" else Qwen3VLForConditionalGeneration
+    model = model_cls(config).eval()
+    processor = tiny_processor(family, tokenizer, max_pixels)
+    if warmup_examples:
+        warm_up_tiny_base(model, processor, list(warmup_examples), epochs=warmup_epochs, seed=seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    marker.write_text(json.dumps(spec))
+    return out_dir

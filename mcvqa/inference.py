@@ -1,0 +1,110 @@
+"""## 9. Inference: option-order TTA and a probability-averaged fold ensemble
+
+Each fold's model scores every test row under several *views*: cyclic shifts of the four options
+(view k shows original option (j + k) mod 4 in slot j), optionally at other pixel budgets. Each
+view's probabilities are mapped back to the original letters before averaging (in probability or
+log-probability). No horizontal-flip view by default: questions mention left and right, and text in
+images would read backwards (sister competitions saw flip TTA hurt). Folds are then averaged in
+probability (equal weights, or weighted by out-of-fold accuracy), optionally after one temperature
+fitted on out-of-fold logits.
+"""
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy.optimize import minimize_scalar
+
+from .collate import cyclic_views
+from .prompts import OPTION_LETTERS
+from .training import make_loader, predict_letter_logits
+
+PROB_COLUMNS = [f"p_{letter}" for letter in OPTION_LETTERS]
+
+
+def to_original_order(display_probs, perms):
+    """probs[i, perms[i, j]] = display_probs[i, j]: slot j showed original option perms[i, j]."""
+    original = np.empty_like(display_probs)
+    np.put_along_axis(original, perms, display_probs, axis=1)
+    return original
+
+
+def softmax(logits):
+    return torch.softmax(torch.as_tensor(logits, dtype=torch.float64), dim=-1).numpy()
+
+
+def average_views(view_probs, how="prob"):
+    """Average a list of [N, 4] probability arrays (same rows, original letter order)."""
+    stack = np.stack(view_probs)
+    if how == "prob":
+        return stack.mean(0)
+    if how == "logprob":
+        return softmax(np.log(np.clip(stack, 1e-12, None)).mean(0))
+    raise ValueError(f"config: tta_average must be 'prob' or 'logprob', got {how!r}")
+
+
+def image_scales(cfg):
+    """Pixel-budget multipliers of the views: 1.0 first, then any extra scales from the config."""
+    extra = [float(s) for s in cfg.tta_image_scales.split(",") if s.strip()]
+    return [1.0] + [s for s in extra if s != 1.0]
+
+
+def predict_views(model, frame, processor, fmt, cfg, hardware, desc="test"):
+    """Probabilities of every row under every view: {(scale, shift): [N, 4] in original order}."""
+    n = len(frame)
+    views = {}
+    for scale in image_scales(cfg):
+        loader = make_loader(frame, cyclic_views(n, cfg.tta_option_views), processor, fmt, cfg,
+                             cfg.infer_batch_size, max_pixels=int(cfg.max_pixels * scale))
+        logits, rows, perms = predict_letter_logits(model, loader, fmt, hardware, desc=f"{desc} x{scale:g}")
+        probs = to_original_order(softmax(logits), perms)
+        for shift in range(cfg.tta_option_views):
+            part = slice(shift * n, (shift + 1) * n)
+            assert (rows[part] == np.arange(n)).all(), "views came back out of order"
+            views[(scale, shift)] = probs[part]
+    return views
+
+
+def tta_probs(views, how="prob"):
+    return average_views(list(views.values()), how)
+
+
+def fold_weights(cfg, oof_accuracies):
+    if cfg.ensemble_weights == "equal":
+        return np.full(len(oof_accuracies), 1.0 / len(oof_accuracies))
+    if cfg.ensemble_weights == "oof_acc":
+        acc = np.asarray(oof_accuracies, dtype=float)
+        return acc / acc.sum()
+    raise ValueError(f"config: ensemble_weights must be 'equal' or 'oof_acc', got {cfg.ensemble_weights!r}")
+
+
+def ensemble_folds(fold_probs, weights):
+    """Weighted probability average across folds."""
+    return np.tensordot(np.asarray(weights, dtype=float), np.stack(fold_probs), axes=1)
+
+
+def fit_temperature(probs, targets):
+    """One temperature T minimising the log-loss of softmax(log p / T) on out-of-fold rows."""
+    logp = np.log(np.clip(probs, 1e-12, None))
+    targets = np.asarray(targets)
+
+    def nll(t):
+        scaled = softmax(logp / t)
+        return -np.log(np.clip(scaled[np.arange(len(targets)), targets], 1e-12, None)).mean()
+
+    return float(minimize_scalar(nll, bounds=(0.05, 20.0), method="bounded").x)
+
+
+def apply_temperature(probs, temperature):
+    return softmax(np.log(np.clip(probs, 1e-12, None)) / temperature)
+
+
+def probs_frame(ids, probs, **extra):
+    frame = pd.DataFrame(probs, columns=PROB_COLUMNS)
+    frame.insert(0, "id", list(ids))
+    for key, value in extra.items():
+        frame[key] = value
+    return frame
+
+
+def letters_from_probs(probs):
+    return [OPTION_LETTERS[i] for i in np.asarray(probs).argmax(1)]

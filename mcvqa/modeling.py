@@ -1,0 +1,94 @@
+"""## 6. Model: Qwen2.5-VL / Qwen3-VL in 4-bit with LoRA adapters (QLoRA)
+
+`AutoModelForImageTextToText` loads either family from a local folder (no network call: Kaggle often
+has none) or a hub id. The language model's linear layers are stored as 4-bit NF4 with double
+quantisation and compute in the hardware's dtype; the vision tower is left unquantised and frozen
+(its features barely need adapting for this task, and freezing it lets inference cache them). LoRA
+adapters go on the language model's attention and MLP projections. On fp16 hardware (T4) the vision
+tower runs in fp32, which avoids the known fp16 overflow of Qwen-VL vision towers.
+"""
+
+import os
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+
+# Qwen2.5-VL and Qwen3-VL both call the vision tower `visual` (under `model.` in transformers 5);
+# bitsandbytes skip patterns match from the start of the module name.
+VISION_MODULE_NAMES = ("model.visual", "visual")
+
+
+def is_local_model(name_or_path):
+    return os.path.isdir(name_or_path)
+
+
+def load_processor(cfg):
+    """The checkpoint's processor (tokenizer, chat template, image processor)."""
+    return AutoProcessor.from_pretrained(cfg.model_name_or_path, local_files_only=is_local_model(cfg.model_name_or_path))
+
+
+def _vision_tower(model):
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    return base.model.visual
+
+
+def load_base_model(cfg, hardware, device=None):
+    """The frozen base model, 4-bit when cfg.load_in_4bit, placed wholly on one device."""
+    device = device or ("cuda:0" if hardware.device == "cuda" else "cpu")
+    kwargs = dict(dtype=hardware.torch_dtype, attn_implementation=hardware.attn_implementation,
+                  device_map={"": device}, local_files_only=is_local_model(cfg.model_name_or_path))
+    if cfg.load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=hardware.torch_dtype,
+            # Quantising the vision tower costs accuracy and saves little memory; lm_head is read at 4 rows.
+            llm_int8_skip_modules=[*VISION_MODULE_NAMES, "lm_head"],
+        )
+    model = AutoModelForImageTextToText.from_pretrained(cfg.model_name_or_path, **kwargs)
+    model.requires_grad_(False)
+    for module in model.modules():
+        # bitsandbytes repacks CPU 4-bit weights for fast inference on the first eval-mode forward and
+        # never unpacks them; a later training forward then fails on biased layers (q/k/v_proj).
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def add_lora(model, cfg, hardware):
+    """k-bit preparation, gradient checkpointing and LoRA adapters on the language model."""
+    if cfg.load_in_4bit:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    # k-bit preparation upcasts every non-quantised weight to fp32. Keep that for the vision tower only
+    # where fp16 could overflow; on bf16/fp32 hardware give it back its compute dtype (speed, memory).
+    vision_dtype = torch.float32 if hardware.dtype == "float16" else hardware.torch_dtype
+    _vision_tower(model).to(vision_dtype)
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=cfg.lora_target_modules, bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def load_model_for_training(cfg, hardware, device=None):
+    model = add_lora(load_base_model(cfg, hardware, device), cfg, hardware)
+    model.print_trainable_parameters()
+    return model
+
+
+def trainable_state(model):
+    """The LoRA weights only (what a checkpoint and the EMA hold), detached copies on the CPU."""
+    return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model, state):
+    params = dict(model.named_parameters())
+    missing = [name for name in state if name not in params]
+    if missing:
+        raise KeyError(f"checkpoint has weights the model lacks: {missing[:3]}...")
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))

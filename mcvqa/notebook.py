@@ -1,0 +1,306 @@
+"""Build `Kaggle_AllInOne_Pro.ipynb` from the package modules.
+
+The notebook is the product's face: users run it top to bottom on Kaggle with nothing installed, so
+it must carry every stage's code. It is generated, never hand-edited: each module in `FLOW_MODULES`
+becomes a markdown cell (its docstring) and one code cell (the rest, minus the intra-package imports,
+which a single flat notebook namespace makes unnecessary). Short stage cells at the end call the
+stages.
+
+    python -m mcvqa.notebook           # write the notebook
+    python -m mcvqa.notebook --check   # exit 1 when the committed notebook is stale
+
+This module is the builder only; it is not part of the notebook.
+"""
+
+import argparse
+import ast
+import pathlib
+import sys
+
+import nbformat
+
+PACKAGE_NAME = "mcvqa"
+PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
+NOTEBOOK_PATH = PACKAGE_DIR.parent / "Kaggle_AllInOne_Pro.ipynb"
+
+# Flow order: a module may only use names defined by modules before it (or by itself).
+FLOW_MODULES = (
+    "config",
+    "hardware",
+    "demo_data",
+    "demo_model",
+    "data",
+    "prompts",
+    "collate",
+    "modeling",
+    "scoring",
+    "training",
+    "inference",
+    "submission",
+    "reporting",
+    "pipeline",
+)
+
+INTRO_MARKDOWN = """\
+# Kaggle All-in-One Pro: Qwen-VL QLoRA for multiple-choice VQA
+
+This notebook fine-tunes a Qwen vision-language model with 4-bit QLoRA on a multiple-choice visual
+question answering competition, cross-validates it over folds, and writes `submission.csv`.
+It is self-contained: every stage's code is in the cells below, so nothing has to be installed.
+
+It is **generated** from the `mcvqa` package by `python -m mcvqa.notebook`; do not edit it by hand,
+change the package and regenerate it instead.
+
+- **Kaggle**: attach the competition data, the Qwen-VL model and the wheels dataset, pick a GPU
+  accelerator, set `PROFILE` below (or leave `"auto"`), then *Run All*.
+- **Colab**: upload or mount the data, set `PROFILE = "colab_a100"` (or `"auto"`), then *Run all*.
+- **Local**: `PROFILE = "demo"` runs the whole flow on a CPU with a tiny synthetic dataset and model;
+  papermill can set `PROFILE` and `OVERRIDES` as parameters."""
+
+PARAMETERS_CELL = """\
+# One flag switches the environment: "auto" picks kaggle_t4x2 on Kaggle, colab_a100 on Colab, demo on a CPU.
+PROFILE = "auto"
+# Extra settings as "key=value" lines, e.g. "epochs=2\\nmax_pixels=602112"; they win over the profile.
+OVERRIDES = \"\""""
+
+# The short cells at the end that run the stages defined above: (markdown, code) pairs.
+STAGE_CELLS = [
+    (
+        "## Run: resolve the configuration and detect the hardware",
+        "cfg = resolve_config(PROFILE, OVERRIDES)\nhardware = detect_hardware(cfg)",
+    ),
+    ("## Run: train the folds and write the submission", "results = run_pipeline(cfg, hardware)"),
+]
+
+# Names every module may define, provided all definitions are identical.
+SHARED_NAMES = frozenset({"logger"})
+
+STALE_MESSAGE = "notebook is stale: run python -m mcvqa.notebook"
+
+
+class NotebookBuildError(ValueError):
+    """A module cannot be turned into notebook cells as written."""
+
+
+def _module_path(name, package_dir=None):
+    return pathlib.Path(package_dir or PACKAGE_DIR) / f"{name}.py"
+
+
+def _read_module(name, package_dir=None):
+    """Source text and parsed tree of module `name`."""
+    path = _module_path(name, package_dir)
+    if not path.is_file():
+        raise NotebookBuildError(f"{path}: module {name!r} of FLOW_MODULES does not exist")
+    source = path.read_text(encoding="utf-8")
+    return path, source, ast.parse(source, filename=str(path))
+
+
+def _is_intra_package(node):
+    """Whether an import statement imports from this package (relative or absolute)."""
+    if isinstance(node, ast.ImportFrom):
+        module = node.module or ""
+        return node.level > 0 or module == PACKAGE_NAME or module.startswith(PACKAGE_NAME + ".")
+    if isinstance(node, ast.Import):
+        return any(a.name == PACKAGE_NAME or a.name.startswith(PACKAGE_NAME + ".") for a in node.names)
+    return False
+
+
+def _check_import(node, path):
+    """Reject the imports that cannot work in one flat notebook namespace."""
+    where = f"{path}:{node.lineno}"
+    if isinstance(node, ast.ImportFrom) and node.module == "__future__":
+        # A __future__ import must open its cell, which a stitched module cell cannot guarantee.
+        raise NotebookBuildError(f"{where}: 'from __future__' imports are not allowed in notebook modules")
+    if not _is_intra_package(node):
+        return
+    if isinstance(node, ast.Import) or node.module in (None, PACKAGE_NAME):
+        # The notebook has no module objects for siblings, only the names they define.
+        raise NotebookBuildError(
+            f"{where}: imports a sibling module as an object; use 'from .module import name' instead"
+        )
+
+
+def _check_nested_imports(tree, path):
+    """Intra-package imports must be top-level statements: removing a nested one could empty a block."""
+    top_level = {id(node) for node in tree.body}
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            _check_import(node, path)
+            if _is_intra_package(node) and id(node) not in top_level:
+                raise NotebookBuildError(
+                    f"{path}:{node.lineno}: intra-package imports must be at module top level"
+                )
+
+
+def _is_main_guard(node):
+    """`if __name__ == "__main__":` is true in a notebook, so such a block would run there."""
+    test = node.test if isinstance(node, ast.If) else None
+    return (
+        isinstance(test, ast.Compare)
+        and isinstance(test.left, ast.Name)
+        and test.left.id == "__name__"
+        and any(isinstance(c, ast.Constant) and c.value == "__main__" for c in test.comparators)
+    )
+
+
+def _docstring_node(tree, path):
+    first = tree.body[0] if tree.body else None
+    if not (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+            and isinstance(first.value.value, str)):
+        raise NotebookBuildError(f"{path}: module has no docstring (it becomes the cell's markdown)")
+    return first
+
+
+def _removed_line_ranges(tree, path):
+    """1-based inclusive line ranges to drop: the docstring and the intra-package imports."""
+    docstring = _docstring_node(tree, path)
+    ranges = [(docstring.lineno, docstring.end_lineno)]
+    for node in tree.body:
+        if _is_main_guard(node):
+            raise NotebookBuildError(
+                f"{path}:{node.lineno}: an 'if __name__ == \"__main__\"' block would run in the notebook"
+            )
+        if _is_intra_package(node):
+            ranges.append((node.lineno, node.end_lineno))
+    _check_no_shared_lines(tree, ranges, path)
+    return ranges
+
+
+def _check_no_shared_lines(tree, ranges, path):
+    """Removing whole lines is only safe when no kept statement shares them (e.g. `import os; from .x import y`)."""
+    removed = {line for start, end in ranges for line in range(start, end + 1)}
+    for node in tree.body:
+        kept = not _is_intra_package(node) and node is not tree.body[0]
+        if kept and {node.lineno, node.end_lineno} & removed:
+            raise NotebookBuildError(
+                f"{path}:{node.lineno}: statement shares a line with a removed import or docstring"
+            )
+
+
+def _strip_lines(source, ranges):
+    """Drop the line ranges, plus the blank lines a removed block leaves doubled after a blank line."""
+    lines = source.split("\n")
+    drop = set()
+    for start, end in ranges:
+        drop.update(range(start - 1, end))
+        follow = end
+        # Everything between two top-level statements is outside any literal, so blanks are safe to drop.
+        if start == 1 or not lines[start - 2].strip() or (start - 2) in drop:
+            while follow < len(lines) and not lines[follow].strip():
+                drop.add(follow)
+                follow += 1
+    kept = [line for i, line in enumerate(lines) if i not in drop]
+    return "\n".join(kept).strip("\n")
+
+
+def module_sources(name, package_dir=None):
+    """(markdown, code) of module `name`: its docstring, and its code without docstring and intra-package imports."""
+    path, source, tree = _read_module(name, package_dir)
+    _check_nested_imports(tree, path)
+    markdown = _docstring_node(tree, path).value.value.strip()
+    return markdown, _strip_lines(source, _removed_line_ranges(tree, path))
+
+
+def module_cells(name, package_dir=None):
+    """The notebook cells of module `name`: a markdown cell and one code cell."""
+    markdown, code = module_sources(name, package_dir)
+    return [nbformat.v4.new_markdown_cell(markdown), nbformat.v4.new_code_cell(code)]
+
+
+def build_notebook(package_dir=None, modules=None):
+    """The whole notebook: intro, parameters, each module in flow order, then the stage cells."""
+    modules = FLOW_MODULES if modules is None else modules
+    parameters = nbformat.v4.new_code_cell(PARAMETERS_CELL)
+    parameters.metadata["tags"] = ["parameters"]  # papermill injects its overrides after this cell
+    cells = [nbformat.v4.new_markdown_cell(INTRO_MARKDOWN), parameters]
+    for name in modules:
+        cells.extend(module_cells(name, package_dir))
+    for markdown, code in STAGE_CELLS:
+        cells += [nbformat.v4.new_markdown_cell(markdown), nbformat.v4.new_code_cell(code)]
+    for i, cell in enumerate(cells):
+        cell.id = f"cell-{i:03d}"  # nbformat makes random ids; fixed ones keep the diff stable
+    nb = nbformat.v4.new_notebook(cells=cells)
+    nb.nbformat, nb.nbformat_minor = 4, 5  # pin, so a newer nbformat does not change the file
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["language_info"] = {"name": "python"}
+    return nb
+
+
+def render_notebook(package_dir=None, modules=None):
+    """The exact text of the committed notebook."""
+    text = nbformat.writes(build_notebook(package_dir, modules))
+    return text if text.endswith("\n") else text + "\n"
+
+
+def notebook_is_fresh(path=None, package_dir=None, modules=None):
+    """Whether the notebook file at `path` equals a fresh render."""
+    path = pathlib.Path(path or NOTEBOOK_PATH)
+    if not path.is_file():
+        return False
+    return path.read_bytes().decode("utf-8") == render_notebook(package_dir, modules)
+
+
+def _defined_names(tree):
+    """Top-level names a module defines (functions, classes, assigned globals), with each definition's AST dump."""
+    defined = {}
+    stack = list(tree.body)
+    while stack:
+        node = stack.pop(0)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            defined[node.name] = ast.dump(node)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                for sub in ast.walk(target):
+                    if isinstance(sub, ast.Name):
+                        defined[sub.id] = ast.dump(node.value)
+        elif isinstance(node, (ast.If, ast.Try, ast.With)):
+            # Definitions under a top-level if/try/with still land in the shared namespace.
+            stack.extend(node.body + getattr(node, "orelse", []) + getattr(node, "finalbody", []))
+            for handler in getattr(node, "handlers", []):
+                stack.extend(handler.body)
+    return defined
+
+
+def duplicate_top_level_names(package_dir=None, modules=None):
+    """Names defined at top level by more than one module -> those modules (a duplicate silently overwrites)."""
+    modules = FLOW_MODULES if modules is None else modules
+    owners = {}
+    for name in modules:
+        _, _, tree = _read_module(name, package_dir)
+        for defined, dump in _defined_names(tree).items():
+            owners.setdefault(defined, []).append((name, dump))
+    duplicates = {}
+    for defined, found in sorted(owners.items()):
+        if len(found) < 2:
+            continue
+        if defined in SHARED_NAMES and len({dump for _, dump in found}) == 1:
+            continue
+        duplicates[defined] = [name for name, _ in found]
+    return duplicates
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m mcvqa.notebook", description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if the committed notebook is stale")
+    parser.add_argument("--path", type=pathlib.Path, default=None, help="notebook path (default: repo root)")
+    args = parser.parse_args(argv)
+    path = args.path or NOTEBOOK_PATH
+    try:
+        if args.check:
+            if notebook_is_fresh(path):
+                print(f"{path.name} is up to date")
+                return 0
+            print(STALE_MESSAGE, file=sys.stderr)
+            return 1
+        text = render_notebook()
+    except NotebookBuildError as err:
+        print(f"cannot build the notebook: {err}", file=sys.stderr)
+        return 2
+    path.write_bytes(text.encode("utf-8"))  # bytes: no platform newline translation
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

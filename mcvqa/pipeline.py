@@ -1,0 +1,184 @@
+"""## 10. The whole flow: data, folds, training, TTA predictions, ensemble, submission, report
+
+`run_pipeline` runs every stage above in order and is safe to re-run: finished folds are skipped,
+an interrupted fold resumes from its checkpoint. Outputs in `output_dir`: `config.json`, `folds.csv`,
+per fold `foldK/` (checkpoint, best adapter, history), `oof_probs.csv`, `test_probs_foldK.csv`,
+`test_probs_ensemble.csv`, `history.csv`, `metrics.json`, `plots/` and `submission.csv`.
+"""
+
+import dataclasses
+import gc
+import glob
+import json
+import pathlib
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .config import save_config
+from .data import check_images, load_image, make_folds, read_competition_csv
+from .demo_data import generate_demo_dataset
+from .demo_model import build_tiny_qwen_vl
+from .inference import (PROB_COLUMNS, apply_temperature, ensemble_folds, fit_temperature, fold_weights,
+                        letters_from_probs, predict_views, probs_frame, tta_probs)
+from .modeling import load_model_for_training, load_processor, load_trainable_state
+from .prompts import make_prompt_format
+from .reporting import make_run_plots
+from .submission import write_submission
+from .training import train_fold
+
+
+def resolve_data_dir(data_dir, search_root="/kaggle/input"):
+    """`auto` finds the one folder under /kaggle/input holding train.csv and test.csv."""
+    if data_dir != "auto":
+        return pathlib.Path(data_dir)
+    found = sorted({pathlib.Path(p).parent for p in glob.glob(f"{search_root}/**/train.csv", recursive=True)
+                    if (pathlib.Path(p).parent / "test.csv").exists()})
+    if len(found) != 1:
+        raise FileNotFoundError(f"data_dir=auto: expected one folder with train.csv and test.csv under "
+                                f"{search_root}, found {[str(f) for f in found]}; set data_dir explicitly")
+    print(f"[data] data_dir=auto -> {found[0]}")
+    return found[0]
+
+
+def prepare_demo(cfg):
+    """Build the embedded demo data and tiny model (both cached; seconds on a re-run)."""
+    data_dir = generate_demo_dataset(cfg.data_dir)
+    model_dir = cfg.model_name_or_path or f"data/tiny_models/{cfg.demo_family}"
+    texts = []
+    for name in ("train.csv", "test.csv"):
+        frame = pd.read_csv(data_dir / name)
+        texts += frame[["question", "a", "b", "c", "d"]].astype(str).to_numpy().ravel().tolist()
+    texts += [cfg.instruction, "a. b. c. d.", "You are a helpful assistant."]
+    # The base's warm-up uses its own, differently seeded images: nothing from train or test.
+    warmup_dir = generate_demo_dataset(pathlib.Path(model_dir).parent / "warmup_data", n_train=cfg.demo_warmup_rows,
+                                       n_test=4, seed=cfg.seed + 1000)
+    warmup = pd.read_csv(warmup_dir / "train.csv")
+    examples = [(load_image(warmup_dir / row.path), row.question, getattr(row, row.answer))
+                for row in warmup.itertuples()]
+    build_tiny_qwen_vl(model_dir, texts, family=cfg.demo_family, seed=cfg.seed, max_pixels=cfg.max_pixels,
+                       hidden_size=cfg.demo_hidden_size, warmup_examples=examples, warmup_epochs=cfg.demo_warmup_epochs)
+    print(f"[demo] data in {data_dir}, tiny {cfg.demo_family} model in {model_dir}")
+    return dataclasses.replace(cfg, model_name_or_path=str(model_dir))
+
+
+def load_competition(cfg):
+    """Read and validate train/test CSVs and images; returns (train, test, sample_submission, bad rows)."""
+    data_dir = resolve_data_dir(cfg.data_dir)
+    train = read_competition_csv(data_dir / "train.csv", "train")
+    test = read_competition_csv(data_dir / "test.csv", "test")
+    train, bad_train = check_images(train, data_dir / "train.csv", cfg.on_bad_image, cfg.max_pixels)
+    test, bad_test = check_images(test, data_dir / "test.csv", cfg.on_bad_image, cfg.max_pixels)
+    if cfg.max_train_rows:
+        train = train.iloc[: cfg.max_train_rows].reset_index(drop=True)
+    sample = data_dir / "sample_submission.csv"
+    print(f"[data] {len(train)} train rows, {len(test)} test rows from {data_dir}")
+    return train, test, (sample if sample.exists() else None), bad_train + bad_test
+
+
+def test_labels(cfg, test):
+    """Hold-out answers when known (the demo ships them; a labelled test.csv works too)."""
+    path = resolve_data_dir(cfg.data_dir) / "test_answers.csv"
+    if path.exists():
+        answers = pd.read_csv(path).set_index("id")["answer"]
+        return test["id"].map(answers).to_numpy()
+    return test["answer"].to_numpy() if "answer" in test else None
+
+
+def folds_to_run(cfg):
+    return list(range(cfg.n_folds)) if cfg.folds == "all" else [int(f) for f in cfg.folds.split(",")]
+
+
+def run_fold(fold, train, test, folds, processor, fmt, cfg, hardware, out_dir):
+    """Train one fold (or resume / skip it) and write its out-of-fold and test probabilities."""
+    fold_dir = out_dir / f"fold{fold}"
+    if (fold_dir / "test_probs.csv").exists():
+        print(f"[fold {fold}] predictions exist, skipping")
+        return
+    torch.manual_seed(cfg.seed + fold)  # same LoRA initialisation on every (re-)run of this fold
+    model = load_model_for_training(cfg, hardware)
+    train_part = train[folds != fold].reset_index(drop=True)
+    val_part = train[folds == fold].reset_index(drop=True)
+    train_fold(model, train_part, val_part, processor, fmt, cfg, hardware, fold, fold_dir)
+    load_trainable_state(model, torch.load(fold_dir / "best_adapter.pt"))
+    for name, frame in (("oof", val_part), ("test", test)):
+        views = predict_views(model, frame, processor, fmt, cfg, hardware, desc=f"fold {fold} {name}")
+        probs_frame(frame["id"], views[(1.0, 0)]).to_csv(fold_dir / f"{name}_probs_view0.csv", index=False)
+        # Written last: its presence marks the fold complete.
+        probs_frame(frame["id"], tta_probs(views, cfg.tta_average)).to_csv(fold_dir / f"{name}_probs.csv", index=False)
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _accuracy(probs, letters):
+    return float(np.mean(np.asarray(letters_from_probs(probs)) == np.asarray(letters)))
+
+
+def collect_results(cfg, train, test, folds, out_dir):
+    """Read the fold outputs back, ensemble them, and compute the metrics and ablations."""
+    run = folds_to_run(cfg)
+    oof = pd.concat([pd.read_csv(out_dir / f"fold{k}" / "oof_probs.csv").assign(fold=k) for k in run])
+    oof = oof.merge(train[["id", "answer"]], on="id", how="left")
+    oof.to_csv(out_dir / "oof_probs.csv", index=False)
+    oof_view0 = pd.concat([pd.read_csv(out_dir / f"fold{k}" / "oof_probs_view0.csv") for k in run])
+    fold_acc = [_accuracy(g[PROB_COLUMNS].to_numpy(), g["answer"]) for _, g in oof.groupby("fold")]
+    test_tta = [pd.read_csv(out_dir / f"fold{k}" / "test_probs.csv")[PROB_COLUMNS].to_numpy() for k in run]
+    test_view0 = [pd.read_csv(out_dir / f"fold{k}" / "test_probs_view0.csv")[PROB_COLUMNS].to_numpy() for k in run]
+    weights = fold_weights(cfg, fold_acc)
+    ensemble = ensemble_folds(test_tta, weights)
+    metrics = {"profile": cfg.profile, "fold_accuracy": fold_acc,
+               "cv_accuracy": _accuracy(oof[PROB_COLUMNS].to_numpy(), oof["answer"]),
+               "cv_accuracy_single_view": _accuracy(oof_view0[PROB_COLUMNS].to_numpy(),
+                                                    oof["answer"].to_numpy()),
+               "fold_weights": weights.tolist()}
+    if cfg.temperature_scaling:
+        targets = oof["answer"].map("abcd".index).to_numpy()
+        metrics["temperature"] = fit_temperature(oof[PROB_COLUMNS].to_numpy(), targets)
+        ensemble = apply_temperature(ensemble, metrics["temperature"])
+    for k, probs in zip(run, test_tta):
+        probs_frame(test["id"], probs).to_csv(out_dir / f"test_probs_fold{k}.csv", index=False)
+    probs_frame(test["id"], ensemble).to_csv(out_dir / "test_probs_ensemble.csv", index=False)
+    labels = test_labels(cfg, test)
+    if labels is not None:
+        metrics["ablation"] = {
+            f"single fold (fold {run[0]}), one view": _accuracy(test_view0[0], labels),
+            f"{len(run)}-fold ensemble, one view": _accuracy(ensemble_folds(test_view0, weights), labels),
+            f"{len(run)}-fold ensemble + option TTA": _accuracy(ensemble, labels),
+        }
+    return ensemble, metrics
+
+
+def run_pipeline(cfg, hardware):
+    """Everything, end to end. Returns the metrics dict (also saved as metrics.json)."""
+    started = time.time()
+    if cfg.demo:
+        cfg = prepare_demo(cfg)
+    out_dir = pathlib.Path(cfg.output_dir)
+    save_config(cfg, out_dir)
+    train, test, sample_submission, bad_rows = load_competition(cfg)
+    processor = load_processor(cfg)
+    fmt = make_prompt_format(processor, cfg)
+    folds = make_folds(train, cfg.n_folds, cfg.seed)
+    pd.DataFrame({"id": train["id"], "fold": folds}).to_csv(out_dir / "folds.csv", index=False)
+    for fold in folds_to_run(cfg):
+        run_fold(fold, train, test, folds, processor, fmt, cfg, hardware, out_dir)
+    ensemble, metrics = collect_results(cfg, train, test, folds, out_dir)
+    submission = write_submission(letters_from_probs(ensemble), test["id"].tolist(),
+                                  cfg.submission_path or out_dir / "submission.csv", sample_submission)
+    histories = [pd.read_csv(p) for p in sorted(out_dir.glob("fold*/history.csv"))]
+    if histories:
+        pd.concat(histories).to_csv(out_dir / "history.csv", index=False)
+    metrics.update(runtime_s=round(time.time() - started, 1), hardware=dataclasses.asdict(hardware),
+                   bad_images_replaced_by_blank=len(bad_rows), bad_image_rows=bad_rows[:50],
+                   submission=str(submission))
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False, default=str))
+    make_run_plots(out_dir, train)
+    print(f"[done] CV accuracy {metrics['cv_accuracy']:.4f} (folds {[round(a, 4) for a in metrics['fold_accuracy']]})")
+    for name, value in metrics.get("ablation", {}).items():
+        print(f"[done] hold-out accuracy, {name}: {value:.4f}")
+    print(f"[done] submission: {submission} ({len(test)} rows) in {metrics['runtime_s']} s")
+    return metrics

@@ -1,0 +1,97 @@
+"""## 4. Prompts and labels: one chat template, one set of answer-token ids
+
+The model is asked through the processor's own chat template: (optional system) + user turn with the
+image, the question and the options `a. ...` to `d. ...` + assistant turn holding one letter. Training
+supervises exactly that letter token (labels are -100 everywhere else, `<|im_end|>` included: the
+scorer never reads it, so training it would only spend capacity). The inference prompt is the training
+text cut at the answer position, checked by construction below: a public notebook for this competition
+trained on `a` (id 64) and scored ` a` (id 264); here both read the ids from `answer_letter_ids`.
+"""
+
+import dataclasses
+
+OPTION_LETTERS = ("a", "b", "c", "d")
+
+
+def answer_letter_ids(tokenizer):
+    """Token ids of 'a'..'d' as they appear right after the assistant header; each must be one token."""
+    ids = []
+    for letter in OPTION_LETTERS:
+        alone = tokenizer.encode(letter, add_special_tokens=False)
+        if len(alone) != 1:
+            raise ValueError(f"answer letter {letter!r} is {len(alone)} tokens {alone}; the scorer needs one token")
+        # In context (after "assistant\n") a BPE could merge differently; require the same id there.
+        in_context = tokenizer.encode("<|im_start|>assistant\n" + letter, add_special_tokens=False)
+        if in_context[-1] != alone[0]:
+            raise ValueError(f"letter {letter!r} tokenizes as {alone} alone but {in_context[-1]} after the header")
+        ids.append(alone[0])
+    return ids
+
+
+def _cut_tokens(tokenizer, text, max_tokens):
+    """Cut text to max_tokens tokens; returns (text, was_cut). Never touches the answer position."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) <= max_tokens:
+        return text, False
+    return tokenizer.decode(ids[:max_tokens]), True
+
+
+def format_user_text(question, options, instruction):
+    """Question, the four options one per line, then the answer instruction."""
+    # An option's own line breaks would read as new options; fold them into spaces.
+    lines = [question.strip()]
+    lines += [f"{letter}. {' '.join(str(option).split())}" for letter, option in zip(OPTION_LETTERS, options)]
+    if instruction:
+        lines.append(instruction)
+    return "\n".join(lines)
+
+
+def build_messages(user_text, system_prompt="", answer_letter=None):
+    """Messages in the processor's chat format; the image goes first, as in Qwen's examples."""
+    messages = [{"role": "system", "content": [{"type": "text", "text": system_prompt}]}] if system_prompt else []
+    messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": user_text}]})
+    if answer_letter is not None:
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer_letter}]})
+    return messages
+
+
+@dataclasses.dataclass
+class PromptFormat:
+    """Everything needed to turn a row into a prompt and to read the answer: built once per processor."""
+
+    letter_ids: list  # token ids of a, b, c, d: trained AND scored
+    suffix_ids: list  # tokens the template puts after the answer letter (not supervised)
+    system_prompt: str
+    instruction: str
+    max_question_tokens: int
+    max_option_tokens: int
+
+
+def make_prompt_format(processor, cfg):
+    """Check the template once: prompt + letter + suffix must equal the full rendered conversation."""
+    tokenizer = processor.tokenizer
+    letter_ids = answer_letter_ids(tokenizer)
+    user_text = format_user_text("?", ["1", "2", "3", "4"], cfg.instruction)
+    prompt = processor.apply_chat_template(build_messages(user_text, cfg.system_prompt), add_generation_prompt=True, tokenize=False)
+    full = processor.apply_chat_template(build_messages(user_text, cfg.system_prompt, "a"), tokenize=False)
+    if not full.startswith(prompt + "a"):
+        raise ValueError("chat template: the generation prompt is not a prefix of the answered conversation:\n"
+                         f"{prompt!r}\n{full!r}")
+    suffix_ids = tokenizer.encode(full[len(prompt) + 1:], add_special_tokens=False)
+    return PromptFormat(letter_ids, suffix_ids, cfg.system_prompt, cfg.instruction,
+                        cfg.max_question_tokens, cfg.max_option_tokens)
+
+
+def render_prompt(processor, fmt, question, options):
+    """The inference prompt text (ends with the assistant header). Returns (text, n_fields_cut)."""
+    tokenizer = processor.tokenizer
+    question, cut = _cut_tokens(tokenizer, question, fmt.max_question_tokens)
+    n_cut = int(cut)
+    kept = []
+    for option in options:
+        option, cut = _cut_tokens(tokenizer, str(option), fmt.max_option_tokens)
+        kept.append(option)
+        n_cut += int(cut)
+    user_text = format_user_text(question, kept, fmt.instruction)
+    text = processor.apply_chat_template(build_messages(user_text, fmt.system_prompt), add_generation_prompt=True, tokenize=False)
+    return text, n_cut

@@ -1,0 +1,292 @@
+"""## 8. Training: an explicit loop per fold, with EMA, cosine warm-up, and resume
+
+Per fold: AdamW on the LoRA weights, transformers' cosine schedule with linear warm-up, gradient
+accumulation and clipping, autocast (fp16 with a gradient scaler on T4, bf16 without one on
+A100/H100). An exponential moving average (EMA) of the LoRA weights is what gets evaluated and
+saved. Validation accuracy comes from the same direct-logit scorer as the submission. A checkpoint
+(adapter, optimizer, scheduler, scaler, EMA, RNG state, position in the data order) is written every
+`checkpoint_every_steps` optimizer steps or `checkpoint_every_minutes`, so a Kaggle session that dies
+resumes where it stopped; finished folds are skipped. A CUDA out-of-memory error halves the
+micro-batch for the rest of the fold (same effective batch, exact same loss); non-finite losses skip
+the step and too many in a row stop the run with the likely cause.
+"""
+
+import contextlib
+import json
+import math
+import os
+import pathlib
+import random
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from .collate import VqaCollator, VqaDataset, identity_views, shuffled_views
+from .modeling import load_trainable_state, trainable_state
+from .scoring import answer_loss, letter_logits, unwrap_vlm
+
+
+class LoraEma:
+    """EMA of the trainable weights only. Hand-written because torch's AveragedModel deep-copies the
+    whole (4-bit, multi-GB) model; here the shadow is just the LoRA tensors, in fp32."""
+
+    def __init__(self, model, decay):
+        self.decay = decay
+        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, model):
+        for name, param in model.named_parameters():
+            if name in self.shadow:
+                self.shadow[name].lerp_(param.detach().float(), 1.0 - self.decay)
+
+    @contextlib.contextmanager
+    def applied(self, model):
+        """Temporarily put the EMA weights into the model (for evaluation and saving)."""
+        live = trainable_state(model)
+        load_trainable_state(model, self.shadow)
+        try:
+            yield
+        finally:
+            load_trainable_state(model, live)
+
+
+def split_batch(batch):
+    """Split a collated batch into two halves (images' patch rows follow their samples)."""
+    n = batch["input_ids"].shape[0]
+    half = n // 2
+    patches = batch["image_grid_thw"].prod(dim=1)
+    cut = int(patches[:half].sum())
+    parts = []
+    for rows, pix in ((slice(0, half), slice(0, cut)), (slice(half, n), slice(cut, None))):
+        part = {k: v[rows] for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw")}
+        part["pixel_values"] = batch["pixel_values"][pix]
+        part["image_grid_thw"] = batch["image_grid_thw"][rows]
+        parts.append(part)
+    return parts
+
+
+def _autocast(hardware):
+    if hardware.device == "cuda" and hardware.dtype != "float32":
+        return torch.autocast("cuda", dtype=hardware.torch_dtype)
+    return contextlib.nullcontext()
+
+
+def _is_oom(error):
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def _rng_state():
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _atomic_torch_save(obj, path):
+    tmp = pathlib.Path(str(path) + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def make_loader(frame, views, processor, fmt, cfg, batch_size, max_pixels=None, workers=None):
+    max_pixels = max_pixels or cfg.max_pixels
+    dataset = VqaDataset(frame, views, max_pixels, blank_images=cfg.blank_images)
+    collator = VqaCollator(processor, fmt, cfg.min_pixels, max_pixels)
+    workers = cfg.num_workers if workers is None else workers
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator,
+                                       num_workers=workers, persistent_workers=False)
+
+
+@torch.no_grad()
+def predict_letter_logits(model, loader, fmt, hardware, desc="predict"):
+    """Letter logits per view, in the loader's order: (logits [N, 4] in display order, rows, perms)."""
+    model.eval()
+    logits, rows, perms = [], [], []
+    device, pixel_dtype = _model_device(model), _pixel_dtype(model)
+    for batch in tqdm(loader, desc=desc, leave=False):
+        with _autocast(hardware):
+            logits.append(letter_logits(model, batch, fmt.letter_ids, device, pixel_dtype).cpu())
+        rows.append(batch["rows"])
+        perms.append(batch["perms"])
+    return torch.cat(logits).numpy(), torch.cat(rows).numpy(), torch.cat(perms).numpy()
+
+
+def _model_device(model):
+    return next(p for p in model.parameters()).device
+
+
+def _pixel_dtype(model):
+    return unwrap_vlm(model).model.visual.patch_embed.proj.weight.dtype
+
+
+def evaluate(model, frame, processor, fmt, cfg, hardware):
+    """Validation accuracy and 4-way log-loss from direct-logit scoring (identity option order)."""
+    loader = make_loader(frame, identity_views(len(frame)), processor, fmt, cfg, cfg.infer_batch_size)
+    logits, rows, _ = predict_letter_logits(model, loader, fmt, hardware, desc="eval")
+    target = frame["answer"].map("abcd".index).to_numpy()[rows]
+    logp = torch.log_softmax(torch.from_numpy(logits), dim=-1)
+    loss = float(-logp[torch.arange(len(target)), torch.from_numpy(target)].mean())
+    return float((logits.argmax(1) == target).mean()), loss
+
+
+def train_fold(model, train_frame, val_frame, processor, fmt, cfg, hardware, fold, fold_dir):
+    """Train one fold (resuming if a checkpoint exists); returns its history rows and best accuracy.
+
+    The best EMA adapter is saved as `best_adapter.pt`; `DONE.json` marks the fold finished."""
+    fold_dir = pathlib.Path(fold_dir)
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    done = fold_dir / "DONE.json"
+    if done.exists():
+        print(f"[train] fold {fold}: already finished, skipping ({done})")
+        return json.loads(done.read_text())
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    effective = cfg.micro_batch_size * cfg.grad_accum_steps
+    steps_per_epoch = math.ceil(len(train_frame) / effective)
+    total_steps = steps_per_epoch * cfg.epochs
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    scaler = torch.amp.GradScaler("cuda", enabled=hardware.use_grad_scaler)
+    ema = LoraEma(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    state = {"epoch": 0, "step": 0, "next_sample": 0, "best_acc": -1.0, "evals_without_gain": 0,
+             "nonfinite_in_a_row": 0, "nonfinite_total": 0, "history": [], "chunk": cfg.micro_batch_size,
+             "stopped_early": False}
+    ckpt_path = fold_dir / "checkpoint.pt"
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, weights_only=False)
+        load_trainable_state(model, ckpt["trainable"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        if ema is not None:
+            ema.shadow = ckpt["ema"]
+        state = ckpt["state"]
+        _set_rng_state(ckpt["rng"])
+        print(f"[train] fold {fold}: resumed at epoch {state['epoch']}, step {state['step']}")
+
+    def save_checkpoint():
+        _atomic_torch_save({"trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                            "ema": ema.shadow if ema else None, "state": state, "rng": _rng_state()}, ckpt_path)
+
+    device, pixel_dtype = _model_device(model), _pixel_dtype(model)
+    eval_every = max(1, steps_per_epoch // max(1, cfg.evals_per_epoch))
+    last_save = time.time()
+
+    def run_micro(batch, weight):
+        """Forward+backward of one micro-batch; on OOM, retry it in halves (same gradient)."""
+        n = batch["input_ids"].shape[0]
+        if n > state["chunk"]:
+            return sum(run_micro(part, weight * part["input_ids"].shape[0] / n) for part in split_batch(batch))
+        try:
+            with _autocast(hardware):
+                loss, _ = answer_loss(model, batch, fmt.letter_ids, device, pixel_dtype)
+            if not torch.isfinite(loss):
+                return float("nan")
+            scaler.scale(loss * weight).backward()
+            return float(loss) * weight
+        except Exception as error:  # noqa: BLE001 - only OOM is handled, everything else re-raised
+            if not _is_oom(error) or n == 1:
+                raise
+            state["chunk"] = max(1, n // 2)
+            print(f"[train] CUDA out of memory at micro-batch {n}: continuing with {state['chunk']} "
+                  f"(gradient accumulation keeps the effective batch)")
+            torch.cuda.empty_cache()
+            return sum(run_micro(part, weight * part["input_ids"].shape[0] / n) for part in split_batch(batch))
+
+    while state["epoch"] < cfg.epochs and not state["stopped_early"]:
+        epoch = state["epoch"]
+        views = (shuffled_views(len(train_frame), cfg.seed + fold, epoch) if cfg.shuffle_options
+                 else identity_views(len(train_frame)))
+        order = np.random.default_rng([cfg.seed, fold, epoch, 7]).permutation(len(views))
+        remaining = [views[i] for i in order][state["next_sample"]:]
+        loader = make_loader(train_frame, remaining, processor, fmt, cfg, effective)
+        model.train()
+        bar = tqdm(loader, desc=f"fold {fold} epoch {epoch + 1}/{cfg.epochs}", leave=False)
+        for batch in bar:
+            group_loss = 0.0
+            parts = [batch] if cfg.grad_accum_steps == 1 else _split_into(batch, cfg.grad_accum_steps)
+            for part in parts:
+                group_loss += run_micro(part, part["input_ids"].shape[0] / batch["input_ids"].shape[0])
+            state["next_sample"] += batch["input_ids"].shape[0]
+            state["step"] += 1
+            if math.isfinite(group_loss):
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                state["nonfinite_in_a_row"] = 0
+                if ema is not None:
+                    ema.update(model)
+            else:
+                state["nonfinite_in_a_row"] += 1
+                state["nonfinite_total"] += 1
+                print(f"[train] fold {fold} step {state['step']}: non-finite loss, step skipped "
+                      f"({state['nonfinite_in_a_row']} in a row)")
+                if state["nonfinite_in_a_row"] >= cfg.max_nonfinite_steps:
+                    raise NonFiniteLossError(
+                        f"{state['nonfinite_in_a_row']} non-finite losses in a row. Likely cause: fp16 overflow "
+                        "(Qwen-VL on a T4). Fix: lower learning_rate, or set dtype=float32 for this run, or use "
+                        "a bf16 GPU (A100/H100); check the images for extreme values too.")
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            lr = scheduler.get_last_lr()[0]
+            state["history"].append({"fold": fold, "step": state["step"], "epoch": epoch, "kind": "train",
+                                     "loss": group_loss, "lr": lr, "accuracy": None})
+            bar.set_postfix(loss=f"{group_loss:.4f}", lr=f"{lr:.2e}")
+            if state["step"] % eval_every == 0 or state["next_sample"] >= len(views):
+                _evaluate_and_keep_best(model, ema, val_frame, processor, fmt, cfg, hardware, fold, fold_dir, state)
+                if cfg.early_stopping_patience and state["evals_without_gain"] >= cfg.early_stopping_patience:
+                    print(f"[train] fold {fold}: no val-accuracy gain in {cfg.early_stopping_patience} evals, stopping")
+                    state["stopped_early"] = True
+                    break
+                model.train()
+            if (state["step"] % cfg.checkpoint_every_steps == 0
+                    or time.time() - last_save > 60 * cfg.checkpoint_every_minutes):
+                save_checkpoint()
+                last_save = time.time()
+        else:
+            state["epoch"] += 1
+            state["next_sample"] = 0
+    result = {"fold": fold, "best_accuracy": state["best_acc"], "steps": state["step"],
+              "nonfinite_steps": state["nonfinite_total"], "final_micro_batch": state["chunk"]}
+    pd.DataFrame(state["history"]).to_csv(fold_dir / "history.csv", index=False)
+    done.write_text(json.dumps(result))
+    ckpt_path.unlink(missing_ok=True)
+    return result
+
+
+def _split_into(batch, n_parts):
+    """Micro-batches of one optimizer step (the loader yields whole effective batches)."""
+    parts = [batch]
+    while len(parts) < n_parts and any(p["input_ids"].shape[0] > 1 for p in parts):
+        parts = [half for p in parts for half in (split_batch(p) if p["input_ids"].shape[0] > 1 else [p])]
+    return parts
+
+
+def _evaluate_and_keep_best(model, ema, val_frame, processor, fmt, cfg, hardware, fold, fold_dir, state):
+    with ema.applied(model) if ema is not None else contextlib.nullcontext():
+        accuracy, loss = evaluate(model, val_frame, processor, fmt, cfg, hardware)
+        improved = accuracy > state["best_acc"]
+        if improved:
+            _atomic_torch_save(trainable_state(model), pathlib.Path(fold_dir) / "best_adapter.pt")
+    state["history"].append({"fold": fold, "step": state["step"], "epoch": state["epoch"], "kind": "eval",
+                             "loss": loss, "lr": None, "accuracy": accuracy})
+    state["best_acc"] = max(state["best_acc"], accuracy)
+    state["evals_without_gain"] = 0 if improved else state["evals_without_gain"] + 1
+    print(f"[train] fold {fold} step {state['step']}: val accuracy {accuracy:.4f}, val loss {loss:.4f}"
+          + (" (best, saved)" if improved else ""))

@@ -1,0 +1,214 @@
+import ast
+import json
+import textwrap
+
+import nbformat
+import pytest
+
+from mcvqa import notebook
+from mcvqa.notebook import (
+    FLOW_MODULES,
+    NOTEBOOK_PATH,
+    NotebookBuildError,
+    build_notebook,
+    duplicate_top_level_names,
+    module_cells,
+    module_sources,
+    notebook_is_fresh,
+    render_notebook,
+)
+
+FAKE_A = '''\
+"""## Stage A
+
+Defines the constants."""
+
+import json
+
+from .b import helper
+from .c import (
+    one,
+    two,  # trailing comment inside the import
+)
+
+# A comment that must survive.
+A_VALUE = 1  # and an inline one
+
+
+def use_a():
+    return json.dumps(A_VALUE)
+'''
+
+FAKE_B = '''\
+"""## Stage B"""
+import logging
+
+from mcvqa.a import A_VALUE
+
+logger = logging.getLogger("mcvqa")
+
+
+def helper():
+    return A_VALUE + 1
+'''
+
+
+def _write(folder, name, text):
+    (folder / f"{name}.py").write_text(textwrap.dedent(text), encoding="utf-8")
+
+
+@pytest.fixture
+def fake_pkg(tmp_path):
+    _write(tmp_path, "a", FAKE_A)
+    _write(tmp_path, "b", FAKE_B)
+    return tmp_path
+
+
+def _code_cells(nb):
+    return [c for c in nb.cells if c.cell_type == "code"]
+
+
+def _intra_package_imports(source):
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and (node.level > 0 or (node.module or "").split(".")[0] == "mcvqa"):
+            found.append(node.lineno)
+        if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "mcvqa" for a in node.names):
+            found.append(node.lineno)
+    return found
+
+
+# --- builder logic, on fake modules ---------------------------------------------------------------
+
+
+def test_module_cells_strip_docstring_and_intra_package_imports(fake_pkg):
+    markdown, code = module_sources("a", fake_pkg)
+    assert markdown == "## Stage A\n\nDefines the constants."
+    assert code == (
+        "import json\n\n"
+        "# A comment that must survive.\n"
+        "A_VALUE = 1  # and an inline one\n\n\n"
+        "def use_a():\n"
+        "    return json.dumps(A_VALUE)"
+    )
+    cells = module_cells("a", fake_pkg)
+    assert [c.cell_type for c in cells] == ["markdown", "code"]
+    assert cells[0].source == markdown and cells[1].source == code
+
+
+def test_absolute_package_import_stripped(fake_pkg):
+    _, code = module_sources("b", fake_pkg)
+    assert "mcvqa" not in code.replace('getLogger("mcvqa")', "")
+    assert code.startswith("import logging\n\nlogger = ")
+    ast.parse(code)
+
+
+@pytest.mark.parametrize(
+    "body, message, line",
+    [
+        ("from . import b\n", "sibling module", 3),
+        ("import mcvqa.b\n", "sibling module", 3),
+        ("from mcvqa import b\n", "sibling module", 3),
+        ("from __future__ import annotations\n", "__future__", 3),
+        ("def f():\n    from .b import helper\n    return helper\n", "top level", 4),
+        ("import os; from .b import helper\n", "shares a line", 3),
+        ("if __name__ == '__main__':\n    pass\n", "__main__", 3),
+    ],
+)
+def test_rejected_modules_name_file_and_line(fake_pkg, body, message, line):
+    _write(fake_pkg, "bad", '"""## Bad"""\nimport json\n' + body)
+    with pytest.raises(NotebookBuildError, match=message) as err:
+        module_cells("bad", fake_pkg)
+    assert f"bad.py:{line}:" in str(err.value)
+
+
+def test_missing_docstring_rejected(fake_pkg):
+    _write(fake_pkg, "nodoc", "import json\n")
+    with pytest.raises(NotebookBuildError, match=r"nodoc\.py.*docstring"):
+        module_cells("nodoc", fake_pkg)
+
+
+def test_missing_module_rejected(fake_pkg):
+    with pytest.raises(NotebookBuildError, match=r"missing\.py"):
+        module_cells("missing", fake_pkg)
+
+
+def test_build_layout_on_fakes(fake_pkg):
+    nb = build_notebook(fake_pkg, ("a", "b"))
+    assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# Kaggle All-in-One Pro")
+    assert nb.cells[1].source == notebook.PARAMETERS_CELL
+    assert nb.cells[1].metadata["tags"] == ["parameters"]
+    assert nb.cells[2].source == "## Stage A\n\nDefines the constants."
+    assert nb.cells[4].source == "## Stage B"
+    tail = [(nb.cells[i].source, nb.cells[i + 1].source) for i in range(len(nb.cells) - 4, len(nb.cells), 2)]
+    assert tail == [tuple(pair) for pair in notebook.STAGE_CELLS]
+    assert [c.id for c in nb.cells] == [f"cell-{i:03d}" for i in range(len(nb.cells))]
+    assert all(c.execution_count is None and c.outputs == [] for c in _code_cells(nb))
+    assert nb.metadata["kernelspec"]["name"] == "python3"
+    assert nb.metadata["language_info"]["name"] == "python"
+    nbformat.validate(nb)
+
+
+def test_render_is_deterministic_and_ends_with_newline(fake_pkg):
+    text = render_notebook(fake_pkg, ("a", "b"))
+    assert text == render_notebook(fake_pkg, ("a", "b"))
+    assert text.endswith("}\n")
+    assert json.loads(text)["cells"][1]["metadata"]["tags"] == ["parameters"]
+
+
+def test_freshness_check_catches_a_one_character_edit(fake_pkg, tmp_path):
+    path = tmp_path / "nb.ipynb"
+    path.write_text(render_notebook(fake_pkg, ("a", "b")), encoding="utf-8")
+    assert notebook_is_fresh(path, fake_pkg, ("a", "b"))
+    data = json.loads(path.read_text(encoding="utf-8"))
+    code = next(c for c in data["cells"] if c["cell_type"] == "code" and "A_VALUE = 1" in "".join(c["source"]))
+    code["source"] = [line.replace("A_VALUE = 1", "A_VALUE = 2") for line in code["source"]]
+    path.write_text(nbformat.writes(nbformat.from_dict(data)) + "\n", encoding="utf-8")
+    assert not notebook_is_fresh(path, fake_pkg, ("a", "b"))
+    assert not notebook_is_fresh(tmp_path / "absent.ipynb", fake_pkg, ("a", "b"))
+
+
+def test_main_check_and_write(fake_pkg, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(notebook, "PACKAGE_DIR", fake_pkg)
+    monkeypatch.setattr(notebook, "FLOW_MODULES", ("a", "b"))
+    path = tmp_path / "nb.ipynb"
+    assert notebook.main(["--check", "--path", str(path)]) == 1
+    assert "notebook is stale: run python -m mcvqa.notebook" in capsys.readouterr().err
+    assert notebook.main(["--path", str(path)]) == 0
+    assert notebook.main(["--check", "--path", str(path)]) == 0
+
+
+def test_duplicates_detected_on_fakes(fake_pkg):
+    assert duplicate_top_level_names(fake_pkg, ("a", "b")) == {}
+    _write(fake_pkg, "c", '"""## C"""\nimport logging\nlogger = logging.getLogger("mcvqa")\ntry:\n    A_VALUE = 3\nexcept ImportError:\n    pass\n\n\ndef helper():\n    pass\n')
+    assert duplicate_top_level_names(fake_pkg, ("a", "b", "c")) == {"A_VALUE": ["a", "c"], "helper": ["b", "c"]}
+    # `logger` is only exempt while every module defines it identically.
+    _write(fake_pkg, "d", '"""## D"""\nimport logging\nlogger = logging.getLogger("other")\n')
+    assert duplicate_top_level_names(fake_pkg, ("b", "d")) == {"logger": ["b", "d"]}
+
+
+# --- the real package -----------------------------------------------------------------------------
+
+
+def test_committed_notebook_is_fresh():
+    assert NOTEBOOK_PATH.is_file(), "Kaggle_AllInOne_Pro.ipynb is missing: run python -m mcvqa.notebook"
+    assert notebook_is_fresh(NOTEBOOK_PATH), "notebook is stale: run python -m mcvqa.notebook"
+
+
+def test_real_code_cells_parse_and_have_no_package_imports():
+    nb = build_notebook()
+    code = _code_cells(nb)
+    assert code[0].metadata.get("tags") == ["parameters"]
+    assert code[0].source == notebook.PARAMETERS_CELL
+    for i, cell in enumerate(code):
+        ast.parse(cell.source, filename=f"code cell {i}")
+        assert _intra_package_imports(cell.source) == [], f"code cell {i} imports from the package"
+
+
+def test_real_package_has_no_duplicate_top_level_names():
+    assert duplicate_top_level_names() == {}
+
+
+def test_real_module_cells_compile_together():
+    source = "\n\n".join(module_sources(name)[1] for name in FLOW_MODULES)
+    compile(source, "Kaggle_AllInOne_Pro.ipynb", "exec")

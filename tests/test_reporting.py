@@ -1,0 +1,193 @@
+import datetime
+import json
+import re
+
+import matplotlib
+
+matplotlib.use("Agg")  # tests must not need a display
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from sklearn.calibration import calibration_curve
+
+from mcvqa.reporting import (
+    expected_calibration_error,
+    make_run_plots,
+    plot_confusion_matrix,
+    plot_reliability_diagram,
+    snapshot_experiment,
+)
+
+LETTERS = list("abcd")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TODAY = datetime.date(2025, 3, 7)
+FOLD_ACC = [0.7811, 0.8022, 0.7933]
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+def _write_run(run_dir, n=90, seed=0):
+    """A fake 3-fold run folder in the formats the trainer writes."""
+    rng = np.random.default_rng(seed)
+    run_dir.mkdir(parents=True)
+    rows = []
+    for fold in range(3):
+        for step in range(1, 31):
+            rows.append(dict(fold=fold, step=step, epoch=step / 15, kind="train",
+                             loss=2.0 * np.exp(-step / 10) + 0.1 * rng.random(), lr=2e-4, accuracy=np.nan))
+            if step % 10 == 0:
+                rows.append(dict(fold=fold, step=step, epoch=step / 15, kind="eval",
+                                 loss=0.6 + 0.1 * rng.random(), lr=np.nan, accuracy=0.5 + step / 100))
+    pd.DataFrame(rows).to_csv(run_dir / "history.csv", index=False)
+    answers = rng.integers(0, 4, n)
+    logits = rng.normal(size=(n, 4))
+    logits[np.arange(n), answers] += 2.0  # mostly right, not always
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    oof = pd.DataFrame(probs, columns=["p_a", "p_b", "p_c", "p_d"])
+    oof.insert(0, "id", [f"TRAIN_{i:03d}" for i in range(n)])
+    oof["fold"] = np.arange(n) % 3
+    oof["answer"] = [LETTERS[i] for i in answers]
+    oof.to_csv(run_dir / "oof_probs.csv", index=False)
+    metrics = dict(cv_accuracy=0.7922, fold_accuracy=FOLD_ACC, runtime_s=3723.4,
+                   hardware={"gpu": "NVIDIA H200", "n_gpus": 1}, profile="full",
+                   ablation={"single fold": 0.77, "3-fold ensemble": 0.79, "ensemble + option TTA": 0.8})
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    config = dict(model_name_or_path="Qwen/Qwen2.5-VL-7B-Instruct", n_folds=3, epochs=2, learning_rate=2e-4,
+                  lora_r=16, max_pixels=401408, tta_option_views=4)
+    (run_dir / "config.json").write_text(json.dumps(config))
+    return run_dir
+
+
+def _assert_png(path):
+    assert path.exists()
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    assert path.stat().st_size > 5_000
+    with Image.open(path) as im:
+        im.verify()
+
+
+def test_make_run_plots_writes_every_png(tmp_path):
+    run = _write_run(tmp_path / "run")
+    paths = make_run_plots(run)
+    assert set(paths) == {"answer_distribution", "training_curves", "confusion_matrix", "reliability"}
+    for path in paths.values():
+        assert path.parent == run / "plots"
+        _assert_png(path)
+    assert plt.get_fignums() == []  # nothing left open to pile up in a notebook
+
+
+def test_make_run_plots_skips_missing_files(tmp_path):
+    run = _write_run(tmp_path / "run")
+    (run / "oof_probs.csv").unlink()
+    assert set(make_run_plots(run)) == {"training_curves"}
+    train_df = pd.DataFrame({"answer": list("aabcdd")})
+    assert set(make_run_plots(run, train_df=train_df)) == {"training_curves", "answer_distribution"}
+
+
+def test_ece_zero_when_confident_and_correct():
+    probs = np.tile([0.0, 1.0, 0.0, 0.0], (20, 1))
+    assert expected_calibration_error(probs, ["b"] * 20) == pytest.approx(0.0)
+    assert expected_calibration_error(probs, [1] * 20) == pytest.approx(0.0)
+
+
+def test_ece_hand_computed():
+    probs = np.array([[0.85, 0.05, 0.05, 0.05],   # conf .85, correct
+                      [0.85, 0.05, 0.05, 0.05],   # conf .85, wrong
+                      [0.20, 0.65, 0.10, 0.05],   # conf .65, correct
+                      [0.45, 0.25, 0.20, 0.10]])  # conf .45, wrong
+    y = ["a", "b", "b", "c"]
+    # bin .8-.9: 2/4 * |0.5 - 0.85|; bin .6-.7: 1/4 * |1 - 0.65|; bin .4-.5: 1/4 * |0 - 0.45|
+    expected = 0.5 * 0.35 + 0.25 * 0.35 + 0.25 * 0.45
+    assert expected_calibration_error(probs, y, n_bins=10) == pytest.approx(expected)
+    # One bin: |mean accuracy - mean confidence|.
+    assert expected_calibration_error(probs, y, n_bins=1) == pytest.approx(abs(0.5 - 0.7))
+
+
+def test_ece_bins_agree_with_sklearn_calibration_curve(tmp_path):
+    run = _write_run(tmp_path / "run", n=300)
+    oof = pd.read_csv(run / "oof_probs.csv")
+    probs = oof[["p_a", "p_b", "p_c", "p_d"]].to_numpy()
+    conf = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == oof["answer"].map(LETTERS.index).to_numpy()
+    acc, mean_conf = calibration_curve(correct, conf, n_bins=10, strategy="uniform")
+    counts = np.bincount(np.searchsorted(np.linspace(0, 1, 11)[1:-1], conf), minlength=10)
+    counts = counts[counts > 0]
+    expected = np.sum(counts / counts.sum() * np.abs(acc - mean_conf))
+    assert expected_calibration_error(probs, oof["answer"]) == pytest.approx(expected)
+
+
+def test_reliability_title_shows_ece(tmp_path):
+    probs = np.tile([0.0, 1.0, 0.0, 0.0], (10, 1))
+    fig = plot_reliability_diagram(probs, ["b"] * 10, tmp_path / "rel.png")
+    assert "ECE = 0.0000" in fig.axes[0].get_title()
+    _assert_png(tmp_path / "rel.png")
+
+
+def test_confusion_matrix_title_accuracy(tmp_path):
+    y_true = list("aabbccdd")
+    y_pred = list("abbbccda")  # 6 of 8 right
+    fig = plot_confusion_matrix(y_true, y_pred, tmp_path / "cm.png")
+    assert "accuracy 0.7500" in fig.axes[0].get_title()
+    # Integer indices are accepted as well as letters.
+    fig = plot_confusion_matrix([0, 1, 2, 3], ["a", "b", "c", "a"], tmp_path / "cm2.png")
+    assert "accuracy 0.7500" in fig.axes[0].get_title()
+    _assert_png(tmp_path / "cm.png")
+
+
+def _table_rows(report):
+    return [line for line in report.read_text().splitlines() if re.match(r"\|\s*\d{4}-\d{2}-\d{2}", line)]
+
+
+def test_snapshot_creates_folder_report_and_scoreboard_rows(tmp_path):
+    run = _write_run(tmp_path / "runs" / "r1")
+    make_run_plots(run)
+    notebook = tmp_path / "out.ipynb"
+    notebook.write_text("{}")
+    exp_root, scoreboard = tmp_path / "experiments", tmp_path / "REPORT.md"
+    exp = snapshot_experiment(run, "qwen 7b/r16!", experiments_dir=exp_root, report_path=scoreboard,
+                              notebook_path=notebook, today=TODAY)
+    assert exp == exp_root / "250307_qwen_7b_r16"
+    for name in ("config.json", "metrics.json", "history.csv", "oof_probs.csv", "out.ipynb",
+                 "plots/confusion_matrix.png", "REPORT.md"):
+        assert (exp / name).exists(), name
+    report = (exp / "REPORT.md").read_text()
+    for text in ("0.7922", *(f"{a:.4f}" for a in FOLD_ACC), "Qwen/Qwen2.5-VL-7B-Instruct", "Public LB: (fill in)",
+                 "ensemble + option TTA", "1h 02m 03s", "NVIDIA H200", "](plots/reliability.png)", "| lora_r | 16 |", "| lr | 0.0002 |"):
+        assert text in report, text
+    rows = _table_rows(scoreboard)
+    assert len(rows) == 1
+    assert "[250307_qwen_7b_r16](experiments/250307_qwen_7b_r16/)" in rows[0]
+    assert "0.7922" in rows[0]
+
+    snapshot_experiment(run, "second", experiments_dir=exp_root, report_path=scoreboard, today=TODAY)
+    assert len(_table_rows(scoreboard)) == 2
+    assert scoreboard.read_text().startswith("# Experiment scoreboard")
+
+
+def test_snapshot_never_overwrites(tmp_path):
+    run = _write_run(tmp_path / "run")
+    kwargs = dict(experiments_dir=tmp_path / "experiments", report_path=tmp_path / "REPORT.md", today=TODAY)
+    exp = snapshot_experiment(run, "dup", **kwargs)
+    (exp / "REPORT.md").write_text("hand edits")
+    with pytest.raises(FileExistsError):
+        snapshot_experiment(run, "dup", **kwargs)
+    assert (exp / "REPORT.md").read_text() == "hand edits"
+    assert len(_table_rows(tmp_path / "REPORT.md")) == 1
+
+
+def test_scoreboard_rows_go_into_existing_table(tmp_path):
+    scoreboard = tmp_path / "REPORT.md"
+    scoreboard.write_text("# Experiment scoreboard\n\nintro\n\n| date | experiment | model | CV acc | Public LB | notes |\n"
+                          "|---|---|---|---|---|---|\n\nSome notes below the table.\n")
+    run = _write_run(tmp_path / "run")
+    snapshot_experiment(run, "x", experiments_dir=tmp_path / "experiments", report_path=scoreboard, today=TODAY)
+    lines = scoreboard.read_text().splitlines()
+    assert lines[-1] == "Some notes below the table."
+    assert lines[lines.index("|---|---|---|---|---|---|") + 1].startswith("| 2025-03-07 |")
