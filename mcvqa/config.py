@@ -26,7 +26,8 @@ class Config:
     model_name_or_path: str = "Qwen/Qwen2.5-VL-3B-Instruct"  # local folder (no network) or hub id
     demo: bool = False  # build the embedded demo data and tiny model before running
     demo_family: str = "qwen2_5_vl"  # tiny model architecture for the demo: qwen2_5_vl | qwen3_vl
-    demo_hidden_size: int = 64  # tiny model width
+    demo_hidden_size: int = 128  # tiny model width
+    demo_image_size: int = 64  # demo images are drawn this size (4 image tokens at 56 px)
     demo_warmup_rows: int = 1200  # separately seeded images for the tiny base's warm-up
     demo_warmup_epochs: int = 6
     # --- images: the same pixel range at train and test time -------------------------------
@@ -82,7 +83,7 @@ class Config:
 PROFILES = {
     "demo": dict(
         data_dir="data/demo", output_dir="runs/demo", model_name_or_path="",  # "": data/tiny_models/<demo_family>
-        demo=True, load_in_4bit=True, min_pixels=112 * 112, max_pixels=112 * 112,
+        demo=True, load_in_4bit=True, min_pixels=56 * 56, max_pixels=56 * 56,
         gradient_checkpointing=False, epochs=4, micro_batch_size=16, grad_accum_steps=1,
         learning_rate=1e-3, warmup_ratio=0.1, ema_decay=0.9, lora_r=16, lora_alpha=32, lora_dropout=0.0,
         evals_per_epoch=1, early_stopping_patience=0, num_workers=0, infer_batch_size=32,

@@ -43,7 +43,7 @@ _DEMO_VOCAB = {
 }
 _DEMO_LETTERS = ("a", "b", "c", "d")
 _DEMO_MARKER = "DEMO_DATASET.json"
-_DEMO_VERSION = 1  # bump when the drawing changes so old folders are regenerated
+_DEMO_VERSION = 2  # bump when the drawing changes so old folders are regenerated
 
 
 def _demo_draw_shape(draw, shape, cx, cy, size, rgb):
@@ -71,17 +71,17 @@ def _demo_draw_shape(draw, shape, cx, cy, size, rgb):
 
 
 def _demo_place_apart(rng, k, s):
-    """Return k (cx, cy, size) boxes that neither overlap nor touch the border."""
-    while True:  # restart from scratch on a dead end; with <= 4 small boxes this is rare
-        boxes = []
-        for _ in range(200):
-            size = rng.uniform(0.22, 0.28) * s
-            cx, cy = rng.uniform(size / 2 + 3, s - size / 2 - 3, size=2)
-            # A visible gap keeps the objects countable as separate blobs.
-            if all(abs(cx - x) > (size + z) / 2 + 4 or abs(cy - y) > (size + z) / 2 + 4 for x, y, z in boxes):
-                boxes.append((cx, cy, size))
-                if len(boxes) == k:
-                    return boxes
+    """k (cx, cy, size) boxes, one per distinct quadrant, each large but inside its quadrant.
+
+    Large objects, one per quadrant, keep the task learnable for the demo's tiny vision tower,
+    which sees a 56 px image as 2x2 merged tokens (one per quadrant)."""
+    boxes = []
+    for quadrant in rng.permutation(4)[:k]:
+        col, row = quadrant % 2, quadrant // 2
+        size = rng.uniform(0.30, 0.40) * s
+        cx, cy = (np.array([col, row]) * 0.5 + 0.25 + rng.uniform(-0.03, 0.03, size=2)) * s
+        boxes.append((cx, cy, size))
+    return boxes
 
 
 def _demo_render(qtype, answer, rng, s):
@@ -99,10 +99,10 @@ def _demo_render(qtype, answer, rng, s):
         col, row = DEMO_POSITIONS.index(answer) % 2, DEMO_POSITIONS.index(answer) // 2
         # Centre of the quadrant with small jitter: the shape stays well inside it.
         cx, cy = (np.array([col, row]) * 0.5 + 0.25 + rng.uniform(-0.05, 0.05, size=2)) * s
-        _demo_draw_shape(draw, shape, cx, cy, rng.uniform(0.22, 0.30) * s, colour)
+        _demo_draw_shape(draw, shape, cx, cy, rng.uniform(0.30, 0.38) * s, colour)
     else:
-        cx, cy = s / 2 + rng.uniform(-0.15, 0.15, size=2) * s
-        _demo_draw_shape(draw, shape, cx, cy, rng.uniform(0.28, 0.40) * s, colour)
+        cx, cy = s / 2 + rng.uniform(-0.05, 0.05, size=2) * s
+        _demo_draw_shape(draw, shape, cx, cy, rng.uniform(0.65, 0.80) * s, colour)
     return img
 
 

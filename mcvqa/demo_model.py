@@ -94,15 +94,15 @@ def tiny_model_config(family, tokenizer, hidden_size=64):
     special = _tiny_special_ids(tokenizer)
     text = dict(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        num_hidden_layers=2, num_attention_heads=hidden_size // 16, num_key_value_heads=hidden_size // 32, max_position_embeddings=2048,
         bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     if family == "qwen2_5_vl":
-        # mrope_section splits head_dim/2 = 8 rotary pairs over (time, height, width).
+        # Head dim is 16 at any width: mrope_section splits its 8 rotary pairs over (time, height, width).
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
         vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14,
-                      window_size=56, fullatt_block_indexes=[1], out_hidden_size=hidden_size)
+                      window_size=56, fullatt_block_indexes=[1], out_hidden_size=hidden_size, initializer_range=0.3)  # louder image tokens: the warm-up learns from them in minutes
         return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **special)
     text["head_dim"] = 16
     text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],

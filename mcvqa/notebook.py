@@ -51,8 +51,10 @@ It is self-contained: every stage's code is in the cells below, so nothing has t
 It is **generated** from the `mcvqa` package by `python -m mcvqa.notebook`; do not edit it by hand,
 change the package and regenerate it instead.
 
-- **Kaggle**: attach the competition data, the Qwen-VL model and the wheels dataset, pick a GPU
-  accelerator, set `PROFILE` below (or leave `"auto"`), then *Run All*.
+- **Kaggle** (2x T4, often no internet): attach the competition data, a Qwen-VL model (set
+  `model_name_or_path=/kaggle/input/...` in `OVERRIDES`) and a dataset of wheels for `bitsandbytes` and
+  `transformers>=5.17` (install them with `pip install --no-index --find-links /kaggle/input/<wheels> ...`
+  in a cell above this one), leave `PROFILE = "auto"`, then *Run All*.
 - **Colab**: upload or mount the data, set `PROFILE = "colab_a100"` (or `"auto"`), then *Run all*.
 - **Local**: `PROFILE = "demo"` runs the whole flow on a CPU with a tiny synthetic dataset and model;
   papermill can set `PROFILE` and `OVERRIDES` as parameters."""
@@ -69,7 +71,18 @@ STAGE_CELLS = [
         "## Run: resolve the configuration and detect the hardware",
         "cfg = resolve_config(PROFILE, OVERRIDES)\nhardware = detect_hardware(cfg)",
     ),
-    ("## Run: train the folds and write the submission", "results = run_pipeline(cfg, hardware)"),
+    (
+        "## Run: train the folds, predict with option-order TTA, ensemble, write the submission\n\n"
+        "Safe to re-run after an interruption: finished folds are skipped, an unfinished one resumes.",
+        "metrics = run_pipeline(cfg, hardware)",
+    ),
+    (
+        "## Results: answer distribution, training curves, confusion matrix, calibration",
+        "from IPython.display import Image as ShowImage, display\n"
+        "for png in sorted(pathlib.Path(cfg.output_dir, \"plots\").glob(\"*.png\")):\n"
+        "    display(ShowImage(filename=str(png)))\n"
+        "pd.read_csv(metrics[\"submission\"]).head()",
+    ),
 ]
 
 # Names every module may define, provided all definitions are identical.

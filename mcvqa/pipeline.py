@@ -24,7 +24,7 @@ from .demo_model import build_tiny_qwen_vl
 from .inference import (PROB_COLUMNS, apply_temperature, ensemble_folds, fit_temperature, fold_weights,
                         letters_from_probs, predict_views, probs_frame, tta_probs)
 from .modeling import load_model_for_training, load_processor, load_trainable_state
-from .prompts import make_prompt_format
+from .prompts import format_user_text, make_prompt_format
 from .reporting import make_run_plots
 from .submission import write_submission
 from .training import train_fold
@@ -45,7 +45,7 @@ def resolve_data_dir(data_dir, search_root="/kaggle/input"):
 
 def prepare_demo(cfg):
     """Build the embedded demo data and tiny model (both cached; seconds on a re-run)."""
-    data_dir = generate_demo_dataset(cfg.data_dir)
+    data_dir = generate_demo_dataset(cfg.data_dir, image_size=cfg.demo_image_size)
     model_dir = cfg.model_name_or_path or f"data/tiny_models/{cfg.demo_family}"
     texts = []
     for name in ("train.csv", "test.csv"):
@@ -54,10 +54,16 @@ def prepare_demo(cfg):
     texts += [cfg.instruction, "a. b. c. d.", "You are a helpful assistant."]
     # The base's warm-up uses its own, differently seeded images: nothing from train or test.
     warmup_dir = generate_demo_dataset(pathlib.Path(model_dir).parent / "warmup_data", n_train=cfg.demo_warmup_rows,
-                                       n_test=4, seed=cfg.seed + 1000)
+                                       n_test=4, image_size=cfg.demo_image_size, seed=cfg.seed + 1000)
     warmup = pd.read_csv(warmup_dir / "train.csv")
-    examples = [(load_image(warmup_dir / row.path), row.question, getattr(row, row.answer))
-                for row in warmup.itertuples()]
+    examples = []
+    for row in warmup.itertuples():
+        image = load_image(warmup_dir / row.path)
+        options = [row.a, row.b, row.c, row.d]
+        # Perception (answer in words) and the multiple-choice format (answer a letter), as a real
+        # instruction-tuned VLM knows both before anyone fine-tunes it.
+        examples.append((image, row.question, getattr(row, row.answer)))
+        examples.append((image, format_user_text(row.question, options, cfg.instruction), row.answer))
     build_tiny_qwen_vl(model_dir, texts, family=cfg.demo_family, seed=cfg.seed, max_pixels=cfg.max_pixels,
                        hidden_size=cfg.demo_hidden_size, warmup_examples=examples, warmup_epochs=cfg.demo_warmup_epochs)
     print(f"[demo] data in {data_dir}, tiny {cfg.demo_family} model in {model_dir}")

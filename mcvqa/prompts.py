@@ -33,7 +33,13 @@ def _cut_tokens(tokenizer, text, max_tokens):
     ids = tokenizer.encode(text, add_special_tokens=False)
     if len(ids) <= max_tokens:
         return text, False
-    return tokenizer.decode(ids[:max_tokens]), True
+    # Byte-level BPE can end the cut inside a multi-byte (Korean) character: step back to a whole one.
+    keep = max_tokens
+    cut = tokenizer.decode(ids[:keep])
+    while keep > 0 and cut.endswith("\ufffd") and not text.startswith(cut):
+        keep -= 1
+        cut = tokenizer.decode(ids[:keep])
+    return cut, True
 
 
 def format_user_text(question, options, instruction):

@@ -56,6 +56,8 @@ def answer_loss(model, batch, letter_ids, device, pixel_dtype, loss_over="vocab"
     hidden = answer_hidden_states(model, batch, device, pixel_dtype)
     letters = torch.as_tensor(letter_ids, device=hidden.device)
     target = batch["answer_index"].to(hidden.device)
+    if (target < 0).any():
+        raise ValueError("answer_loss: batch has rows without an answer (answer_index -1)")
     if loss_over == "letters":
         logits4 = head_logits(model, hidden, letters)
         return F.cross_entropy(logits4, target), logits4.detach()

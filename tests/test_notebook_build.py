@@ -140,7 +140,8 @@ def test_build_layout_on_fakes(fake_pkg):
     assert nb.cells[1].metadata["tags"] == ["parameters"]
     assert nb.cells[2].source == "## Stage A\n\nDefines the constants."
     assert nb.cells[4].source == "## Stage B"
-    tail = [(nb.cells[i].source, nb.cells[i + 1].source) for i in range(len(nb.cells) - 4, len(nb.cells), 2)]
+    n_tail = 2 * len(notebook.STAGE_CELLS)
+    tail = [(nb.cells[i].source, nb.cells[i + 1].source) for i in range(len(nb.cells) - n_tail, len(nb.cells), 2)]
     assert tail == [tuple(pair) for pair in notebook.STAGE_CELLS]
     assert [c.id for c in nb.cells] == [f"cell-{i:03d}" for i in range(len(nb.cells))]
     assert all(c.execution_count is None and c.outputs == [] for c in _code_cells(nb))

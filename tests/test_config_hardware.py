@@ -1,0 +1,67 @@
+"""Config profiles and overrides, and hardware choices from faked device descriptions."""
+
+import json
+
+import pytest
+
+from mcvqa.config import Config, parse_overrides, resolve_config, save_config
+from mcvqa.hardware import choose_hardware, detect_hardware
+
+T4 = {"name": "Tesla T4", "capability": (7, 5), "memory_gib": 14.7}
+A100 = {"name": "NVIDIA A100-SXM4-40GB", "capability": (8, 0), "memory_gib": 39.4}
+
+
+def test_kaggle_profile_on_two_t4s_uses_fp16_sdpa_and_kaggle_paths():
+    cfg = resolve_config("auto", env={"KAGGLE_KERNEL_RUN_TYPE": "Interactive"}, verbose=False)
+    assert cfg.profile == "kaggle_t4x2"
+    assert cfg.output_dir.startswith("/kaggle/working") and cfg.submission_path == "/kaggle/working/submission.csv"
+    assert cfg.data_dir == "auto"
+    hw = choose_hardware([T4, T4], cfg.dtype, cfg.attn_implementation, flash_attn_installed=True)
+    assert (hw.dtype, hw.attn_implementation, hw.use_grad_scaler, hw.gpu_count) == ("float16", "sdpa", True, 2)
+    assert any("no bf16" in r for r in hw.reasons)
+
+
+def test_colab_profile_on_a100_uses_bf16_and_drive_paths():
+    cfg = resolve_config("auto", env={"COLAB_RELEASE_TAG": "release-colab"}, verbose=False)
+    assert cfg.profile == "colab_a100" and cfg.output_dir.startswith("/content/drive/")
+    hw = choose_hardware([A100], cfg.dtype, cfg.attn_implementation, flash_attn_installed=False)
+    assert (hw.dtype, hw.attn_implementation, hw.use_grad_scaler) == ("bfloat16", "sdpa", False)
+    hw = choose_hardware([A100], cfg.dtype, cfg.attn_implementation, flash_attn_installed=True)
+    assert hw.attn_implementation == "flash_attention_2"
+
+
+def test_cpu_is_fp32_and_t4_never_gets_flash_attention_or_bf16():
+    hw = choose_hardware([], flash_attn_installed=True)
+    assert (hw.device, hw.dtype, hw.attn_implementation) == ("cpu", "float32", "sdpa")
+    assert choose_hardware([T4], flash_attn_installed=True).attn_implementation == "sdpa"
+    with pytest.raises(ValueError, match="no bf16"):
+        choose_hardware([T4], dtype="bfloat16")
+
+
+def test_detect_hardware_prints_its_reasons(capsys):
+    detect_hardware(resolve_config("demo", env={}, verbose=False), gpus=[T4, T4])
+    out = capsys.readouterr().out
+    assert "2 x Tesla T4" in out and "float16" in out and "because" in out
+
+
+def test_precedence_defaults_profile_env_overrides(tmp_path):
+    cfg = resolve_config("demo", env={"MCVQA_EPOCHS": "7", "MCVQA_LORA_R": "4"}, overrides=["epochs=9"], verbose=False)
+    assert cfg.epochs == 9  # override beats env
+    assert cfg.lora_r == 4  # env beats profile
+    assert cfg.micro_batch_size == 16  # profile beats default
+    assert cfg.lora_alpha == Config().lora_alpha  # default
+    cfg = resolve_config("demo", overrides="shuffle_options=false\nlearning_rate=3e-4\n# comment", env={}, verbose=False)
+    assert cfg.shuffle_options is False and cfg.learning_rate == 3e-4
+    saved = json.loads(save_config(cfg, tmp_path).read_text())
+    assert saved["learning_rate"] == 3e-4 and saved["profile"] == "demo"
+
+
+def test_bad_overrides_fail_clearly():
+    with pytest.raises(ValueError, match="unknown setting 'epoch'"):
+        resolve_config("demo", overrides=["epoch=2"], env={}, verbose=False)
+    with pytest.raises(ValueError, match="epochs expects int"):
+        resolve_config("demo", overrides=["epochs=two"], env={}, verbose=False)
+    with pytest.raises(ValueError, match="unknown profile"):
+        resolve_config("kaggle", env={}, verbose=False)
+    with pytest.raises(ValueError, match="not key=value"):
+        parse_overrides(["epochs"])

@@ -1,0 +1,204 @@
+"""Direct-logit scoring on tiny Qwen2.5-VL / Qwen3-VL models (fp32, CPU, 4-bit QLoRA and plain).
+
+The reference for every check is the model's own full forward (`model(**inputs).logits`) or
+`generate`: the scorer must read the same numbers at the same position.
+"""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from conftest import TINY_FAMILIES
+from mcvqa.collate import VqaCollator, cyclic_views
+from mcvqa.inference import predict_views, softmax, to_original_order
+from mcvqa.scoring import MODEL_INPUT_KEYS, answer_loss, letter_logits
+
+MIN_PIXELS, MAX_PIXELS = 28 * 28 * 4, 112 * 112
+
+pytestmark = [pytest.mark.usefixtures("torch_single_thread"), pytest.mark.filterwarnings("ignore::UserWarning"),
+              pytest.mark.filterwarnings("ignore::FutureWarning")]
+
+
+@pytest.fixture(params=TINY_FAMILIES)
+def family(request):
+    return request.param
+
+
+def _items(answers=(2, 0, 3)):
+    specs = [((64, 96), (220, 30, 30), "그림 속 도형은 무슨 색입니까?", ["빨간색", "파란색", "초록색", "노란색"]),
+             ((120, 80), (30, 70, 220), "도형은?", ["원", "사각형, 삼각형, 그리고 마름모 모양", "별", "십자가"]),
+             ((56, 56), (30, 160, 50), "그림에 도형이 몇 개 있습니까? 왼쪽 위를 잘 보세요.", ["1개", "2개", "3개", "4개"])]
+    return [{"row": i, "perm": (0, 1, 2, 3), "image": Image.new("RGB", size, rgb), "question": q, "options": opts,
+             "answer": answer} for i, ((size, rgb, q, opts), answer) in enumerate(zip(specs, answers))]
+
+
+def _collate(processor, fmt, items):
+    return VqaCollator(processor, fmt, MIN_PIXELS, MAX_PIXELS)(items)
+
+
+def _full_logits(model, batch):
+    with torch.no_grad():
+        return model(**{k: batch[k] for k in MODEL_INPUT_KEYS}, use_cache=False).logits
+
+
+def _letters(model, batch, fmt):
+    with torch.no_grad():
+        return letter_logits(model, batch, fmt.letter_ids, "cpu", torch.float32)
+
+
+@pytest.fixture
+def setup(family, tiny_processor, tiny_fmt):
+    processor, fmt = tiny_processor(family), tiny_fmt(family)
+    return processor, fmt
+
+
+def test_batch_is_ragged(family, setup):
+    """Precondition of the tests below: different lengths, different image grids, right padding."""
+    processor, fmt = setup
+    batch = _collate(processor, fmt, _items())
+    lengths = batch["attention_mask"].sum(1).tolist()
+    assert len(set(lengths)) == 3 and max(lengths) == batch["input_ids"].shape[1]
+    assert len({tuple(g) for g in batch["image_grid_thw"].tolist()}) == 3
+
+
+def test_lora_adapters_change_the_letter_logits(family, setup, tiny_model):
+    """The random LoRA weights matter (else the comparisons below could not see a scorer that skips them)."""
+    processor, fmt = setup
+    model = tiny_model(family)
+    batch = _collate(processor, fmt, _items())
+    with model.disable_adapter():
+        plain = _letters(model, batch, fmt)
+    assert (plain - _letters(model, batch, fmt)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("load_in_4bit,atol", [(False, 1e-5), (True, 1e-4)], ids=["fp32", "4bit"])
+def test_letter_logits_equal_full_forward(family, setup, tiny_model, load_in_4bit, atol):
+    processor, fmt = setup
+    model = tiny_model(family, load_in_4bit)
+    batch = _collate(processor, fmt, _items())
+    got = _letters(model, batch, fmt)
+    full = _full_logits(model, batch)
+    rows = torch.arange(3)
+    want = full[rows, batch["answer_positions"]][:, fmt.letter_ids]
+    assert got.dtype == torch.float32 and got.shape == (3, 4)
+    torch.testing.assert_close(got, want, atol=atol, rtol=0)
+    # The answer position is the one whose logits the trained label is read against (shifted by one).
+    labelled = (batch["labels"] != -100).nonzero()
+    assert labelled[:, 0].tolist() == [0, 1, 2]
+    assert (labelled[:, 1] - 1).tolist() == batch["answer_positions"].tolist()
+    # ...and it is not any neighbour: reading one position off gives different numbers.
+    off = full[rows, batch["answer_positions"] - 1][:, fmt.letter_ids]
+    assert (off - got).abs().max() > 10 * atol
+
+
+def test_4bit_and_plain_models_differ(family, setup, tiny_model):
+    """Guard that the two loads really are different weights (quantised vs not)."""
+    processor, fmt = setup
+    batch = _collate(processor, fmt, _items())
+    assert (_letters(tiny_model(family, True), batch, fmt) - _letters(tiny_model(family, False), batch, fmt)).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("load_in_4bit", [False, True], ids=["fp32", "4bit"])
+def test_letter_probs_agree_with_generate(family, setup, tiny_model, load_in_4bit):
+    processor, fmt = setup
+    model = tiny_model(family, load_in_4bit)
+    for item in _items(answers=(-1, -1, -1)):
+        batch = _collate(processor, fmt, [item])
+        assert batch["attention_mask"].all()  # one sample: no padding
+        ours = torch.softmax(_letters(model, batch, fmt)[0], -1)
+        with torch.no_grad():
+            out = model.generate(**{k: batch[k] for k in MODEL_INPUT_KEYS}, max_new_tokens=1, output_scores=True,
+                                 return_dict_in_generate=True, do_sample=False)
+        assert out.sequences.shape[1] == batch["input_ids"].shape[1] + 1
+        theirs = torch.softmax(out.scores[0][0, fmt.letter_ids].float(), -1)
+        assert int(ours.argmax()) == int(theirs.argmax())
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_batched_equals_one_by_one(family, setup, tiny_model):
+    processor, fmt = setup
+    model = tiny_model(family, False)
+    items = _items()
+    batched = _letters(model, _collate(processor, fmt, items), fmt)
+    single = torch.cat([_letters(model, _collate(processor, fmt, [it]), fmt) for it in items])
+    torch.testing.assert_close(batched, single, atol=1e-5, rtol=0)
+    # Different rows really score differently (the comparison is not trivially between equal rows).
+    assert (batched[0] - batched[1]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("load_in_4bit", [False, True], ids=["fp32", "4bit"])
+def test_answer_loss_matches_cross_entropy_on_full_logits(family, setup, tiny_model, load_in_4bit):
+    processor, fmt = setup
+    model = tiny_model(family, load_in_4bit)
+    batch = _collate(processor, fmt, _items(answers=(2, 0, 3)))
+    full = _full_logits(model, batch)
+    at = full[torch.arange(3), batch["answer_positions"]]
+    target = torch.tensor(fmt.letter_ids)[torch.tensor([2, 0, 3])]
+    # Same as the causal-LM loss on the collator's labels (only one label per row is not -100).
+    shifted = F.cross_entropy(full[:, :-1].reshape(-1, full.shape[-1]), batch["labels"][:, 1:].reshape(-1),
+                              ignore_index=-100)
+    with torch.no_grad():
+        loss_vocab, logits4 = answer_loss(model, batch, fmt.letter_ids, "cpu", torch.float32, loss_over="vocab")
+        loss_letters, logits4b = answer_loss(model, batch, fmt.letter_ids, "cpu", torch.float32, loss_over="letters")
+    torch.testing.assert_close(loss_vocab, F.cross_entropy(at, target), atol=1e-5, rtol=0)
+    torch.testing.assert_close(loss_vocab, shifted, atol=1e-5, rtol=0)
+    torch.testing.assert_close(loss_letters, F.cross_entropy(at[:, fmt.letter_ids], torch.tensor([2, 0, 3])),
+                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits4, at[:, fmt.letter_ids], atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits4b, at[:, fmt.letter_ids], atol=1e-5, rtol=0)
+    assert float(loss_vocab) > float(loss_letters)  # the full vocabulary spreads more mass off the letters
+
+
+def test_answer_loss_backpropagates_into_lora(setup, tiny_model, family):
+    processor, fmt = setup
+    model = tiny_model(family, True)
+    batch = _collate(processor, fmt, _items())
+    loss, _ = answer_loss(model, batch, fmt.letter_ids, "cpu", torch.float32)
+    grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+    assert sum(int(g is not None and g.abs().sum() > 0) for g in grads) > 0
+
+
+# ---------------------------------------------------------------------------------------------- 5
+def test_to_original_order_hand_example():
+    display = np.array([[0.1, 0.2, 0.3, 0.4],   # identity view
+                        [0.1, 0.2, 0.3, 0.4],   # shift 1: slots show originals (1, 2, 3, 0)
+                        [0.1, 0.2, 0.3, 0.4],   # shift 2: (2, 3, 0, 1)
+                        [0.7, 0.1, 0.1, 0.1]])  # shift 3: (3, 0, 1, 2)
+    perms = np.array([[0, 1, 2, 3], [1, 2, 3, 0], [2, 3, 0, 1], [3, 0, 1, 2]])
+    np.testing.assert_array_equal(to_original_order(display, perms), np.array([
+        [0.1, 0.2, 0.3, 0.4],
+        [0.4, 0.1, 0.2, 0.3],
+        [0.3, 0.4, 0.1, 0.2],
+        [0.1, 0.1, 0.1, 0.7],  # original option d was shown first and got 0.7
+    ]))
+    assert [v[1] for v in cyclic_views(1, 4)] == [tuple(p) for p in perms.tolist()]
+
+
+def test_cyclic_views_map_back_to_original_options(family, setup, tiny_model, tiny_cfg, hardware, tmp_path):
+    processor, fmt = setup
+    model = tiny_model(family, False)
+    options = ["빨간색", "사각형, 삼각형", "3개", "왼쪽 아래"]
+    Image.new("RGB", (80, 64), (140, 50, 190)).save(tmp_path / "img.png")
+    frame = pd.DataFrame([{"id": "q0", "image_path": str(tmp_path / "img.png"), "question": "그림 속 도형은?",
+                           "a": options[0], "b": options[1], "c": options[2], "d": options[3], "answer": "c"}])
+    cfg = tiny_cfg(family, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, tta_option_views=4, num_workers=0)
+    views = predict_views(model, frame, processor, fmt, cfg, hardware, desc="test")
+    assert sorted(views) == [(1.0, k) for k in range(4)]
+    image = Image.open(tmp_path / "img.png").convert("RGB")
+    for shift in range(4):
+        perm = tuple((j + shift) % 4 for j in range(4))
+        item = {"row": 0, "perm": perm, "image": image, "question": "그림 속 도형은?",
+                "options": [options[p] for p in perm], "answer": -1}
+        display = softmax(_letters(model, _collate(processor, fmt, [item]), fmt).numpy())[0]
+        got = views[(1.0, shift)][0]
+        np.testing.assert_allclose(got.sum(), 1.0, atol=1e-9)
+        # Original option o was shown in the slot holding its text.
+        for o, text in enumerate(options):
+            np.testing.assert_allclose(got[o], display[[options[p] for p in perm].index(text)], atol=1e-5)
+        if shift == 0:
+            np.testing.assert_allclose(got, display, atol=1e-5)
+    # The option order changes the scores (so the mapping above is not checked on identical rows).
+    assert np.abs(views[(1.0, 0)] - views[(1.0, 1)]).max() > 1e-4
