@@ -1,0 +1,66 @@
+"""Pieces of the training loop and ensemble that can be checked exactly in isolation."""
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mcvqa.collate import VqaCollator
+from mcvqa.inference import apply_temperature, ensemble_folds, fit_temperature, fold_weights, softmax
+from mcvqa.training import LoraEma, split_batch
+
+
+def _items():
+    sizes = [(56, 84), (112, 56), (84, 84)]
+    return [{"row": i, "perm": (0, 1, 2, 3), "image": Image.new("RGB", s, (40 * i, 90, 200)), "question": "색?" * (i + 1),
+             "options": ["빨간색", "파란색", "초록색", "노란색"], "answer": i} for i, s in enumerate(sizes)]
+
+
+def test_split_batch_halves_equal_collating_the_halves(tiny_processor, tiny_fmt):
+    """OOM back-off splits a collated batch; each half must be exactly the batch of its samples."""
+    collator = VqaCollator(tiny_processor("qwen2_5_vl"), tiny_fmt("qwen2_5_vl"), 28 * 28 * 4, 112 * 112)
+    items = _items()
+    first, second = split_batch(collator(items))
+    for half, expected in ((first, collator(items[:1])), (second, collator(items[1:]))):
+        assert torch.equal(half["pixel_values"], expected["pixel_values"])
+        assert torch.equal(half["image_grid_thw"], expected["image_grid_thw"])
+        width = expected["input_ids"].shape[1]
+        for key in ("input_ids", "labels", "attention_mask", "mm_token_type_ids"):
+            assert torch.equal(half[key][:, :width], expected[key]), key
+        assert torch.equal(half["answer_positions"], expected["answer_positions"])
+
+
+def test_lora_ema_update_and_swap():
+    model = torch.nn.Linear(3, 2)
+    model.bias.requires_grad_(False)
+    ema = LoraEma(model, decay=0.75)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(4.0)
+    ema.update(model)
+    assert torch.allclose(ema.shadow["weight"], start + 1.0)  # 0.75 * w0 + 0.25 * (w0 + 4)
+    assert "bias" not in ema.shadow  # only trainable weights are averaged
+    with ema.applied(model):
+        assert torch.allclose(model.weight, start + 1.0)
+    assert torch.allclose(model.weight, start + 4.0)  # live weights are back
+
+
+def test_fold_ensemble_and_weights():
+    a, b = np.array([[0.7, 0.1, 0.1, 0.1]]), np.array([[0.1, 0.1, 0.1, 0.7]])
+    assert np.allclose(ensemble_folds([a, b], [0.5, 0.5]), [[0.4, 0.1, 0.1, 0.4]])
+    assert np.allclose(ensemble_folds([a, b], [0.75, 0.25]), [[0.55, 0.1, 0.1, 0.25]])
+
+    class Cfg:
+        ensemble_weights = "oof_acc"
+
+    assert np.allclose(fold_weights(Cfg, [0.6, 0.2]), [0.75, 0.25])
+
+
+def test_temperature_scaling_recovers_a_known_temperature():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(4000, 4)) * 3
+    truth = softmax(logits)
+    targets = np.array([rng.choice(4, p=p) for p in truth])
+    overconfident = softmax(logits * 2.0)  # = softmax(z / T) with T = 0.5: fitting must find T ~ 2
+    temperature = fit_temperature(overconfident, targets)
+    assert abs(temperature - 2.0) < 0.15
+    assert np.allclose(apply_temperature(overconfident, 2.0), truth, atol=1e-6)
