@@ -218,10 +218,8 @@ def train_fold(model, train_frame, val_frame, processor, fmt, cfg, hardware, fol
         model.train()
         bar = tqdm(loader, desc=f"fold {fold} epoch {epoch + 1}/{cfg.epochs}", leave=False)
         for batch in bar:
-            group_loss = 0.0
-            parts = [batch] if cfg.grad_accum_steps == 1 else _split_into(batch, cfg.grad_accum_steps)
-            for part in parts:
-                group_loss += run_micro(part, part["input_ids"].shape[0] / batch["input_ids"].shape[0])
+            # The loader yields one optimizer step's samples; run_micro halves them down to micro-batches.
+            group_loss = run_micro(batch, 1.0)
             state["next_sample"] += batch["input_ids"].shape[0]
             state["step"] += 1
             if math.isfinite(group_loss):
@@ -268,14 +266,6 @@ def train_fold(model, train_frame, val_frame, processor, fmt, cfg, hardware, fol
     done.write_text(json.dumps(result))
     ckpt_path.unlink(missing_ok=True)
     return result
-
-
-def _split_into(batch, n_parts):
-    """Micro-batches of one optimizer step (the loader yields whole effective batches)."""
-    parts = [batch]
-    while len(parts) < n_parts and any(p["input_ids"].shape[0] > 1 for p in parts):
-        parts = [half for p in parts for half in (split_batch(p) if p["input_ids"].shape[0] > 1 else [p])]
-    return parts
 
 
 def _evaluate_and_keep_best(model, ema, val_frame, processor, fmt, cfg, hardware, fold, fold_dir, state):
