@@ -191,3 +191,30 @@ def test_scoreboard_rows_go_into_existing_table(tmp_path):
     lines = scoreboard.read_text().splitlines()
     assert lines[-1] == "Some notes below the table."
     assert lines[lines.index("|---|---|---|---|---|---|") + 1].startswith("| 2025-03-07 |")
+
+
+def test_snapshot_command_line(tmp_path):
+    """`python -m mcvqa snapshot` (the command README and REPORT.md tell users to run), from the repo root."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    run = _write_run(tmp_path / "runs" / "r1")
+    make_run_plots(run)
+    (tmp_path / "REPORT.md").write_text("# Experiment scoreboard\n\n| date | experiment | model | CV acc | Public LB | notes |\n"
+                                        "|---|---|---|---|---|---|\n")
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, "-m", "mcvqa", "snapshot", "--run", "runs/r1", "--name", "cli try"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    exp = tmp_path / "experiments" / f"{datetime.date.today():%y%m%d}_cli_try"
+    assert done.stdout.strip().endswith(str(pathlib.Path("experiments") / exp.name))
+    assert (exp / "plots" / "confusion_matrix.png").exists() and (exp / "metrics.json").exists()
+    assert "0.7922" in (exp / "REPORT.md").read_text()
+    rows = _table_rows(tmp_path / "REPORT.md")
+    assert len(rows) == 1 and f"[{exp.name}](experiments/{exp.name}/)" in rows[0]
+    again = subprocess.run([sys.executable, "-m", "mcvqa", "snapshot", "--run", "runs/r1", "--name", "cli try"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert again.returncode != 0 and "FileExistsError" in again.stderr  # never overwrites a snapshot
