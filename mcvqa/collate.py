@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from .data import load_image
+from .feature_cache import image_key
 from .prompts import OPTION_LETTERS, render_prompt
 
 IGNORE_INDEX = -100
@@ -64,11 +65,15 @@ class VqaDataset(torch.utils.data.Dataset):
 class VqaCollator:
     """Batch of views -> model inputs + labels + the position the scorer reads."""
 
-    def __init__(self, processor, prompt_format, min_pixels, max_pixels):
+    def __init__(self, processor, prompt_format, min_pixels, max_pixels, image_keys=False):
         self.processor = processor
         self.fmt = prompt_format
         self.size = {"shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)}
         self.pad_id = processor.tokenizer.pad_token_id
+        # image_keys: add each sample's feature-cache key, in order. Only keys: the cache lives in the
+        # main process (data-loader workers are separate processes), where FeatureCache.attach swaps
+        # pixel_values for the cached features.
+        self.image_keys = image_keys
 
     def __call__(self, items):
         texts = [render_prompt(self.processor, self.fmt, it["question"], it["options"])[0] for it in items]
@@ -103,4 +108,7 @@ class VqaCollator:
             "rows": torch.tensor([it["row"] for it in items], dtype=torch.long),
             "perms": torch.tensor([it["perm"] for it in items], dtype=torch.long),
         }
+        if self.image_keys:
+            batch["image_keys"] = [image_key(it["image"], self.size["shortest_edge"], self.size["longest_edge"])
+                                   for it in items]
         return batch

@@ -48,14 +48,18 @@ def image_scales(cfg):
     return [1.0] + [s for s in extra if s != 1.0]
 
 
-def predict_views(model, frame, processor, fmt, cfg, hardware, desc="test"):
-    """Probabilities of every row under every view: {(scale, shift): [N, 4] in original order}."""
+def predict_views(model, frame, processor, fmt, cfg, hardware, desc="test", feature_cache=None):
+    """Probabilities of every row under every view: {(scale, shift): [N, 4] in original order}.
+
+    With a feature_cache, the option views of an image share one vision-tower pass (and later folds
+    reuse it); a pixel scale is a different image to the tower, so it has its own features."""
     n = len(frame)
     views = {}
     for scale in image_scales(cfg):
         loader = make_loader(frame, cyclic_views(n, cfg.tta_option_views), processor, fmt, cfg,
-                             cfg.infer_batch_size, max_pixels=int(cfg.max_pixels * scale))
-        logits, rows, perms = predict_letter_logits(model, loader, fmt, hardware, desc=f"{desc} x{scale:g}")
+                             cfg.infer_batch_size, max_pixels=int(cfg.max_pixels * scale), feature_cache=feature_cache)
+        logits, rows, perms = predict_letter_logits(model, loader, fmt, hardware, desc=f"{desc} x{scale:g}",
+                                                    feature_cache=feature_cache)
         probs = to_original_order(softmax(logits), perms)
         for shift in range(cfg.tta_option_views):
             part = slice(shift * n, (shift + 1) * n)

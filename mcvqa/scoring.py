@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel
 
+from .feature_cache import encoder_outputs
+
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
 
 
@@ -22,7 +24,12 @@ def unwrap_vlm(model):
 
 def model_inputs(batch, device, pixel_dtype):
     inputs = {k: batch[k].to(device) for k in MODEL_INPUT_KEYS if k in batch}
-    inputs["pixel_values"] = inputs["pixel_values"].to(pixel_dtype)
+    if "image_features" in batch:
+        # Cached vision-tower outputs (feature_cache.py) replace pixel_values; image_grid_thw and the
+        # image tokens stay, so the multimodal rope positions are unchanged.
+        inputs["mm_encoder_outputs"] = {"image": encoder_outputs(batch["image_features"], device)}
+    else:
+        inputs["pixel_values"] = inputs["pixel_values"].to(pixel_dtype)
     return inputs
 
 
@@ -58,6 +65,8 @@ def answer_loss(model, batch, letter_ids, device, pixel_dtype, loss_over="vocab"
     target = batch["answer_index"].to(hidden.device)
     if (target < 0).any():
         raise ValueError("answer_loss: batch has rows without an answer (answer_index -1)")
+    if loss_over not in ("vocab", "letters"):
+        raise ValueError(f"config: loss_over must be 'vocab' or 'letters', got {loss_over!r}")
     if loss_over == "letters":
         logits4 = head_logits(model, hidden, letters)
         return F.cross_entropy(logits4, target), logits4.detach()

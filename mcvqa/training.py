@@ -64,7 +64,8 @@ def split_batch(batch):
     parts = []
     for rows, pix in ((slice(0, half), slice(0, cut)), (slice(half, n), slice(cut, None))):
         part = {k: v[rows] for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw")}
-        part["pixel_values"] = batch["pixel_values"][pix]
+        if "pixel_values" in batch:  # absent when cached image features were attached instead
+            part["pixel_values"] = batch["pixel_values"][pix]
         part["image_grid_thw"] = batch["image_grid_thw"][rows]
         parts.append(part)
     return parts
@@ -103,23 +104,27 @@ def _atomic_torch_save(obj, path):
     os.replace(tmp, path)
 
 
-def make_loader(frame, views, processor, fmt, cfg, batch_size, max_pixels=None, workers=None):
+def make_loader(frame, views, processor, fmt, cfg, batch_size, max_pixels=None, workers=None, feature_cache=None):
     max_pixels = max_pixels or cfg.max_pixels
     dataset = VqaDataset(frame, views, max_pixels, blank_images=cfg.blank_images)
-    collator = VqaCollator(processor, fmt, cfg.min_pixels, max_pixels)
+    collator = VqaCollator(processor, fmt, cfg.min_pixels, max_pixels, image_keys=feature_cache is not None)
     workers = cfg.num_workers if workers is None else workers
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator,
                                        num_workers=workers, persistent_workers=False)
 
 
 @torch.no_grad()
-def predict_letter_logits(model, loader, fmt, hardware, desc="predict"):
-    """Letter logits per view, in the loader's order: (logits [N, 4] in display order, rows, perms)."""
+def predict_letter_logits(model, loader, fmt, hardware, desc="predict", feature_cache=None):
+    """Letter logits per view, in the loader's order: (logits [N, 4] in display order, rows, perms).
+
+    With a feature_cache (and a loader made with it), each image is encoded at most once."""
     model.eval()
     logits, rows, perms = [], [], []
     device, pixel_dtype = _model_device(model), _pixel_dtype(model)
     for batch in tqdm(loader, desc=desc, leave=False):
         with _autocast(hardware):
+            if feature_cache is not None:
+                batch = feature_cache.attach(model, batch)
             logits.append(letter_logits(model, batch, fmt.letter_ids, device, pixel_dtype).cpu())
         rows.append(batch["rows"])
         perms.append(batch["perms"])
@@ -134,20 +139,22 @@ def _pixel_dtype(model):
     return unwrap_vlm(model).model.visual.patch_embed.proj.weight.dtype
 
 
-def evaluate(model, frame, processor, fmt, cfg, hardware):
+def evaluate(model, frame, processor, fmt, cfg, hardware, feature_cache=None):
     """Validation accuracy and 4-way log-loss from direct-logit scoring (identity option order)."""
-    loader = make_loader(frame, identity_views(len(frame)), processor, fmt, cfg, cfg.infer_batch_size)
-    logits, rows, _ = predict_letter_logits(model, loader, fmt, hardware, desc="eval")
+    loader = make_loader(frame, identity_views(len(frame)), processor, fmt, cfg, cfg.infer_batch_size,
+                         feature_cache=feature_cache)
+    logits, rows, _ = predict_letter_logits(model, loader, fmt, hardware, desc="eval", feature_cache=feature_cache)
     target = frame["answer"].map("abcd".index).to_numpy()[rows]
     logp = torch.log_softmax(torch.from_numpy(logits), dim=-1)
     loss = float(-logp[torch.arange(len(target)), torch.from_numpy(target)].mean())
     return float((logits.argmax(1) == target).mean()), loss
 
 
-def train_fold(model, train_frame, val_frame, processor, fmt, cfg, hardware, fold, fold_dir):
+def train_fold(model, train_frame, val_frame, processor, fmt, cfg, hardware, fold, fold_dir, feature_cache=None):
     """Train one fold (resuming if a checkpoint exists); returns its history rows and best accuracy.
 
-    The best EMA adapter is saved as `best_adapter.pt`; `DONE.json` marks the fold finished."""
+    The best EMA adapter is saved as `best_adapter.pt`; `DONE.json` marks the fold finished.
+    feature_cache (feature_cache.py; None = off) reuses the frozen tower's image features."""
     fold_dir = pathlib.Path(fold_dir)
     fold_dir.mkdir(parents=True, exist_ok=True)
     done = fold_dir / "DONE.json"
@@ -194,7 +201,7 @@ def train_fold(model, train_frame, val_frame, processor, fmt, cfg, hardware, fol
             return sum(run_micro(part, weight * part["input_ids"].shape[0] / n) for part in split_batch(batch))
         try:
             with _autocast(hardware):
-                loss, _ = answer_loss(model, batch, fmt.letter_ids, device, pixel_dtype)
+                loss, _ = answer_loss(model, batch, fmt.letter_ids, device, pixel_dtype, cfg.loss_over)
             if not torch.isfinite(loss):
                 return float("nan")
             scaler.scale(loss * weight).backward()
@@ -214,10 +221,13 @@ def train_fold(model, train_frame, val_frame, processor, fmt, cfg, hardware, fol
                  else identity_views(len(train_frame)))
         order = np.random.default_rng([cfg.seed, fold, epoch, 7]).permutation(len(views))
         remaining = [views[i] for i in order][state["next_sample"]:]
-        loader = make_loader(train_frame, remaining, processor, fmt, cfg, effective)
+        loader = make_loader(train_frame, remaining, processor, fmt, cfg, effective, feature_cache=feature_cache)
         model.train()
         bar = tqdm(loader, desc=f"fold {fold} epoch {epoch + 1}/{cfg.epochs}", leave=False)
         for batch in bar:
+            if feature_cache is not None:
+                with _autocast(hardware):  # misses are encoded with the same precision as the uncached forward
+                    batch = feature_cache.attach(model, batch)
             # The loader yields one optimizer step's samples; run_micro halves them down to micro-batches.
             group_loss = run_micro(batch, 1.0)
             state["next_sample"] += batch["input_ids"].shape[0]
@@ -247,7 +257,8 @@ def train_fold(model, train_frame, val_frame, processor, fmt, cfg, hardware, fol
                                      "loss": group_loss, "lr": lr, "accuracy": None})
             bar.set_postfix(loss=f"{group_loss:.4f}", lr=f"{lr:.2e}")
             if state["step"] % eval_every == 0 or state["next_sample"] >= len(views):
-                _evaluate_and_keep_best(model, ema, val_frame, processor, fmt, cfg, hardware, fold, fold_dir, state)
+                _evaluate_and_keep_best(model, ema, val_frame, processor, fmt, cfg, hardware, fold, fold_dir, state,
+                                        feature_cache)
                 if cfg.early_stopping_patience and state["evals_without_gain"] >= cfg.early_stopping_patience:
                     print(f"[train] fold {fold}: no val-accuracy gain in {cfg.early_stopping_patience} evals, stopping")
                     state["stopped_early"] = True
@@ -268,9 +279,10 @@ def train_fold(model, train_frame, val_frame, processor, fmt, cfg, hardware, fol
     return result
 
 
-def _evaluate_and_keep_best(model, ema, val_frame, processor, fmt, cfg, hardware, fold, fold_dir, state):
+def _evaluate_and_keep_best(model, ema, val_frame, processor, fmt, cfg, hardware, fold, fold_dir, state,
+                            feature_cache=None):
     with ema.applied(model) if ema is not None else contextlib.nullcontext():
-        accuracy, loss = evaluate(model, val_frame, processor, fmt, cfg, hardware)
+        accuracy, loss = evaluate(model, val_frame, processor, fmt, cfg, hardware, feature_cache)
         improved = accuracy > state["best_acc"]
         if improved:
             _atomic_torch_save(trainable_state(model), pathlib.Path(fold_dir) / "best_adapter.pt")

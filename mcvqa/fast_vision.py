@@ -1,0 +1,88 @@
+"""## Fast vision attention (opt-in): all windows of a batch in a few SDPA calls
+
+Under SDPA, transformers' Qwen2.5-VL / Qwen3-VL vision attention runs one attention call per chunk of
+`cu_seqlens`: per 112-pixel window in Qwen2.5-VL's windowed layers (16 windows of a 392x392 image, so
+~500 tiny calls per layer for a batch of 32 images) and per image in the full-attention layers. The
+Python loop and the tiny kernels, not the arithmetic, then bound the tower's speed on a GPU.
+
+`patch_vision_attention` replaces that loop, on the model's vision-attention modules only, by grouping
+the chunks by length: chunks of one length are gathered into one [chunks, heads, length, head_dim]
+batch and go through a single SDPA call without a mask (so the fused flash / memory-efficient kernels
+apply), and the results are scattered back. A 392x392 image has windows of only a few lengths, so a
+layer makes a handful of calls. Each chunk still attends only to itself: the result equals the stock
+module's up to floating-point rounding (tested). FlashAttention 2's varlen kernel already does this,
+so modules running flash_attention_2 are left alone.
+"""
+
+import sys
+import types
+
+import torch
+import torch.nn.functional as F
+
+
+def chunk_groups(cu_seqlens):
+    """[(length, index [n_chunks, length])] of the token positions of each chunk, grouped by length."""
+    bounds = cu_seqlens.tolist()
+    starts = torch.tensor(bounds[:-1], dtype=torch.long)
+    lengths = torch.tensor(bounds[1:], dtype=torch.long) - starts
+    groups = []
+    for length in sorted(set(lengths.tolist())):
+        if length == 0:
+            continue
+        first = starts[lengths == length]
+        index = first[:, None] + torch.arange(length)[None, :]
+        groups.append((length, index.to(cu_seqlens.device)))
+    return groups
+
+
+def grouped_attention(query, key, value, groups, scaling):
+    """Attention of q, k, v [tokens, heads, head_dim] within each chunk; returns [tokens, heads, head_dim]."""
+    out = torch.empty_like(query)
+    for _, index in groups:
+        # [n, length, heads, dim] -> [n, heads, length, dim]: a batch of independent chunks.
+        q, k, v = (t[index].transpose(1, 2) for t in (query, key, value))
+        o = F.scaled_dot_product_attention(q, k, v, scale=scaling)
+        out[index.reshape(-1)] = o.transpose(1, 2).reshape(-1, *query.shape[1:])
+    return out
+
+
+def _grouped_forward(self, hidden_states, cu_seqlens, position_embeddings=None, max_seqlen=None, **kwargs):
+    """The stock vision-attention forward with the per-chunk loop replaced by `grouped_attention`."""
+    seq_length = hidden_states.shape[0]
+    query, key, value = self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    cos, sin = position_embeddings
+    # The model's own rotary helper (same module as the attention class), so numerics match exactly.
+    rotary = sys.modules[type(self).__module__].apply_rotary_pos_emb_vision
+    query, key = rotary(query, key, cos, sin)
+    # The same cu_seqlens tensor is passed to every windowed (or every full) layer: plan once per tensor.
+    plan = self._mcvqa_plans
+    if not any(tensor is cu_seqlens for tensor, _ in plan):
+        plan.append((cu_seqlens, chunk_groups(cu_seqlens)))
+        del plan[:-2]  # the window plan and the full-attention plan of the current forward
+    groups = next(g for tensor, g in plan if tensor is cu_seqlens)
+    out = grouped_attention(query, key, value, groups, self.scaling)
+    return self.proj(out.reshape(seq_length, -1).contiguous())
+
+
+def patch_vision_attention(model):
+    """Swap the per-chunk loop of every SDPA vision-attention module for grouped calls; returns how many."""
+    patched = 0
+    plans = []  # shared by all layers: the chunk plan is built once per cu_seqlens tensor, not per layer
+    for name, module in model.named_modules():
+        if not (type(module).__name__.endswith("VisionAttention") and hasattr(module, "qkv")
+                and hasattr(module, "proj") and "visual" in name):
+            continue
+        if module.config._attn_implementation != "sdpa":
+            continue  # flash_attention_2 already runs all chunks in one varlen call; eager is left as is
+        module._mcvqa_plans = plans
+        module.forward = types.MethodType(_grouped_forward, module)
+        patched += 1
+    return patched
+
+
+def unpatch_vision_attention(model):
+    """Undo patch_vision_attention (the class's own forward comes back)."""
+    for module in model.modules():
+        if "_mcvqa_plans" in vars(module):
+            del module.forward, module._mcvqa_plans

@@ -1,0 +1,223 @@
+"""## Image-feature cache: each image goes through the vision tower once per run
+
+The vision tower is frozen (LoRA is on the language model only), so its output for an image (for
+Qwen3-VL also the deepstack features it injects into early decoder layers) depends only on the image,
+the pixel range and the tower's precision. A run shows every image many times: each training image in
+two folds' training and one fold's validation, every epoch, and every test image under 4 option views
+in 3 folds. The cache encodes each image the first time it is seen and afterwards hands the language
+model the stored features through the model's `mm_encoder_outputs` argument instead of `pixel_values`.
+`image_grid_thw` and the `<|image_pad|>` tokens stay in the batch, so the multimodal rope positions
+(`get_rope_index`) are computed exactly as before.
+
+The key is a hash of the decoded image's pixels and the pixel range; the cache itself belongs to one
+(model, tower dtype, precision) namespace. Features live on the CPU (moved to the GPU per batch),
+within a RAM budget; optionally also on disk under the run folder, so a restarted Kaggle session
+reuses them. The cache turns itself off, and says so, when the tower has trainable weights or images
+are augmented: then the features would change from one view to the next.
+"""
+
+import contextlib
+import dataclasses
+import hashlib
+import inspect
+import os
+import pathlib
+
+import torch
+from peft import PeftModel
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+
+@dataclasses.dataclass
+class CachedVisionOutput(BaseModelOutputWithPooling):
+    """What the Qwen-VL forward reads from `mm_encoder_outputs["image"]`: `pooler_output` (merged
+    image tokens) and, for Qwen3-VL, `deepstack_features` (one entry per deepstack layer)."""
+
+    deepstack_features: list | None = None
+
+
+@dataclasses.dataclass
+class ImageFeatures:
+    """The tower's output for one image, on the CPU, exactly as the tower returned it."""
+
+    embeds: torch.Tensor  # [image tokens, text hidden size]
+    deepstack: tuple = ()  # Qwen3-VL: one [image tokens, text hidden size] tensor per deepstack layer
+
+    @property
+    def nbytes(self):
+        return sum(t.numel() * t.element_size() for t in (self.embeds, *self.deepstack))
+
+
+def image_key(image, min_pixels, max_pixels):
+    """Content hash of a decoded PIL image plus the pixel range that decides its patches.
+
+    Hashing the pixels (not the path) also covers blank fallback images and files copied under
+    other names; it costs ~0.4 ms for a 384x384 image and runs in the data-loader workers."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{image.mode}|{image.size}|{int(min_pixels)}|{int(max_pixels)}|".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+def base_vlm_model(model):
+    """The `Qwen*VLModel` (vision tower + language model) under any peft wrapper."""
+    vlm = model.get_base_model() if isinstance(model, PeftModel) else model
+    return vlm.model
+
+
+def vision_is_trainable(model):
+    return any(p.requires_grad for p in base_vlm_model(model).visual.parameters())
+
+
+def accepts_precomputed_features(model):
+    """transformers versions whose Qwen-VL forward takes `mm_encoder_outputs` (5.24 does)."""
+    return "mm_encoder_outputs" in inspect.signature(base_vlm_model(model).forward).parameters
+
+
+def cache_blockers(model, cfg):
+    """Why the features of an image could change between views (empty list: caching is exact)."""
+    reasons = []
+    if vision_is_trainable(model):
+        reasons.append("the vision tower has trainable parameters")
+    augment = [f.name for f in dataclasses.fields(cfg) if "augment" in f.name and getattr(cfg, f.name)]
+    if augment:
+        reasons.append(f"images are augmented ({', '.join(augment)})")
+    if not accepts_precomputed_features(model):
+        reasons.append("this transformers version's Qwen-VL forward has no mm_encoder_outputs argument")
+    return reasons
+
+
+def encoder_outputs(features, device):
+    """`mm_encoder_outputs["image"]` for a batch's per-sample features, in batch order.
+
+    The model concatenates the per-image tensors anyway, so one concatenated tensor (one host-to-device
+    copy instead of one per image) is passed as a one-element list."""
+    embeds = torch.cat([f.embeds for f in features]).to(device, non_blocking=True)
+    deepstack = None
+    if features[0].deepstack:
+        deepstack = [(torch.cat([f.deepstack[i] for f in features]).to(device, non_blocking=True),)
+                     for i in range(len(features[0].deepstack))]
+    return CachedVisionOutput(pooler_output=[embeds], deepstack_features=deepstack)
+
+
+class FeatureCache:
+    """Vision-tower outputs by image key; `attach` swaps a batch's pixel_values for cached features."""
+
+    def __init__(self, namespace="", fp32=False, max_bytes=12 * 2**30, disk_dir=None):
+        self.namespace = namespace
+        self.fp32 = fp32  # encode with autocast off: the tower's own dtype (fp32 on T4)
+        self.max_bytes = max_bytes
+        self.disk_dir = pathlib.Path(disk_dir) if disk_dir else None
+        if self.disk_dir:
+            self.disk_dir.mkdir(parents=True, exist_ok=True)
+        self.store = {}
+        self.bytes = 0
+        self.hits = self.misses = self.encoded = self.disk_reads = 0
+
+    def __len__(self):
+        return len(self.store)
+
+    def summary(self):
+        return (f"{self.encoded} images encoded, {self.hits} lookups served from the cache "
+                f"({self.disk_reads} from disk), {len(self.store)} in RAM ({self.bytes / 2**30:.2f} GiB)")
+
+    def _disk_path(self, key):
+        return self.disk_dir / f"{key}.pt"
+
+    def _get(self, key):
+        if key in self.store:
+            return self.store[key]
+        if self.disk_dir and self._disk_path(key).exists():
+            saved = torch.load(self._disk_path(key), weights_only=True)
+            self.disk_reads += 1
+            return self._keep(key, ImageFeatures(saved["embeds"], tuple(saved["deepstack"])), write=False)
+        return None
+
+    def _keep(self, key, features, write=True):
+        """RAM while the budget lasts; disk (write-through) when enabled; else recomputed next time."""
+        if self.bytes + features.nbytes <= self.max_bytes:
+            self.store[key] = features
+            self.bytes += features.nbytes
+        if write and self.disk_dir:
+            tmp = self._disk_path(key).with_suffix(".tmp")
+            torch.save({"embeds": features.embeds, "deepstack": list(features.deepstack)}, tmp)
+            os.replace(tmp, self._disk_path(key))  # atomic: a killed session leaves no half-written file
+        return features
+
+    def _precision(self, device):
+        if self.fp32:
+            # The frozen tower then computes in its own weights' dtype (fp32 on T4: modeling.add_lora).
+            return torch.autocast(device.type, enabled=False)
+        return contextlib.nullcontext()  # the caller's autocast, exactly as the uncached forward
+
+    @torch.no_grad()
+    def encode(self, model, pixel_values, grid_thw):
+        """Run the frozen tower on the images of (pixel_values, grid_thw): one ImageFeatures each, on the CPU."""
+        vlm = base_vlm_model(model)
+        device = vlm.visual.patch_embed.proj.weight.device
+        with self._precision(device):
+            out = vlm.get_image_features(pixel_values.to(device), grid_thw.to(device), return_dict=True)
+        deepstack = getattr(out, "deepstack_features", None) or []
+        return [ImageFeatures(embeds.to("cpu"), tuple(layer[i].to("cpu") for layer in deepstack))
+                for i, embeds in enumerate(out.pooler_output)]
+
+    def attach(self, model, batch, max_images=64):
+        """The batch with `image_features` (one per sample, in order) instead of `pixel_values`.
+
+        Images not cached yet are encoded together, up to `max_images` per tower call, each once even
+        when several views of it are in the batch. Needs the collator's `image_keys` (one image per sample)."""
+        keys = batch["image_keys"]
+        grid = batch["image_grid_thw"]
+        if len(keys) != grid.shape[0]:
+            raise ValueError(f"feature cache: {len(keys)} image keys for {grid.shape[0]} images (one image per sample expected)")
+        found = {}
+        for key in keys:
+            if key not in found:
+                found[key] = self._get(key)
+        missing = [k for k, f in found.items() if f is None]
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            first = {k: keys.index(k) for k in missing}
+            ends = grid.prod(dim=1).cumsum(0).tolist()
+            starts = [0] + ends[:-1]
+            for i in range(0, len(missing), max_images):
+                chunk = missing[i:i + max_images]
+                rows = [first[k] for k in chunk]
+                pixels = torch.cat([batch["pixel_values"][starts[r]:ends[r]] for r in rows])
+                for key, features in zip(chunk, self.encode(model, pixels, grid[rows])):
+                    found[key] = self._keep(key, features)
+                    self.encoded += 1
+        out = {k: v for k, v in batch.items() if k != "pixel_values"}
+        out["image_features"] = [found[k] for k in keys]
+        return out
+
+
+def make_feature_cache(cfg, model, hardware, reuse=None, verbose=True):
+    """A FeatureCache for this model, or None (printed with the reason) where caching would not be exact.
+
+    `reuse`: an earlier fold's cache, returned as is when it holds features of the same frozen tower."""
+    if not cfg.cache_image_features:
+        return None
+    reasons = cache_blockers(model, cfg)
+    if reasons:
+        if verbose:
+            print(f"[cache] image-feature cache off: {'; '.join(reasons)}")
+        return None
+    tower_dtype = base_vlm_model(model).visual.patch_embed.proj.weight.dtype
+    precision = "fp32" if cfg.feature_cache_fp32 or hardware.dtype == "float32" else f"autocast-{hardware.dtype}"
+    namespace = f"{cfg.model_name_or_path}|{tower_dtype}|{precision}"
+    if reuse is not None and reuse.namespace == namespace:
+        if verbose:
+            print(f"[cache] reusing the image features of earlier folds ({len(reuse)} images in RAM)")
+        return reuse
+    disk_dir = None
+    if cfg.feature_cache_on_disk:
+        # A changed model or precision gets its own folder: stale features are never read.
+        disk_dir = pathlib.Path(cfg.output_dir) / "feature_cache" / hashlib.blake2b(
+            namespace.encode(), digest_size=8).hexdigest()
+    cache = FeatureCache(namespace, cfg.feature_cache_fp32, int(cfg.feature_cache_max_gib * 2**30), disk_dir)
+    if verbose:
+        print(f"[cache] image-feature cache on ({precision}, tower {tower_dtype}, RAM budget "
+              f"{cfg.feature_cache_max_gib:g} GiB{', disk ' + str(disk_dir) if disk_dir else ''})")
+    return cache

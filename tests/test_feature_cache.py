@@ -1,0 +1,297 @@
+"""Image-feature cache (mcvqa/feature_cache.py) on tiny Qwen2.5-VL / Qwen3-VL models, fp32 on the CPU.
+
+The reference for every check is the same computation without the cache: letter probabilities, the
+training loss and its LoRA gradients must not change, only the number of vision-tower passes. Each
+equality test also checks that the compared quantity would notice wrong features (swapped images,
+dropped deepstack features), so the tests can fail.
+"""
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY_FAMILIES, randomise_lora
+from mcvqa.collate import VqaCollator
+from mcvqa.fast_vision import chunk_groups, grouped_attention, patch_vision_attention, unpatch_vision_attention
+from mcvqa.feature_cache import FeatureCache, ImageFeatures, cache_blockers, image_key, make_feature_cache
+from mcvqa.inference import predict_views
+from mcvqa.modeling import load_model_for_training
+from mcvqa.pipeline import run_feature_cache
+from mcvqa.scoring import answer_loss, letter_logits, unwrap_vlm
+from mcvqa.training import split_batch, train_fold
+
+MIN_PIXELS, MAX_PIXELS = 28 * 28 * 4, 112 * 112
+
+pytestmark = [pytest.mark.usefixtures("torch_single_thread"), pytest.mark.filterwarnings("ignore::UserWarning"),
+              pytest.mark.filterwarnings("ignore::FutureWarning")]
+
+SPECS = [((64, 96), (220, 30, 30), "그림 속 도형은 무슨 색입니까?", ["빨간색", "파란색", "초록색", "노란색"]),
+         ((120, 80), (30, 70, 220), "도형은?", ["원", "사각형, 삼각형, 그리고 마름모 모양", "별", "십자가"]),
+         ((56, 56), (30, 160, 50), "그림에 도형이 몇 개 있습니까?", ["1개", "2개", "3개", "4개"])]
+
+
+@pytest.fixture(params=TINY_FAMILIES)
+def family(request):
+    return request.param
+
+
+def _image(size, rgb):
+    """A two-colour image: a plain one would give every patch the same features."""
+    image = Image.new("RGB", size, rgb)
+    image.paste((255 - rgb[0], 255 - rgb[1], 255 - rgb[2]), (0, 0, size[0] // 2, size[1] // 3))
+    return image
+
+
+def _items(answers=(2, 0, 3)):
+    return [{"row": i, "perm": (0, 1, 2, 3), "image": _image(size, rgb), "question": q, "options": opts,
+             "answer": answer} for i, ((size, rgb, q, opts), answer) in enumerate(zip(SPECS, answers))]
+
+
+def _collate(family, tiny_processor, tiny_fmt, items):
+    return VqaCollator(tiny_processor(family), tiny_fmt(family), MIN_PIXELS, MAX_PIXELS, image_keys=True)(items)
+
+
+def _cache(tiny_cfg, family, model, hardware, **changes):
+    return make_feature_cache(tiny_cfg(family, **changes), model, hardware, verbose=False)
+
+
+def test_keys_follow_pixels_and_pixel_range():
+    a, b = _image((64, 96), (200, 10, 10)), _image((64, 96), (200, 10, 10))
+    assert image_key(a, 1, 2) == image_key(b, 1, 2)  # same pixels, other object
+    assert image_key(a, 1, 2) != image_key(a, 1, 3)  # another pixel budget: other patches
+    assert image_key(a, 1, 2) != image_key(_image((64, 96), (200, 10, 11)), 1, 2)
+
+
+def test_cached_letter_logits_equal_uncached(family, tiny_model, tiny_cfg, tiny_processor, tiny_fmt, hardware):
+    model, fmt = tiny_model(family, False), tiny_fmt(family)
+    items = _items()
+    batch = _collate(family, tiny_processor, tiny_fmt, items)
+    cache = _cache(tiny_cfg, family, model, hardware)
+    # Fill the cache one image at a time, then score the ragged 3-image batch from it: features must not
+    # depend on which images shared the tower call.
+    for item in items:
+        cache.attach(model, _collate(family, tiny_processor, tiny_fmt, [item]))
+    cached = cache.attach(model, batch)
+    assert "pixel_values" not in cached and len(cached["image_features"]) == 3
+    assert (cache.encoded, cache.hits) == (3, 3)
+    with torch.no_grad():
+        plain = letter_logits(model, batch, fmt.letter_ids, "cpu", torch.float32)
+        got = letter_logits(model, cached, fmt.letter_ids, "cpu", torch.float32)
+        torch.testing.assert_close(got.softmax(-1), plain.softmax(-1), atol=1e-6, rtol=0)
+        torch.testing.assert_close(got, plain, atol=1e-5, rtol=0)
+        # Would the comparison notice features of the wrong image? (other colours, same sizes)
+        others = [dict(it, image=_image(it["image"].size, (90, 200, 250))) for it in items]
+        wrong_features = cache.attach(model, _collate(family, tiny_processor, tiny_fmt, others))["image_features"]
+        wrong = letter_logits(model, {**cached, "image_features": wrong_features}, fmt.letter_ids, "cpu", torch.float32)
+        assert (wrong - plain).abs().max() > 1e-2
+        if family == "qwen3_vl":
+            # Qwen3-VL's deepstack features reach the decoder too: dropping them must show.
+            assert all(len(f.deepstack) > 0 for f in cached["image_features"])
+            flat = [ImageFeatures(f.embeds, tuple(torch.zeros_like(d) for d in f.deepstack))
+                    for f in cached["image_features"]]
+            no_deep = letter_logits(model, {**cached, "image_features": flat}, fmt.letter_ids, "cpu", torch.float32)
+            assert (no_deep - plain).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("load_in_4bit", [False, True], ids=["fp32", "4bit"])
+def test_training_loss_and_gradients_equal_uncached(family, tiny_model, tiny_cfg, tiny_processor, tiny_fmt, hardware,
+                                                    load_in_4bit):
+    model, fmt = tiny_model(family, load_in_4bit), tiny_fmt(family)
+    batch = _collate(family, tiny_processor, tiny_fmt, _items(answers=(2, 0, 3)))
+    cached = _cache(tiny_cfg, family, model, hardware).attach(model, batch)
+    params = [p for p in model.parameters() if p.requires_grad]
+    results = []
+    for b in (batch, cached):
+        loss, _ = answer_loss(model, b, fmt.letter_ids, "cpu", torch.float32)
+        results.append((loss.detach(), torch.autograd.grad(loss, params)))
+    (loss_plain, grads_plain), (loss_cached, grads_cached) = results
+    torch.testing.assert_close(loss_cached, loss_plain, atol=1e-6, rtol=0)
+    assert sum(int(g.abs().sum() > 0) for g in grads_plain) > len(params) // 2  # real gradients are compared
+    for gc, gp in zip(grads_cached, grads_plain):
+        torch.testing.assert_close(gc, gp, atol=1e-6, rtol=1e-5)
+
+
+def test_split_batch_keeps_features_with_their_samples(tiny_model, tiny_cfg, tiny_processor, tiny_fmt, hardware):
+    family = "qwen3_vl"
+    model = tiny_model(family, False)
+    cached = _cache(tiny_cfg, family, model, hardware).attach(model, _collate(family, tiny_processor, tiny_fmt, _items()))
+    first, second = split_batch(cached)
+    assert first["image_features"] == cached["image_features"][:1] and second["image_features"] == cached["image_features"][1:]
+    assert first["image_keys"] == cached["image_keys"][:1] and "pixel_values" not in first
+
+
+def _frame(tmp_path, n=3):
+    rows = []
+    for i, (size, rgb, question, options) in enumerate(SPECS[:n]):
+        path = tmp_path / f"img{i}.png"
+        _image(size, rgb).save(path)
+        rows.append({"id": f"q{i}", "image_path": str(path), "question": question, "a": options[0], "b": options[1],
+                     "c": options[2], "d": options[3], "answer": "abcd"[(i + 2) % 4]})
+    return pd.DataFrame(rows)
+
+
+def _count_tower_images(model):
+    counter = {"images": 0}
+
+    def pre(module, args, kwargs):
+        grid = kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
+        counter["images"] += int(grid.shape[0])
+
+    return counter, unwrap_vlm(model).model.visual.register_forward_pre_hook(pre, with_kwargs=True)
+
+
+def test_each_image_encoded_once_across_views_and_folds(family, tiny_model, tiny_cfg, tiny_processor, tiny_fmt, hardware,
+                                                        tmp_path):
+    model, processor, fmt = tiny_model(family, False), tiny_processor(family), tiny_fmt(family)
+    frame = _frame(tmp_path)
+    cfg = tiny_cfg(family, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, tta_option_views=4, num_workers=0,
+                   infer_batch_size=5)  # batches straddle views: the same image twice in one batch
+    counter, handle = _count_tower_images(model)
+    try:
+        plain = predict_views(model, frame, processor, fmt, cfg, hardware)
+        assert counter["images"] == 12  # without the cache: once per view
+        counter["images"] = 0
+        cache = _cache(tiny_cfg, family, model, hardware)
+        cached = predict_views(model, frame, processor, fmt, cfg, hardware, feature_cache=cache)
+        again = predict_views(model, frame, processor, fmt, cfg, hardware, feature_cache=cache)  # "next fold"
+    finally:
+        handle.remove()
+    assert counter["images"] == 3 and cache.encoded == 3  # each image once, across 8 views
+    assert cache.hits == 24 - 3 and cache.misses == 3
+    for view in plain:
+        np.testing.assert_allclose(cached[view], plain[view], atol=1e-6, rtol=0)
+        np.testing.assert_allclose(again[view], plain[view], atol=1e-6, rtol=0)
+    assert np.abs(plain[(1.0, 0)] - plain[(1.0, 1)]).max() > 1e-4  # views really differ
+
+
+def test_train_fold_with_cache_matches_without(tiny_cfg, tiny_processor, tiny_fmt, hardware, tmp_path):
+    """The whole training loop (shuffled options, OOM-style micro-batch splits, EMA, evaluation)."""
+    family = "qwen3_vl"
+    processor, fmt = tiny_processor(family), tiny_fmt(family)
+    frame = _frame(tmp_path)
+    cfg = tiny_cfg(family, load_in_4bit=False, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, num_workers=0, epochs=2,
+                   micro_batch_size=1, grad_accum_steps=2, learning_rate=1e-2, evals_per_epoch=1, infer_batch_size=2)
+    results = []
+    for use_cache in (False, True):
+        torch.manual_seed(0)
+        model = randomise_lora(load_model_for_training(cfg, hardware))
+        start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        cache = _cache(tiny_cfg, family, model, hardware) if use_cache else None
+        out = tmp_path / f"fold_cache{use_cache}"
+        train_fold(model, frame, frame, processor, fmt, cfg, hardware, 0, out, feature_cache=cache)
+        history = pd.read_csv(out / "history.csv")
+        state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((history, state, cache))
+    (hist_plain, state_plain, _), (hist_cached, state_cached, cache) = results
+    assert cache.encoded == 3 and cache.hits > 3 * 2  # two epochs + evaluations reuse the three images
+    np.testing.assert_allclose(hist_cached["loss"].to_numpy(float), hist_plain["loss"].to_numpy(float), atol=1e-5, rtol=0)
+    for name, value in state_plain.items():
+        torch.testing.assert_close(state_cached[name], value, atol=1e-5, rtol=1e-4)
+    assert max(float((state_plain[n] - start[n]).abs().max()) for n in start) > 1e-3  # training moved the weights
+
+
+def test_cache_turns_off_when_vision_tower_is_trainable(family, tiny_model, tiny_cfg, hardware, capsys):
+    model = tiny_model(family, False)
+    cfg = tiny_cfg(family)
+    assert make_feature_cache(cfg, model, hardware) is not None
+    weight = unwrap_vlm(model).model.visual.patch_embed.proj.weight
+    weight.requires_grad_(True)
+    try:
+        assert cache_blockers(model, cfg) == ["the vision tower has trainable parameters"]
+        assert make_feature_cache(cfg, model, hardware) is None
+        assert "image-feature cache off: the vision tower has trainable parameters" in capsys.readouterr().out
+        assert run_feature_cache(cfg, model, hardware) is None
+    finally:
+        weight.requires_grad_(False)
+    assert make_feature_cache(dataclasses.replace(cfg, cache_image_features=False), model, hardware) is None
+
+
+def test_cache_turns_off_for_augmented_images(tiny_model, tiny_cfg):
+    @dataclasses.dataclass
+    class AugmentedConfig:
+        augment_images: bool = True
+
+    assert cache_blockers(tiny_model("qwen2_5_vl", False), AugmentedConfig()) == ["images are augmented (augment_images)"]
+
+
+def test_run_cache_is_shared_by_folds(tiny_model, tiny_cfg, hardware, tmp_path):
+    cfg = tiny_cfg("qwen2_5_vl", output_dir=str(tmp_path / "run"))
+    model = tiny_model("qwen2_5_vl", False)
+    first = run_feature_cache(cfg, model, hardware)
+    assert first is not None and run_feature_cache(cfg, model, hardware) is first
+    assert run_feature_cache(dataclasses.replace(cfg, output_dir=str(tmp_path / "other")), model, hardware) is not first
+
+
+def test_disk_cache_survives_a_new_session_and_ram_budget(tiny_model, tiny_cfg, tiny_processor, tiny_fmt, hardware, tmp_path):
+    family = "qwen3_vl"
+    model = tiny_model(family, False)
+    batch = _collate(family, tiny_processor, tiny_fmt, _items())
+    cfg_changes = dict(output_dir=str(tmp_path / "run"), feature_cache_on_disk=True)
+    first = _cache(tiny_cfg, family, model, hardware, **cfg_changes)
+    reference = first.attach(model, batch)["image_features"]
+    assert len(list(first.disk_dir.glob("*.pt"))) == 3
+    # A restarted session (new cache object) with no RAM budget reads every feature back from disk.
+    second = _cache(tiny_cfg, family, model, hardware, feature_cache_max_gib=0.0, **cfg_changes)
+    assert second.disk_dir == first.disk_dir
+    counter, handle = _count_tower_images(model)
+    try:
+        got = second.attach(model, batch)["image_features"]
+    finally:
+        handle.remove()
+    assert counter["images"] == 0 and second.disk_reads == 3 and len(second) == 0
+    for a, b in zip(got, reference):
+        assert torch.equal(a.embeds, b.embeds) and all(torch.equal(x, y) for x, y in zip(a.deepstack, b.deepstack))
+    # Without disk and without RAM budget nothing is kept: the next lookup encodes again.
+    third = FeatureCache(max_bytes=0)
+    third.attach(model, batch)
+    third.attach(model, batch)
+    assert third.encoded == 6 and third.hits == 0
+
+
+# ---------------------------------------------------------------- fast vision attention (fast_vision.py)
+def _tower_outputs(model, batch):
+    with torch.no_grad():
+        out = unwrap_vlm(model).model.get_image_features(batch["pixel_values"], batch["image_grid_thw"], return_dict=True)
+    return [torch.cat(out.pooler_output)] + [torch.cat(layer) for layer in (getattr(out, "deepstack_features", None) or [])]
+
+
+def test_grouped_vision_attention_equals_stock(family, tiny_model, tiny_processor, tiny_fmt, monkeypatch):
+    model = tiny_model(family, False)
+    # Larger, ragged images: several windows of several lengths per image (tiny Qwen2.5-VL: 56 px windows).
+    items = [dict(it, image=_image(size, rgb))
+             for it, size, (_, rgb, _, _) in zip(_items(), [(112, 84), (84, 112), (56, 112)], SPECS)]
+    batch = _collate(family, tiny_processor, tiny_fmt, items)
+    calls = {"n": 0}
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counting_sdpa(*args, **kwargs):
+        calls["n"] += 1
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting_sdpa)
+    stock = _tower_outputs(model, batch)
+    stock_calls, calls["n"] = calls["n"], 0
+    assert patch_vision_attention(model) == len(unwrap_vlm(model).model.visual.blocks)
+    try:
+        fast = _tower_outputs(model, batch)
+        fast_calls = calls["n"]
+        groups = chunk_groups(torch.tensor([0, 3, 5, 8, 9]))
+        assert [(n, g.tolist()) for n, g in groups] == [(1, [[8]]), (2, [[3, 4]]), (3, [[0, 1, 2], [5, 6, 7]])]
+    finally:
+        unpatch_vision_attention(model)
+    assert fast_calls < stock_calls, (fast_calls, stock_calls)
+    for a, b in zip(fast, stock):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert _tower_outputs(model, batch)[0].equal(stock[0])  # unpatched again
+    # The check can fail: attention leaking across chunks (one chunk for everything) changes the features.
+    visual = unwrap_vlm(model).model.visual
+    attn = visual.blocks[0].attn
+    x = torch.randn(30, attn.qkv.in_features)
+    q, k, v = attn.qkv(x).reshape(30, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    split = grouped_attention(q, k, v, chunk_groups(torch.tensor([0, 10, 30])), attn.scaling)
+    whole = grouped_attention(q, k, v, chunk_groups(torch.tensor([0, 30])), attn.scaling)
+    assert (split - whole).abs().max() > 1e-2
