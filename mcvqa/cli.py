@@ -2,6 +2,7 @@
 
     python -m mcvqa run --profile demo [key=value ...]
     python -m mcvqa snapshot --run runs/demo --name first_try
+    python -m mcvqa worker PAYLOAD      # one saved worker job (what each GPU's worker process runs)
 """
 
 import argparse
@@ -9,6 +10,7 @@ import sys
 
 from .config import resolve_config
 from .hardware import detect_hardware
+from .parallel import run_worker_payload
 from .pipeline import run_pipeline
 from .reporting import snapshot_experiment
 
@@ -24,8 +26,12 @@ def main(argv=None):
     snap.add_argument("--run", required=True, help="the run's output_dir")
     snap.add_argument("--name", required=True)
     snap.add_argument("--notebook", default=None, help="the executed notebook to keep with it")
+    work = sub.add_parser("worker", help="run one pickled worker job (started by parallel.py, one per GPU)")
+    work.add_argument("payload", help="the job file: (function, args, result path), pickled")
     args = parser.parse_args(argv)
-    if args.command == "run":
+    if args.command == "worker":
+        run_worker_payload(args.payload)
+    elif args.command == "run":
         cfg = resolve_config(args.profile, args.overrides)
         run_pipeline(cfg, detect_hardware(cfg))
     else:

@@ -1,0 +1,352 @@
+"""## Several GPUs: folds in parallel (one worker process per GPU), inference sharded across GPUs
+
+On a machine with two or more GPUs (Kaggle's 2x T4, a multi-GPU server) every fold trains in its own
+worker process on its own GPU, its 4-bit model wholly on that GPU. With more folds than GPUs the
+folds queue: each starts as soon as a GPU is free. A fold writes only its own folder `foldK/`, so the
+workers share nothing, and a re-run skips finished folds and resumes unfinished ones exactly as the
+one-GPU loop does; the main process then reads the folds back and ensembles them as usual.
+`predict_views_sharded` splits rows into contiguous shards, one per GPU, and puts the probabilities
+back together in the original order.
+
+Workers are fresh Python processes (CUDA cannot be forked safely, least of all from Jupyter). Each
+job (a function and its arguments) is pickled to a file the worker loads; inside this notebook,
+where the code is not an installed package, `cloudpickle` sends the functions by value. Every line a
+worker prints appears here prefixed with `[gpu k]` (and is kept in `<output_dir>/workers/*.log`); a
+worker that fails raises an error naming its fold and GPU. Setting `parallel_folds`: `auto` (one
+worker per GPU when there are 2+), `off`, or a number of workers. One GPU or the CPU runs the folds
+one after the other in this process, as before.
+"""
+
+import dataclasses
+import os
+import pathlib
+import pickle
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+import torch
+
+from .inference import predict_views
+from .modeling import load_model_for_training, load_processor, load_trainable_state
+from .prompts import make_prompt_format
+
+# What a worker process runs: load (function, args, result path), call, save the result atomically.
+WORKER_MAIN = """\
+import os, pickle, sys
+with open(sys.argv[1], "rb") as f:
+    fn, args, result_path = pickle.load(f)
+result = fn(*args)
+os.makedirs(os.path.dirname(result_path), exist_ok=True)
+with open(result_path + ".tmp", "wb") as f:
+    pickle.dump(result, f)
+os.replace(result_path + ".tmp", result_path)
+"""
+WORKER_TAIL_LINES = 25  # output lines of a failed worker repeated in the error
+PROGRESS_EVERY_S = 10.0  # a worker's progress-bar redraws reach the notebook at most this often
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def run_worker_payload(path):
+    """What a worker process runs, by hand: `python -m mcvqa worker PAYLOAD` (for debugging one job)."""
+    saved = sys.argv
+    sys.argv = [saved[0], str(path)]
+    try:
+        exec(WORKER_MAIN, {"__name__": "__mcvqa_worker__"})  # noqa: S102 - our own constant code
+    finally:
+        sys.argv = saved
+
+
+class WorkerError(RuntimeError):
+    """One or more worker processes failed; the message names each job (fold) and its GPU."""
+
+
+@dataclasses.dataclass
+class WorkerJob:
+    label: str  # what it is, for messages and log names: "fold 2", "test rows 0-499"
+    fn: object  # called in the worker as fn(*args); its return value comes back
+    args: tuple = ()
+
+
+@dataclasses.dataclass
+class WorkerSlot:
+    label: str  # "gpu 1" (or "cpu 0" for CPU worker processes)
+    env: dict  # environment changes of a worker on this slot (CUDA_VISIBLE_DEVICES, threads)
+
+
+def _in_package():
+    """False when this code runs as a notebook cell (module name __main__), not as mcvqa.parallel."""
+    return __name__ != "__main__"
+
+
+def _pickler():
+    """cloudpickle when installed (needed in the notebook: functions of __main__ travel by value)."""
+    try:
+        import cloudpickle  # noqa: PLC0415 - optional dependency
+        return cloudpickle
+    except ImportError:
+        return None
+
+
+def parallel_workers(cfg, hardware, n_jobs, verbose=True):
+    """How many worker processes run the folds; 0 means the one-after-the-other loop in this process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RuntimeError(
+            "mcvqa is not a DDP program: under torchrun / accelerate launch every rank would train every fold "
+            "and write the same files. Start it as one process; parallel_folds=auto puts one fold on each GPU.")
+    setting = str(cfg.parallel_folds).strip().lower()
+    if setting in ("off", "false", "no", "0", "1"):
+        wanted, why = 0, f"parallel_folds={cfg.parallel_folds}"
+    elif setting == "auto":
+        wanted = hardware.gpu_count if hardware.device == "cuda" else 0
+        why = f"{hardware.gpu_count} GPU(s) seen" if hardware.device == "cuda" else "no GPU"
+    else:
+        try:
+            wanted = int(setting)
+        except ValueError:
+            raise ValueError(f"config: parallel_folds must be auto, off or a number, got {cfg.parallel_folds!r}") from None
+        why = f"parallel_folds={wanted}"
+        if hardware.device == "cuda" and wanted > hardware.gpu_count:
+            wanted, why = hardware.gpu_count, f"{why}, but only {hardware.gpu_count} GPU(s)"
+    workers = min(wanted, n_jobs)
+    if workers >= 2 and not _in_package() and _pickler() is None:
+        workers, why = 0, "cloudpickle is not installed (the notebook needs it to start workers)"
+    elif wanted >= 2 > n_jobs:
+        why = f"{why}, but only {n_jobs} fold(s) to run"
+    if workers < 2:
+        if verbose:
+            print(f"[parallel] folds run one after the other in this process ({why})")
+        return 0
+    if verbose:
+        print(f"[parallel] {n_jobs} fold(s) on {workers} worker processes, one per "
+              f"{'GPU' if hardware.device == 'cuda' else 'CPU share'} ({why}); more folds than workers queue")
+    return workers
+
+
+def worker_slots(hardware, n_workers):
+    """One slot per worker: GPU k of this process's visible GPUs (CUDA_VISIBLE_DEVICES), or a CPU share."""
+    threads = str(max(1, (os.cpu_count() or 1) // n_workers))
+    base = {} if "OMP_NUM_THREADS" in os.environ else {"OMP_NUM_THREADS": threads}
+    if hardware.device != "cuda":
+        return [WorkerSlot(f"cpu {k}", {**base, "CUDA_VISIBLE_DEVICES": ""}) for k in range(n_workers)]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [v.strip() for v in visible.split(",") if v.strip()] if visible else [str(k) for k in range(n_workers)]
+    if len(ids) < n_workers:
+        raise ValueError(f"{n_workers} GPU workers asked for, but CUDA_VISIBLE_DEVICES={visible!r} names {len(ids)}")
+    return [WorkerSlot(f"gpu {k}", {**base, "CUDA_VISIBLE_DEVICES": ids[k]}) for k in range(n_workers)]
+
+
+def run_folds(run_fold, fold_args, cfg, hardware, log_dir):
+    """`run_fold(*args)` for every fold in `fold_args` ({fold: args}): in worker processes, one per GPU,
+    when `parallel_workers` says so; else one after the other in this process (one GPU, or the CPU)."""
+    n_workers = parallel_workers(cfg, hardware, len(fold_args))
+    if not n_workers:
+        for args in fold_args.values():
+            run_fold(*args)
+        return
+    jobs = [WorkerJob(f"fold {fold}", run_fold, tuple(args)) for fold, args in fold_args.items()]
+    run_in_workers(jobs, worker_slots(hardware, n_workers), log_dir)
+
+
+class WorkerOutput:
+    """One worker's raw output -> display lines "[gpu k] ...": ANSI codes dropped, blank lines skipped,
+    and progress-bar redraws (text ended by a carriage return) shown at most every `progress_every_s`
+    seconds, so a bar that redraws every step does not flood the notebook (the log keeps everything)."""
+
+    def __init__(self, label, progress_every_s=PROGRESS_EVERY_S, clock=time.monotonic):
+        self.label, self.progress_every_s, self.clock = label, progress_every_s, clock
+        self.last_progress = None
+
+    def feed(self, text):
+        parts = re.split(r"(\r\n|\n|\r)", _ANSI_ESCAPE.sub("", text))
+        shown = []
+        for body, end in zip(parts[0::2], parts[1::2] + [""]):
+            body = body.strip()
+            if not body:
+                continue
+            if end == "\r":
+                now = self.clock()
+                if self.last_progress is not None and now - self.last_progress < self.progress_every_s:
+                    continue
+                self.last_progress = now
+            shown.append(f"[{self.label}] {body}")
+        return shown
+
+
+def _pump(stream, output, lines, log):
+    """Thread: read a worker's output as it comes, log it, queue its display lines for the main thread."""
+    pending = b""
+    while True:
+        chunk = stream.read1(65536) if hasattr(stream, "read1") else stream.read(65536)
+        if not chunk:
+            break
+        pending += chunk
+        cut = max(pending.rfind(b"\n"), pending.rfind(b"\r"))
+        if cut < 0:
+            continue
+        text, pending = pending[:cut + 1].decode("utf-8", "replace"), pending[cut + 1:]
+        log.write(text)
+        log.flush()
+        for line in output.feed(text):
+            lines.put(line)
+    if pending:
+        text = pending.decode("utf-8", "replace")
+        log.write(text)
+        for line in output.feed(text):
+            lines.put(line)
+    log.close()
+
+
+def _worker_env(slot):
+    env = {**os.environ, **slot.env, "PYTHONUNBUFFERED": "1"}
+    env.setdefault("TQDM_MININTERVAL", "10")  # piped progress bars: one line per 10 s, not ten a second
+    if _in_package():
+        # The worker unpickles mcvqa's functions by reference: make the package importable from any cwd.
+        root = str(pathlib.Path(sys.modules[__name__.partition(".")[0]].__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
+    return env
+
+
+def _safe_name(label):
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label)
+
+
+def _stop(proc):
+    """End a worker and everything it started (it leads its own process group)."""
+    if proc.poll() is not None:
+        return
+    for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run_in_workers(jobs, slots, log_dir, echo=print):
+    """Run each job in a fresh worker process, at most one per slot at a time, in job order as slots
+    free up. Output lines are echoed prefixed with the slot ("[gpu 1] ..."). Returns the jobs' results
+    in job order. A failed job stops new jobs from starting; the running ones finish (their outputs are
+    kept), then WorkerError names every failed job with its slot, exit code and last output lines."""
+    pickler = _pickler() or pickle
+    if not _in_package() and pickler is pickle:
+        raise RuntimeError("starting workers from a notebook needs cloudpickle (pip install cloudpickle)")
+    log_dir = pathlib.Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    scratch = pathlib.Path(tempfile.mkdtemp(prefix="mcvqa_workers_"))
+    lines = queue.Queue()
+    pending = list(enumerate(jobs))
+    free = list(slots)
+    running = {}  # proc -> (index, job, slot, output pump thread, payload path)
+    tails = {}  # slot label -> last output lines of the job running there
+    results, failures = [None] * len(jobs), []
+
+    def show(line):
+        echo(line)
+        label = line[1:line.index("]")]
+        tails.setdefault(label, []).append(line)
+        del tails[label][:-WORKER_TAIL_LINES]
+
+    def show_queued(wait_s=0.0):
+        try:
+            show(lines.get(timeout=wait_s) if wait_s else lines.get_nowait())
+            while True:
+                show(lines.get_nowait())
+        except queue.Empty:
+            pass
+
+    try:
+        while running or (pending and not failures):
+            while pending and free and not failures:
+                index, job = pending.pop(0)
+                slot = free.pop(0)
+                payload = scratch / f"{index:03d}_{_safe_name(job.label)}.pkl"
+                with open(payload, "wb") as f:
+                    pickler.dump((job.fn, tuple(job.args), f"{payload}.result"), f)
+                log_path = log_dir / f"{_safe_name(job.label)}.log"
+                proc = subprocess.Popen([sys.executable, "-c", WORKER_MAIN, str(payload)], stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_worker_env(slot),
+                                        start_new_session=True)
+                pump = threading.Thread(target=_pump, daemon=True,
+                                        args=(proc.stdout, WorkerOutput(slot.label), lines,
+                                              open(log_path, "w", encoding="utf-8", newline="")))
+                pump.start()
+                running[proc] = (index, job, slot, pump, payload)
+                tails[slot.label] = []
+                echo(f"[parallel] {job.label} started on {slot.label} (log: {log_path})")
+            show_queued(wait_s=0.2)
+            for proc in [p for p in running if p.poll() is not None]:
+                index, job, slot, pump, payload = running.pop(proc)
+                pump.join()
+                show_queued()
+                free.append(slot)
+                result_path = pathlib.Path(f"{payload}.result")
+                if proc.returncode == 0 and result_path.exists():
+                    with open(result_path, "rb") as f:
+                        results[index] = pickle.load(f)
+                    echo(f"[parallel] {job.label} finished on {slot.label}")
+                    continue
+                tail = [line[len(slot.label) + 3:] for line in tails.get(slot.label, [])] or ["(no output)"]
+                kept = log_dir / f"{_safe_name(job.label)}.pkl"  # the job, to re-run alone while debugging
+                shutil.copyfile(payload, kept)
+                rerun = f"python -m mcvqa worker {kept}" if _in_package() else f"run_worker_payload({str(kept)!r})"
+                failures.append(f"{job.label} failed on {slot.label} (worker exit code {proc.returncode}); "
+                                f"its last output lines:\n    " + "\n    ".join(tail)
+                                + f"\n  full log: {log_dir / (_safe_name(job.label) + '.log')}; re-run it alone: {rerun}")
+                echo(f"[parallel] {job.label} FAILED on {slot.label} (exit code {proc.returncode}); no new jobs "
+                     f"start" + (f", waiting for {len(running)} running job(s) to finish" if running else ""))
+    except BaseException:
+        for proc in running:
+            _stop(proc)
+        raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if failures:
+        not_started = [job.label for _, job in pending]
+        raise WorkerError("\n".join(failures) + (f"\nnot started: {', '.join(not_started)}" if not_started else ""))
+    return results
+
+
+def shard_bounds(n_rows, n_shards):
+    """Contiguous [start, stop) row ranges of near-equal size (sizes differ by at most one, none empty)."""
+    n_shards = max(1, min(n_shards, n_rows))
+    edges = np.linspace(0, n_rows, n_shards + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def gather_views(parts):
+    """Concatenate per-shard {view: [n_i, 4]} dicts, in shard order, into one {view: [N, 4]} dict."""
+    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+
+def predict_shard(frame, cfg, hardware, adapter_path=None, desc="test"):
+    """In a worker: the fold's model (4-bit base + LoRA, adapter weights from `adapter_path`) scores
+    `frame` under every TTA view, exactly as `run_fold` does in one process."""
+    model = load_model_for_training(cfg, hardware)
+    if adapter_path:
+        load_trainable_state(model, torch.load(adapter_path))
+    processor = load_processor(cfg)
+    fmt = make_prompt_format(processor, cfg)
+    return predict_views(model, frame, processor, fmt, cfg, hardware, desc=desc)
+
+
+def predict_views_sharded(frame, cfg, hardware, adapter_path, slots, log_dir, desc="test"):
+    """`predict_views` over contiguous row shards, one worker per slot (GPU), gathered in the original
+    row order: the same {(scale, shift): [N, 4]} as one process computes."""
+    bounds = shard_bounds(len(frame), len(slots))
+    jobs = [WorkerJob(f"{desc} rows {a}-{b - 1}", predict_shard,
+                      (frame.iloc[a:b].reset_index(drop=True), cfg, hardware,
+                       None if adapter_path is None else str(adapter_path), f"{desc} rows {a}-{b - 1}"))
+            for a, b in bounds]
+    return gather_views(run_in_workers(jobs, slots[:len(jobs)], log_dir))
