@@ -53,10 +53,16 @@ class Config:
     # --- training ----------------------------------------------------------------------------------
     n_folds: int = 3
     folds: str = "all"  # which folds to train, e.g. "0" or "0,2"
+    # auto: with 2+ GPUs the folds train at once, one worker process per GPU (parallel.py); off: one after
+    # the other in this process; N: at most N workers (on a CPU, N processes). Extra folds queue.
+    parallel_folds: str = "auto"
     epochs: int = 2
     micro_batch_size: int = 2  # per step; OOM halves it and doubles accumulation
     grad_accum_steps: int = 8  # effective batch = micro_batch_size * grad_accum_steps
     learning_rate: float = 1e-4
+    # Cross-entropy at the answer position over the whole vocabulary (plain SFT) or over a-d only
+    # (what is scored; converges faster when the base has never answered with letters).
+    loss_over: str = "vocab"
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05  # cosine schedule with linear warm-up (transformers' scheduler)
     max_grad_norm: float = 1.0
@@ -77,6 +83,12 @@ class Config:
     tta_average: str = "prob"  # prob | logprob: how views are averaged
     ensemble_weights: str = "equal"  # equal | oof_acc: fold weights
     temperature_scaling: bool = False  # fit one temperature on out-of-fold logits
+    # --- image-feature cache (feature_cache.py): the frozen vision tower runs once per image ----
+    cache_image_features: bool = True  # reuse features across folds, views, epochs; off if the tower trains
+    feature_cache_fp32: bool = False  # encode with autocast off, in the tower's dtype (fp32 on T4: no fp16 overflow, slower)
+    feature_cache_max_gib: float = 12.0  # RAM budget; beyond it features go to disk (if on) or are recomputed
+    feature_cache_on_disk: bool = False  # also write them to <output_dir>/feature_cache (a restarted session reuses them)
+    fast_vision_attention: bool = False  # SDPA vision tower: one attention call per window length, not per window
 
 
 # Profiles: small override sets per environment, like nanoGPT's config files.
@@ -84,15 +96,19 @@ PROFILES = {
     "demo": dict(
         data_dir="data/demo", output_dir="runs/demo", model_name_or_path="",  # "": data/tiny_models/<demo_family>
         demo=True, load_in_4bit=True, min_pixels=56 * 56, max_pixels=56 * 56,
-        gradient_checkpointing=False, epochs=4, micro_batch_size=16, grad_accum_steps=1,
-        learning_rate=1e-3, warmup_ratio=0.1, ema_decay=0.9, lora_r=16, lora_alpha=32, lora_dropout=0.0,
+        gradient_checkpointing=False, epochs=5, micro_batch_size=16, grad_accum_steps=1, loss_over="letters",
+        learning_rate=2e-3, warmup_ratio=0.1, ema_decay=0.9, lora_r=16, lora_alpha=32, lora_dropout=0.0,
         evals_per_epoch=1, early_stopping_patience=0, num_workers=0, infer_batch_size=32,
         checkpoint_every_steps=20, max_question_tokens=64, max_option_tokens=16,
+        # The demo's options never move (demo_data.py says why): nothing to shuffle or permute.
+        shuffle_options=False, tta_option_views=1,
     ),
     "kaggle_t4x2": dict(
         data_dir="auto", output_dir="/kaggle/working/run", submission_path="/kaggle/working/submission.csv",
         model_name_or_path="Qwen/Qwen2.5-VL-3B-Instruct", micro_batch_size=2, grad_accum_steps=8,
         num_workers=2, checkpoint_every_minutes=15.0,
+        # Two fold workers (one per T4) each keep their own feature cache; Kaggle gives ~29 GiB of RAM.
+        feature_cache_max_gib=6.0,
     ),
     "colab_a100": dict(
         data_dir="/content/drive/MyDrive/mcvqa/data", output_dir="/content/drive/MyDrive/mcvqa/runs/latest",

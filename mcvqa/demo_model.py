@@ -128,38 +128,45 @@ def tiny_processor(family, tokenizer, max_pixels):
     return Qwen3VLProcessor(image_processor, tokenizer, video, chat_template=tiny_chat_template(family))
 
 
-def _warmup_batch(processor, examples):
-    """Chat-formatted (image, question) -> answer words, labels only on the answer and end token."""
-    prompts = [processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
-        add_generation_prompt=True, tokenize=False) for _, q, _ in examples]
-    enc = processor(text=prompts, images=[img for img, _, _ in examples], padding=False)
-    tok = processor.tokenizer
-    seqs, labels = [], []
-    for ids, (_, _, answer) in zip(enc["input_ids"], examples):
-        target = tok.encode(answer + "<|im_end|>", add_special_tokens=False)
-        seqs.append(list(ids) + target)
-        labels.append([-100] * len(ids) + target)
-    width = max(map(len, seqs))
-    pad = tok.pad_token_id
-    return {"input_ids": torch.tensor([s + [pad] * (width - len(s)) for s in seqs]),
-            "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs]),
-            "labels": torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels]),
+def _warmup_encode(processor, image, question, answer):
+    """One chat-formatted (image, question) -> answer words example; labels on the answer and end token."""
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+        add_generation_prompt=True, tokenize=False)
+    enc = processor(text=[prompt], images=[image], padding=False)
+    ids = list(enc["input_ids"][0])
+    target = processor.tokenizer.encode(answer + "<|im_end|>", add_special_tokens=False)
+    return {"ids": ids + target, "labels": [-100] * len(ids) + target,
             "pixel_values": enc["pixel_values"], "image_grid_thw": enc["image_grid_thw"]}
 
 
+def _warmup_collate(examples, pad_id):
+    width = max(len(e["ids"]) for e in examples)
+    return {"input_ids": torch.tensor([e["ids"] + [pad_id] * (width - len(e["ids"])) for e in examples]),
+            "attention_mask": torch.tensor([[1] * len(e["ids"]) + [0] * (width - len(e["ids"])) for e in examples]),
+            "labels": torch.tensor([e["labels"] + [-100] * (width - len(e["labels"])) for e in examples]),
+            "pixel_values": torch.cat([e["pixel_values"] for e in examples]),
+            "image_grid_thw": torch.cat([e["image_grid_thw"] for e in examples])}
+
+
 def warm_up_tiny_base(model, processor, examples, epochs=6, lr=2e-3, batch_size=32, seed=0):
-    """Full-parameter fp32 training of the tiny base on (image, question, answer words) triples."""
+    """Full-parameter fp32 training of the tiny base on (image, question, answer words) triples.
+
+    This is the tiny model's "pre-training": it learns to see (name the colour, shape, count or
+    position in words), never the multiple-choice letters the fine-tune teaches. Examples are
+    encoded once, so each step costs only the forward and backward pass."""
+    encoded = [_warmup_encode(processor, *example) for example in examples]
+    pad_id = processor.tokenizer.pad_token_id
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    steps = epochs * ((len(examples) + batch_size - 1) // batch_size)
+    steps = epochs * ((len(encoded) + batch_size - 1) // batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     model.train()
     bar = tqdm(total=steps, desc="warm-up of the tiny base", leave=False)
     for _ in range(epochs):
-        order = torch.randperm(len(examples), generator=generator).tolist()
+        order = torch.randperm(len(encoded), generator=generator).tolist()
         for start in range(0, len(order), batch_size):
-            batch = _warmup_batch(processor, [examples[i] for i in order[start:start + batch_size]])
+            batch = _warmup_collate([encoded[i] for i in order[start:start + batch_size]], pad_id)
             loss = model(**batch).loss
             loss.backward()
             optimizer.step()
@@ -183,7 +190,7 @@ def build_tiny_qwen_vl(out_dir, texts, family="qwen2_5_vl", seed=0, max_pixels=1
     marker = out_dir / "TINY_MODEL.json"
     spec = {"family": family, "seed": seed, "max_pixels": max_pixels, "hidden_size": hidden_size,
             "n_texts": len(texts), "n_warmup": len(warmup_examples), "warmup_epochs": warmup_epochs,
-            "builder_version": 3}
+            "builder_version": 4}
     if marker.exists() and json.loads(marker.read_text()) == spec:
         return out_dir
     tokenizer = train_tiny_tokenizer(texts)

@@ -31,6 +31,8 @@ FLOW_MODULES = (
     "demo_model",
     "data",
     "prompts",
+    "feature_cache",
+    "fast_vision",
     "collate",
     "modeling",
     "scoring",
@@ -38,6 +40,7 @@ FLOW_MODULES = (
     "inference",
     "submission",
     "reporting",
+    "parallel",
     "pipeline",
 )
 

@@ -21,10 +21,13 @@ from .config import save_config
 from .data import check_images, load_image, make_folds, read_competition_csv
 from .demo_data import generate_demo_dataset
 from .demo_model import build_tiny_qwen_vl
+from .fast_vision import patch_vision_attention
+from .feature_cache import make_feature_cache
 from .inference import (PROB_COLUMNS, apply_temperature, ensemble_folds, fit_temperature, fold_weights,
                         letters_from_probs, predict_views, probs_frame, tta_probs)
 from .modeling import load_model_for_training, load_processor, load_trainable_state
-from .prompts import format_user_text, make_prompt_format
+from .parallel import run_folds
+from .prompts import make_prompt_format
 from .reporting import make_run_plots
 from .submission import write_submission
 from .training import train_fold
@@ -59,11 +62,9 @@ def prepare_demo(cfg):
     examples = []
     for row in warmup.itertuples():
         image = load_image(warmup_dir / row.path)
-        options = [row.a, row.b, row.c, row.d]
-        # Perception (answer in words) and the multiple-choice format (answer a letter), as a real
-        # instruction-tuned VLM knows both before anyone fine-tunes it.
+        # Perception only (the answer in words): the multiple-choice letters are what fine-tuning
+        # teaches, so the base scores about chance on the demo before it (see README).
         examples.append((image, row.question, getattr(row, row.answer)))
-        examples.append((image, format_user_text(row.question, options, cfg.instruction), row.answer))
     build_tiny_qwen_vl(model_dir, texts, family=cfg.demo_family, seed=cfg.seed, max_pixels=cfg.max_pixels,
                        hidden_size=cfg.demo_hidden_size, warmup_examples=examples, warmup_epochs=cfg.demo_warmup_epochs)
     print(f"[demo] data in {data_dir}, tiny {cfg.demo_family} model in {model_dir}")
@@ -97,6 +98,22 @@ def folds_to_run(cfg):
     return list(range(cfg.n_folds)) if cfg.folds == "all" else [int(f) for f in cfg.folds.split(",")]
 
 
+_RUN_FEATURE_CACHES = {}
+
+
+def run_feature_cache(cfg, model, hardware):
+    """The image-feature cache of this run, made once and shared by its folds (None where it is off).
+
+    Every fold loads the same frozen vision tower, so fold 1 reuses what fold 0 encoded. Checked per
+    fold: a model whose tower is trainable gets no cache. Only one run's cache is kept (RAM)."""
+    key = str(cfg.output_dir)
+    cache = make_feature_cache(cfg, model, hardware, reuse=_RUN_FEATURE_CACHES.get(key))
+    _RUN_FEATURE_CACHES.clear()
+    if cache is not None:
+        _RUN_FEATURE_CACHES[key] = cache
+    return cache
+
+
 def run_fold(fold, train, test, folds, processor, fmt, cfg, hardware, out_dir):
     """Train one fold (or resume / skip it) and write its out-of-fold and test probabilities."""
     fold_dir = out_dir / f"fold{fold}"
@@ -105,15 +122,21 @@ def run_fold(fold, train, test, folds, processor, fmt, cfg, hardware, out_dir):
         return
     torch.manual_seed(cfg.seed + fold)  # same LoRA initialisation on every (re-)run of this fold
     model = load_model_for_training(cfg, hardware)
+    if cfg.fast_vision_attention:
+        print(f"[model] grouped SDPA vision attention in {patch_vision_attention(model)} layers")
+    cache = run_feature_cache(cfg, model, hardware)
     train_part = train[folds != fold].reset_index(drop=True)
     val_part = train[folds == fold].reset_index(drop=True)
-    train_fold(model, train_part, val_part, processor, fmt, cfg, hardware, fold, fold_dir)
+    train_fold(model, train_part, val_part, processor, fmt, cfg, hardware, fold, fold_dir, feature_cache=cache)
     load_trainable_state(model, torch.load(fold_dir / "best_adapter.pt"))
     for name, frame in (("oof", val_part), ("test", test)):
-        views = predict_views(model, frame, processor, fmt, cfg, hardware, desc=f"fold {fold} {name}")
+        views = predict_views(model, frame, processor, fmt, cfg, hardware, desc=f"fold {fold} {name}",
+                              feature_cache=cache)
         probs_frame(frame["id"], views[(1.0, 0)]).to_csv(fold_dir / f"{name}_probs_view0.csv", index=False)
         # Written last: its presence marks the fold complete.
         probs_frame(frame["id"], tta_probs(views, cfg.tta_average)).to_csv(fold_dir / f"{name}_probs.csv", index=False)
+    if cache is not None:
+        print(f"[cache] after fold {fold}: {cache.summary()}")
     del model
     gc.collect()
     if torch.cuda.is_available():
@@ -170,8 +193,9 @@ def run_pipeline(cfg, hardware):
     fmt = make_prompt_format(processor, cfg)
     folds = make_folds(train, cfg.n_folds, cfg.seed)
     pd.DataFrame({"id": train["id"], "fold": folds}).to_csv(out_dir / "folds.csv", index=False)
-    for fold in folds_to_run(cfg):
-        run_fold(fold, train, test, folds, processor, fmt, cfg, hardware, out_dir)
+    # One fold after another here, or with 2+ GPUs one worker process per GPU (parallel.py).
+    run_folds(run_fold, {fold: (fold, train, test, folds, processor, fmt, cfg, hardware, out_dir)
+                         for fold in folds_to_run(cfg)}, cfg, hardware, out_dir / "workers")
     ensemble, metrics = collect_results(cfg, train, test, folds, out_dir)
     submission = write_submission(letters_from_probs(ensemble), test["id"].tolist(),
                                   cfg.submission_path or out_dir / "submission.csv", sample_submission)
