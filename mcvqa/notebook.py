@@ -34,6 +34,7 @@ FLOW_MODULES = (
     "feature_cache",
     "fast_vision",
     "collate",
+    "distributed",
     "modeling",
     "scoring",
     "training",

@@ -34,6 +34,7 @@ import time
 import numpy as np
 import torch
 
+from .distributed import distributed_active, is_main, world_size
 from .inference import predict_views
 from .modeling import load_model_for_training, load_processor, load_trainable_state
 from .prompts import make_prompt_format
@@ -98,9 +99,15 @@ def _pickler():
 def parallel_workers(cfg, hardware, n_jobs, verbose=True):
     """How many worker processes run the folds; 0 means the one-after-the-other loop in this process."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise RuntimeError(
-            "mcvqa is not a DDP program: under torchrun / accelerate launch every rank would train every fold "
-            "and write the same files. Start it as one process; parallel_folds=auto puts one fold on each GPU.")
+        # Under torchrun / accelerate launch the ranks train each fold together (distributed.py): no workers.
+        if not distributed_active():
+            raise RuntimeError(
+                "started by torchrun / accelerate launch (WORLD_SIZE > 1) but torch.distributed is not initialised: "
+                "every rank would train every fold alone. Run `python -m mcvqa run` (run_pipeline calls "
+                "init_distributed()) or call init_distributed() first.")
+        if verbose and is_main():
+            print(f"[parallel] DDP: {n_jobs} fold(s) one after the other, each split across all {world_size()} ranks")
+        return 0
     setting = str(cfg.parallel_folds).strip().lower()
     if setting in ("off", "false", "no", "0", "1"):
         wanted, why = 0, f"parallel_folds={cfg.parallel_folds}"

@@ -3,7 +3,8 @@
 `run_pipeline` runs every stage above in order and is safe to re-run: finished folds are skipped,
 an interrupted fold resumes from its checkpoint. Outputs in `output_dir`: `config.json`, `folds.csv`,
 per fold `foldK/` (checkpoint, best adapter, history), `oof_probs.csv`, `test_probs_foldK.csv`,
-`test_probs_ensemble.csv`, `history.csv`, `metrics.json`, `plots/` and `submission.csv`.
+`test_probs_ensemble.csv`, `history.csv`, `metrics.json`, `plots/` and `submission.csv`. Under
+`torchrun` (distributed.py) every rank runs this flow and trains each fold together; rank 0 writes.
 """
 
 import dataclasses
@@ -21,12 +22,14 @@ from .config import save_config
 from .data import check_images, load_image, make_folds, read_competition_csv
 from .demo_data import generate_demo_dataset
 from .demo_model import build_tiny_qwen_vl
+from .distributed import (barrier, finish_distributed, from_main, init_distributed, is_main, local_device,
+                          map_shards)
 from .fast_vision import patch_vision_attention
 from .feature_cache import make_feature_cache
 from .inference import (PROB_COLUMNS, apply_temperature, ensemble_folds, fit_temperature, fold_weights,
                         letters_from_probs, predict_views, probs_frame, tta_probs)
 from .modeling import load_model_for_training, load_processor, load_trainable_state
-from .parallel import run_folds
+from .parallel import gather_views, run_folds
 from .prompts import make_prompt_format
 from .reporting import make_run_plots
 from .submission import write_submission
@@ -117,21 +120,24 @@ def run_feature_cache(cfg, model, hardware):
 def run_fold(fold, train, test, folds, processor, fmt, cfg, hardware, out_dir):
     """Train one fold (or resume / skip it) and write its out-of-fold and test probabilities."""
     fold_dir = out_dir / f"fold{fold}"
-    if (fold_dir / "test_probs.csv").exists():
+    if from_main(lambda: (fold_dir / "test_probs.csv").exists()):
         print(f"[fold {fold}] predictions exist, skipping")
         return
     torch.manual_seed(cfg.seed + fold)  # same LoRA initialisation on every (re-)run of this fold
-    model = load_model_for_training(cfg, hardware)
+    model = load_model_for_training(cfg, hardware, device=local_device(hardware))  # DDP: this rank's GPU
     if cfg.fast_vision_attention:
         print(f"[model] grouped SDPA vision attention in {patch_vision_attention(model)} layers")
     cache = run_feature_cache(cfg, model, hardware)
     train_part = train[folds != fold].reset_index(drop=True)
     val_part = train[folds == fold].reset_index(drop=True)
     train_fold(model, train_part, val_part, processor, fmt, cfg, hardware, fold, fold_dir, feature_cache=cache)
-    load_trainable_state(model, torch.load(fold_dir / "best_adapter.pt"))
+    load_trainable_state(model, from_main(lambda: torch.load(fold_dir / "best_adapter.pt", map_location="cpu")))
     for name, frame in (("oof", val_part), ("test", test)):
-        views = predict_views(model, frame, processor, fmt, cfg, hardware, desc=f"fold {fold} {name}",
-                              feature_cache=cache)
+        # Under DDP each rank predicts one contiguous row shard; all shards come back in row order.
+        views = gather_views(map_shards(frame, lambda part: predict_views(
+            model, part, processor, fmt, cfg, hardware, desc=f"fold {fold} {name}", feature_cache=cache)))
+        if not is_main():
+            continue
         probs_frame(frame["id"], views[(1.0, 0)]).to_csv(fold_dir / f"{name}_probs_view0.csv", index=False)
         # Written last: its presence marks the fold complete.
         probs_frame(frame["id"], tta_probs(views, cfg.tta_average)).to_csv(fold_dir / f"{name}_probs.csv", index=False)
@@ -176,26 +182,45 @@ def collect_results(cfg, train, test, folds, out_dir):
         metrics["ablation"] = {
             f"single fold (fold {run[0]}), one view": _accuracy(test_view0[0], labels),
             f"{len(run)}-fold ensemble, one view": _accuracy(ensemble_folds(test_view0, weights), labels),
-            f"{len(run)}-fold ensemble + option TTA": _accuracy(ensemble, labels),
         }
+        if cfg.tta_option_views > 1 or cfg.tta_image_scales.strip():
+            metrics["ablation"][f"{len(run)}-fold ensemble + TTA ({cfg.tta_option_views} option orders)"] = \
+                _accuracy(ensemble, labels)
     return ensemble, metrics
 
 
 def run_pipeline(cfg, hardware):
     """Everything, end to end. Returns the metrics dict (also saved as metrics.json)."""
     started = time.time()
+    owns_process_group = init_distributed()  # under torchrun / accelerate launch; else nothing
     if cfg.demo:
-        cfg = prepare_demo(cfg)
+        if is_main():
+            cfg = prepare_demo(cfg)
+        barrier()
+        if not is_main():  # rank 0 built them; the others find them ready (several nodes: a shared folder)
+            cfg = prepare_demo(cfg)
     out_dir = pathlib.Path(cfg.output_dir)
-    save_config(cfg, out_dir)
+    if is_main():
+        save_config(cfg, out_dir)
     train, test, sample_submission, bad_rows = load_competition(cfg)
     processor = load_processor(cfg)
     fmt = make_prompt_format(processor, cfg)
     folds = make_folds(train, cfg.n_folds, cfg.seed)
-    pd.DataFrame({"id": train["id"], "fold": folds}).to_csv(out_dir / "folds.csv", index=False)
-    # One fold after another here, or with 2+ GPUs one worker process per GPU (parallel.py).
+    if is_main():
+        pd.DataFrame({"id": train["id"], "fold": folds}).to_csv(out_dir / "folds.csv", index=False)
+    # One fold after another here (under DDP each across all ranks), or with 2+ GPUs one worker process
+    # per GPU (parallel.py).
     run_folds(run_fold, {fold: (fold, train, test, folds, processor, fmt, cfg, hardware, out_dir)
                          for fold in folds_to_run(cfg)}, cfg, hardware, out_dir / "workers")
+    metrics = from_main(lambda: finish_run(cfg, hardware, train, test, folds, sample_submission, bad_rows, out_dir,
+                                           started))  # under DDP: rank 0 writes, every rank returns its metrics
+    if owns_process_group:
+        finish_distributed()
+    return metrics
+
+
+def finish_run(cfg, hardware, train, test, folds, sample_submission, bad_rows, out_dir, started):
+    """After the folds: ensemble, submission, metrics.json, plots (run_pipeline's last stage)."""
     ensemble, metrics = collect_results(cfg, train, test, folds, out_dir)
     submission = write_submission(letters_from_probs(ensemble), test["id"].tolist(),
                                   cfg.submission_path or out_dir / "submission.csv", sample_submission)

@@ -8,7 +8,9 @@ saved. Validation accuracy comes from the same direct-logit scorer as the submis
 `checkpoint_every_steps` optimizer steps or `checkpoint_every_minutes`, so a Kaggle session that dies
 resumes where it stopped; finished folds are skipped. A CUDA out-of-memory error halves the
 micro-batch for the rest of the fold (same effective batch, exact same loss); non-finite losses skip
-the step and too many in a row stop the run with the likely cause.
+the step and too many in a row stop the run with the likely cause. Under `torchrun` each optimizer
+step's samples are split across the ranks and their LoRA gradients summed (distributed.py): the same
+step as one process, and only rank 0 writes files.
 """
 
 import contextlib
@@ -26,6 +28,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from .collate import VqaCollator, VqaDataset, identity_views, shuffled_views
+from .distributed import all_reduce_grads, broadcast_params, from_main, is_main, map_shards, rank_slice, slice_rows
 from .modeling import load_trainable_state, trainable_state
 from .scoring import answer_loss, letter_logits, unwrap_vlm
 
@@ -58,17 +61,7 @@ class LoraEma:
 def split_batch(batch):
     """Split a collated batch into two halves (images' patch rows follow their samples)."""
     n = batch["input_ids"].shape[0]
-    half = n // 2
-    patches = batch["image_grid_thw"].prod(dim=1)
-    cut = int(patches[:half].sum())
-    parts = []
-    for rows, pix in ((slice(0, half), slice(0, cut)), (slice(half, n), slice(cut, None))):
-        part = {k: v[rows] for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw")}
-        if "pixel_values" in batch:  # absent when cached image features were attached instead
-            part["pixel_values"] = batch["pixel_values"][pix]
-        part["image_grid_thw"] = batch["image_grid_thw"][rows]
-        parts.append(part)
-    return parts
+    return [slice_rows(batch, 0, n // 2), slice_rows(batch, n // 2, n)]
 
 
 def _autocast(hardware):
@@ -140,11 +133,17 @@ def _pixel_dtype(model):
 
 
 def evaluate(model, frame, processor, fmt, cfg, hardware, feature_cache=None):
-    """Validation accuracy and 4-way log-loss from direct-logit scoring (identity option order)."""
-    loader = make_loader(frame, identity_views(len(frame)), processor, fmt, cfg, cfg.infer_batch_size,
-                         feature_cache=feature_cache)
-    logits, rows, _ = predict_letter_logits(model, loader, fmt, hardware, desc="eval", feature_cache=feature_cache)
-    target = frame["answer"].map("abcd".index).to_numpy()[rows]
+    """Validation accuracy and 4-way log-loss from direct-logit scoring (identity option order).
+
+    Under DDP every rank scores its own row shard and all get every shard's logits back."""
+    def logits_in_row_order(part):
+        loader = make_loader(part, identity_views(len(part)), processor, fmt, cfg, cfg.infer_batch_size,
+                             feature_cache=feature_cache)
+        logits, rows, _ = predict_letter_logits(model, loader, fmt, hardware, desc="eval", feature_cache=feature_cache)
+        return logits[np.argsort(rows, kind="stable")]
+
+    logits = np.concatenate(map_shards(frame, logits_in_row_order))
+    target = frame["answer"].map("abcd".index).to_numpy()
     logp = torch.log_softmax(torch.from_numpy(logits), dim=-1)
     loss = float(-logp[torch.arange(len(target)), torch.from_numpy(target)].mean())
     return float((logits.argmax(1) == target).mean()), loss
@@ -158,10 +157,12 @@ def train_fold(model, train_frame, val_frame, processor, fmt, cfg, hardware, fol
     fold_dir = pathlib.Path(fold_dir)
     fold_dir.mkdir(parents=True, exist_ok=True)
     done = fold_dir / "DONE.json"
-    if done.exists():
+    finished = from_main(lambda: json.loads(done.read_text()) if done.exists() else None)  # rank 0's disk decides
+    if finished is not None:
         print(f"[train] fold {fold}: already finished, skipping ({done})")
-        return json.loads(done.read_text())
+        return finished
     params = [p for p in model.parameters() if p.requires_grad]
+    broadcast_params(params)  # under DDP: every rank starts from rank 0's LoRA weights
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     effective = cfg.micro_batch_size * cfg.grad_accum_steps
     steps_per_epoch = math.ceil(len(train_frame) / effective)
@@ -173,24 +174,28 @@ def train_fold(model, train_frame, val_frame, processor, fmt, cfg, hardware, fol
              "nonfinite_in_a_row": 0, "nonfinite_total": 0, "history": [], "chunk": cfg.micro_batch_size,
              "stopped_early": False}
     ckpt_path = fold_dir / "checkpoint.pt"
-    if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, weights_only=False)
+    device, pixel_dtype = _model_device(model), _pixel_dtype(model)
+    # Read on the CPU by rank 0 and sent to every rank; the optimizer moves its state to its parameters.
+    ckpt = from_main(lambda: torch.load(ckpt_path, weights_only=False, map_location="cpu")
+                     if ckpt_path.exists() else None)
+    if ckpt is not None:
         load_trainable_state(model, ckpt["trainable"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         if ema is not None:
-            ema.shadow = ckpt["ema"]
+            ema.shadow = {name: value.to(device) for name, value in ckpt["ema"].items()}
         state = ckpt["state"]
         _set_rng_state(ckpt["rng"])
         print(f"[train] fold {fold}: resumed at epoch {state['epoch']}, step {state['step']}")
 
     def save_checkpoint():
+        if not is_main():
+            return
         _atomic_torch_save({"trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                             "ema": ema.shadow if ema else None, "state": state, "rng": _rng_state()}, ckpt_path)
 
-    device, pixel_dtype = _model_device(model), _pixel_dtype(model)
     eval_every = max(1, steps_per_epoch // max(1, cfg.evals_per_epoch))
     last_save = time.time()
 
@@ -205,7 +210,7 @@ def train_fold(model, train_frame, val_frame, processor, fmt, cfg, hardware, fol
             if not torch.isfinite(loss):
                 return float("nan")
             scaler.scale(loss * weight).backward()
-            return float(loss) * weight
+            return float(loss.detach()) * weight
         except Exception as error:  # noqa: BLE001 - only OOM is handled, everything else re-raised
             if not _is_oom(error) or n == 1:
                 raise
@@ -225,12 +230,18 @@ def train_fold(model, train_frame, val_frame, processor, fmt, cfg, hardware, fol
         model.train()
         bar = tqdm(loader, desc=f"fold {fold} epoch {epoch + 1}/{cfg.epochs}", leave=False)
         for batch in bar:
-            if feature_cache is not None:
+            # The loader yields one optimizer step's samples; under DDP this rank keeps its slice of them.
+            n_step = batch["input_ids"].shape[0]
+            batch = rank_slice(batch)
+            share = batch["input_ids"].shape[0]
+            if feature_cache is not None and share:
                 with _autocast(hardware):  # misses are encoded with the same precision as the uncached forward
                     batch = feature_cache.attach(model, batch)
-            # The loader yields one optimizer step's samples; run_micro halves them down to micro-batches.
-            group_loss = run_micro(batch, 1.0)
-            state["next_sample"] += batch["input_ids"].shape[0]
+            # run_micro halves the batch down to micro-batches; the weight makes the summed gradient
+            # over ranks the mean over all n_step samples (by samples, not ranks: last steps are short).
+            group_loss = run_micro(batch, share / n_step) if share else 0.0
+            group_loss = all_reduce_grads(params, group_loss)  # one process: unchanged
+            state["next_sample"] += n_step
             state["step"] += 1
             if math.isfinite(group_loss):
                 scaler.unscale_(optimizer)
@@ -273,9 +284,10 @@ def train_fold(model, train_frame, val_frame, processor, fmt, cfg, hardware, fol
             state["next_sample"] = 0
     result = {"fold": fold, "best_accuracy": state["best_acc"], "steps": state["step"],
               "nonfinite_steps": state["nonfinite_total"], "final_micro_batch": state["chunk"]}
-    pd.DataFrame(state["history"]).to_csv(fold_dir / "history.csv", index=False)
-    done.write_text(json.dumps(result))
-    ckpt_path.unlink(missing_ok=True)
+    if is_main():
+        pd.DataFrame(state["history"]).to_csv(fold_dir / "history.csv", index=False)
+        done.write_text(json.dumps(result))
+        ckpt_path.unlink(missing_ok=True)
     return result
 
 
@@ -283,8 +295,8 @@ def _evaluate_and_keep_best(model, ema, val_frame, processor, fmt, cfg, hardware
                             feature_cache=None):
     with ema.applied(model) if ema is not None else contextlib.nullcontext():
         accuracy, loss = evaluate(model, val_frame, processor, fmt, cfg, hardware, feature_cache)
-        improved = accuracy > state["best_acc"]
-        if improved:
+        improved = accuracy > state["best_acc"]  # the same on every rank: evaluate gathers all shards
+        if improved and is_main():
             _atomic_torch_save(trainable_state(model), pathlib.Path(fold_dir) / "best_adapter.pt")
     state["history"].append({"fold": fold, "step": state["step"], "epoch": state["epoch"], "kind": "eval",
                              "loss": loss, "lr": None, "accuracy": accuracy})

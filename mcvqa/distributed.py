@@ -1,0 +1,160 @@
+"""## Several GPUs for one fold: data parallelism under `torchrun` / `accelerate launch` (command line)
+
+Started by `torchrun --nproc_per_node=N -m mcvqa run ...` (or `accelerate launch -m mcvqa run ...`,
+which sets the same WORLD_SIZE / RANK / LOCAL_RANK / MASTER_ADDR / MASTER_PORT), every process
+(rank) loads the 4-bit model on its own GPU (`cuda:LOCAL_RANK`) and joins one process group (NCCL on
+GPUs, gloo on a CPU). The folds then run one after the other, each across all ranks: every optimizer
+step's samples are cut into one contiguous slice per rank, each rank weights its loss by its share of
+the step's samples, and the LoRA gradients are summed over the ranks, so every rank holds exactly the
+gradient one process would compute for the whole step (the effective batch stays
+`micro_batch_size * grad_accum_steps`, summed over the ranks). Validation and test predictions are
+split the same way (one contiguous row shard per rank, gathered back in order). Only rank 0 writes
+files; what other ranks need from disk (a checkpoint, the best adapter) rank 0 reads and sends them.
+
+In one process (the notebook, `python -m mcvqa run`) every function here is a no-op.
+"""
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+DDP_TIMEOUT_MINUTES = 60  # how long a rank waits for the others (e.g. while rank 0 builds the demo model)
+
+
+def distributed_active():
+    """True inside an initialised process group of two or more ranks."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size():
+    return dist.get_world_size() if distributed_active() else 1
+
+
+def process_rank():
+    return dist.get_rank() if distributed_active() else 0
+
+
+def local_rank():
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main():
+    """Rank 0: the one rank that writes files and prints the run's results."""
+    return process_rank() == 0
+
+
+def init_distributed():
+    """Join the process group described by torchrun's environment; a no-op in one process.
+
+    Returns True when this call created the group (the caller then ends it with `finish_distributed`)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
+        return False
+    backend = "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank() % torch.cuda.device_count())
+        backend = "nccl"
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=DDP_TIMEOUT_MINUTES))
+    if is_main():
+        print(f"[ddp] {world_size()} ranks ({backend}): each optimizer step's samples are split across them")
+    return True
+
+
+def finish_distributed():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def local_device(hardware):
+    """Where this rank's model goes: its own GPU under DDP; None (the default device) otherwise."""
+    if distributed_active() and hardware.device == "cuda":
+        return f"cuda:{torch.cuda.current_device()}"
+    return None
+
+
+def barrier():
+    if distributed_active():
+        dist.barrier()
+
+
+def broadcast_object(value):
+    """Rank 0's `value` on every rank (any picklable object; tensors should be on the CPU)."""
+    if not distributed_active():
+        return value
+    box = [value if is_main() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def from_main(fn):
+    """`fn()` run on rank 0 only (a file read, say), its result sent to every rank."""
+    return broadcast_object(fn() if is_main() else None)
+
+
+def broadcast_params(params):
+    """Rank 0's values of `params` on every rank (the LoRA weights start identical everywhere)."""
+    if distributed_active():
+        for param in params:
+            dist.broadcast(param.data, src=0)
+
+
+def rank_bounds(n_items):
+    """This rank's contiguous [start, stop) of n items: sizes differ by at most one; empty when n < ranks."""
+    size, rank = world_size(), process_rank()
+    return n_items * rank // size, n_items * (rank + 1) // size
+
+
+def slice_rows(batch, start, stop):
+    """Samples [start, stop) of a collated batch (each image's patch rows of pixel_values follow its sample)."""
+    ends = [0] + batch["image_grid_thw"].prod(dim=1).cumsum(0).tolist()
+    part = {k: v[start:stop] for k, v in batch.items() if k != "pixel_values"}
+    if "pixel_values" in batch:  # absent when cached image features were attached instead
+        part["pixel_values"] = batch["pixel_values"][int(ends[start]):int(ends[stop])]
+    return part
+
+
+def rank_slice(batch):
+    """This rank's contiguous share of one optimizer step's collated samples (the whole batch in one process)."""
+    if not distributed_active():
+        return batch
+    return slice_rows(batch, *rank_bounds(batch["input_ids"].shape[0]))
+
+
+def all_reduce_grads(params, loss):
+    """Sum the gradients of `params` and the (share-weighted) loss over all ranks; returns the summed loss.
+
+    Each rank weighted its loss by its share of the step's samples, so the sums are exactly the
+    single-process gradient and mean loss of the whole step (up to the order of the additions). A rank
+    with no samples in a short last step, or a non-finite loss, adds zeros (NaN then reaches every rank:
+    all skip the step). Why not torch's DistributedDataParallel: the scorer calls the inner language
+    model directly (scoring.answer_hidden_states), past DDP's forward, which DDP needs to arm its
+    gradient hooks; an empty rank could not join DDP's reducer; DDP would also broadcast all 4-bit
+    base weights at start for nothing (every rank loads the same). Only the LoRA weights train, so one
+    flat all-reduce per optimizer step is all the communication there is."""
+    if not distributed_active():
+        return loss
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for param, grad in zip(params, grads):
+        grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
+        param.grad = grad
+        offset += grad.numel()
+    total = torch.tensor([loss], dtype=torch.float64, device=flat.device)
+    dist.all_reduce(total)
+    return float(total)
+
+
+def map_shards(frame, fn):
+    """`fn` on this rank's contiguous row shard of `frame`; every shard's result, in row order, on every
+    rank (empty shards give nothing). In one process: [fn(frame)]."""
+    if not distributed_active():
+        return [fn(frame)]
+    start, stop = rank_bounds(len(frame))
+    part = fn(frame.iloc[start:stop].reset_index(drop=True)) if stop > start else None
+    parts = [None] * world_size()
+    dist.all_gather_object(parts, part)
+    return [p for p in parts if p is not None]
