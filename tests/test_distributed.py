@@ -13,14 +13,13 @@ gradient all-reduce the adapter differs by 5e-3, weighting the ranks equally ins
 
 import os
 import pathlib
-import signal
 import subprocess
 import sys
-import time
 
 import pandas as pd
 import pytest
 import torch
+from kill_helpers import kill_mid_fold
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEP = 16  # the demo profile's micro_batch_size * grad_accum_steps: one optimizer step's samples
@@ -46,41 +45,6 @@ def _run(command):
     return done.stdout
 
 
-def _kill_mid_fold(command, run_dir, min_step=2):
-    """Start `command` and SIGKILL it and every process it started once fold 0 has a checkpoint past
-    `min_step` (torchrun starts its ranks in sessions of their own, so they are found as children)."""
-    psutil = pytest.importorskip("psutil")
-    proc = subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    checkpoint = run_dir / "fold0" / "checkpoint.pt"
-    deadline = time.time() + 300
-
-    def kill_all():
-        family = [proc.pid] + [child.pid for child in psutil.Process(proc.pid).children(recursive=True)]
-        for pid in family:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        proc.wait()
-
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if checkpoint.exists():
-                try:
-                    step = torch.load(checkpoint, weights_only=False)["state"]["step"]
-                except Exception:  # noqa: BLE001 - being replaced right now; look again
-                    step = 0
-                if step >= min_step:
-                    kill_all()
-                    return step
-            time.sleep(0.02)
-    finally:
-        if proc.poll() is None:
-            kill_all()
-    raise AssertionError("the run finished (or timed out) before a mid-fold checkpoint could be killed")
-
-
 def test_two_ranks_killed_and_resumed_equal_one_process(tmp_path):
     one = tmp_path / "one_process"
     _run(_mcvqa(tmp_path, one))  # also builds the demo data and tiny model, shared below
@@ -88,7 +52,7 @@ def test_two_ranks_killed_and_resumed_equal_one_process(tmp_path):
     assert train_rows % STEP % 2 == 1, "the last step of each epoch should split unevenly over two ranks"
 
     ddp = tmp_path / "two_ranks"
-    killed_at = _kill_mid_fold(_mcvqa(tmp_path, ddp, ranks=2), ddp)
+    killed_at = kill_mid_fold(_mcvqa(tmp_path, ddp, ranks=2), ddp, ROOT, _env())
     assert not (ddp / "fold0" / "DONE.json").exists()
     log = _run(_mcvqa(tmp_path, ddp, ranks=2))
     assert "[ddp] 2 ranks (gloo)" in log and "[train] fold 0: resumed at epoch" in log, log[-3000:]

@@ -3,13 +3,12 @@ again, and the result equals an uninterrupted run (same adapter weights, same pr
 
 import os
 import pathlib
-import signal
 import subprocess
 import sys
-import time
 
 import pandas as pd
 import torch
+from kill_helpers import kill_mid_fold
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -31,34 +30,9 @@ def _run(tmp, run_dir):
     return done.stdout
 
 
-def _kill_mid_fold(tmp, run_dir, min_step=2):
-    """Start a run and SIGKILL its whole process group once fold 0 has a checkpoint past `min_step`."""
-    proc = subprocess.Popen(_command(tmp, run_dir), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    checkpoint = run_dir / "fold0" / "checkpoint.pt"
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if checkpoint.exists():
-                try:
-                    step = torch.load(checkpoint, weights_only=False)["state"]["step"]
-                except Exception:  # noqa: BLE001 - being replaced right now; look again
-                    step = 0
-                if step >= min_step:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-                    return step
-            time.sleep(0.02)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    raise AssertionError("the run finished (or timed out) before a mid-fold checkpoint could be killed")
-
-
 def test_sigkill_mid_fold_then_rerun_equals_an_uninterrupted_run(tmp_path):
     _run(tmp_path, tmp_path / "straight")  # also builds the demo data and tiny model, shared below
-    killed_at = _kill_mid_fold(tmp_path, tmp_path / "killed")
+    killed_at = kill_mid_fold(_command(tmp_path, tmp_path / "killed"), tmp_path / "killed", ROOT, _env())
     fold = tmp_path / "killed" / "fold0"
     assert not (fold / "DONE.json").exists() and not (fold / "test_probs.csv").exists()
     log = _run(tmp_path, tmp_path / "killed")
