@@ -105,8 +105,10 @@ PROFILES = {
     ),
     "kaggle_t4x2": dict(
         data_dir="auto", output_dir="/kaggle/working/run", submission_path="/kaggle/working/submission.csv",
-        model_name_or_path="Qwen/Qwen2.5-VL-3B-Instruct", micro_batch_size=2, grad_accum_steps=8,
-        num_workers=2, checkpoint_every_minutes=15.0,
+        # Under a 15 GiB cap, 3B 4-bit at 384x384 trained at micro-batch 32 (BENCHMARKS.md, T4 budget);
+        # 8 leaves room for 448x448 and 7B, and an OOM still halves it (same effective batch).
+        model_name_or_path="Qwen/Qwen2.5-VL-3B-Instruct", micro_batch_size=8, grad_accum_steps=2,
+        infer_batch_size=16, num_workers=2, checkpoint_every_minutes=15.0,
         # Two fold workers (one per T4) each keep their own feature cache; Kaggle gives ~29 GiB of RAM.
         feature_cache_max_gib=6.0,
     ),

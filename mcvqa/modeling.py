@@ -5,9 +5,11 @@ has none) or a hub id. The language model's linear layers are stored as 4-bit NF
 quantisation and compute in the hardware's dtype; the vision tower is left unquantised and frozen
 (its features barely need adapting for this task, and freezing it lets inference cache them). LoRA
 adapters go on the language model's attention and MLP projections. On fp16 hardware (T4) the vision
-tower runs in fp32, which avoids the known fp16 overflow of Qwen-VL vision towers.
+tower keeps fp32 weights and runs outside autocast, which avoids the known fp16 overflow of Qwen-VL
+vision towers.
 """
 
+import functools
 import os
 
 import torch
@@ -68,9 +70,29 @@ def add_lora(model, cfg, hardware):
     # where fp16 could overflow; on bf16/fp32 hardware give it back its compute dtype (speed, memory).
     vision_dtype = torch.float32 if hardware.dtype == "float16" else hardware.torch_dtype
     _vision_tower(model).to(vision_dtype)
+    if hardware.dtype == "float16":
+        run_without_autocast(_vision_tower(model))
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=cfg.lora_target_modules, bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
+
+
+def run_without_autocast(module):
+    """Make `module` compute in its own weights' dtype even inside an fp16 autocast region.
+
+    fp32 weights alone are not enough on a T4: the training loop's autocast would still run the
+    tower's matmuls in fp16, where Qwen-VL vision activations overflow. With the image-feature cache
+    this fp32 pass happens once per image."""
+    inner = module.forward
+
+    @functools.wraps(inner)
+    def forward(*args, **kwargs):
+        device_type = next(module.parameters()).device.type
+        with torch.autocast(device_type=device_type, enabled=False):
+            return inner(*args, **kwargs)
+
+    module.forward = forward
+    return module
 
 
 def load_model_for_training(cfg, hardware, device=None):

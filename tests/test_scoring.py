@@ -202,3 +202,28 @@ def test_cyclic_views_map_back_to_original_options(family, setup, tiny_model, ti
             np.testing.assert_allclose(got, display, atol=1e-5)
     # The option order changes the scores (so the mapping above is not checked on identical rows).
     assert np.abs(views[(1.0, 0)] - views[(1.0, 1)]).max() > 1e-4
+
+
+def test_fp16_hardware_runs_the_vision_tower_outside_autocast(family, setup, tiny_cfg, hardware):
+    """On a T4 (fp16) the training loop's autocast must not push the fp32 vision tower back to fp16."""
+    import dataclasses
+
+    from mcvqa.modeling import add_lora, load_base_model
+
+    t4 = dataclasses.replace(hardware, dtype="float16")
+    cfg = tiny_cfg(family, load_in_4bit=False)
+    model = add_lora(load_base_model(cfg, hardware), cfg, t4)  # fp32 weights on the CPU, fp16 "hardware"
+    vlm = model.get_base_model().model
+    assert vlm.visual.patch_embed.proj.weight.dtype == torch.float32
+    batch = _collate(*setup, _items())
+    pixels, grid = batch["pixel_values"].float(), batch["image_grid_thw"]
+    with torch.no_grad():
+        reference = vlm.get_image_features(pixels, grid, return_dict=True).pooler_output
+        # CPU autocast stands in for a T4's CUDA autocast: the same switch, another device type.
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            under_autocast = vlm.get_image_features(pixels, grid, return_dict=True).pooler_output
+            vlm.visual.forward = vlm.visual.forward.__wrapped__  # the stock forward, for contrast
+            stock = vlm.get_image_features(pixels, grid, return_dict=True).pooler_output
+    for ref, got, raw in zip(reference, under_autocast, stock):
+        assert got.dtype == torch.float32 and torch.equal(got, ref)
+        assert not torch.equal(raw.float(), ref)  # without the wrapper autocast changes the features
