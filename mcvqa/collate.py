@@ -30,9 +30,14 @@ def shuffled_views(n_rows, seed, epoch):
     return [(row, tuple(int(i) for i in rng.permutation(4))) for row in range(n_rows)]
 
 
+def cyclic_perms(n_shifts):
+    """TTA option orders: shift k shows original option (j + k) % 4 at display position j."""
+    return [tuple((j + shift) % 4 for j in range(4)) for shift in range(n_shifts)]
+
+
 def cyclic_views(n_rows, n_shifts):
-    """TTA views: shift k shows original option (j + k) % 4 at display position j."""
-    return [(row, tuple((j + shift) % 4 for j in range(4))) for shift in range(n_shifts) for row in range(n_rows)]
+    """TTA views, shift by shift: every row in order k = 0, then every row in order k = 1, ..."""
+    return [(row, perm) for perm in cyclic_perms(n_shifts) for row in range(n_rows)]
 
 
 class VqaDataset(torch.utils.data.Dataset):

@@ -81,6 +81,7 @@ class Config:
     tta_option_views: int = 4  # cyclic shifts of the options (1 = off); winners: +1.5 pp
     tta_image_scales: str = ""  # extra pixel-budget views, e.g. "0.75,1.5" (x max_pixels)
     tta_average: str = "prob"  # prob | logprob: how views are averaged
+    tta_shared_prefix: bool = True  # option orders of a row run system + image + question once (needs the feature cache)
     ensemble_weights: str = "equal"  # equal | oof_acc: fold weights
     temperature_scaling: bool = False  # fit one temperature on out-of-fold logits
     # --- image-feature cache (feature_cache.py): the frozen vision tower runs once per image ----

@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 from scipy.optimize import minimize_scalar
 
-from .collate import cyclic_views
+from .collate import cyclic_perms, cyclic_views
 from .prompts import OPTION_LETTERS
 from .training import make_loader, predict_letter_logits
 
@@ -53,16 +53,21 @@ def predict_views(model, frame, processor, fmt, cfg, hardware, desc="test", feat
 
     With a feature_cache, the option views of an image share one vision-tower pass (and later folds
     reuse it); a pixel scale is a different image to the tower, so it has its own features."""
-    n = len(frame)
+    n, k = len(frame), cfg.tta_option_views
+    # Option orders of one row share system, image and question: batched together (row-major) they run
+    # that prefix once (needs the feature cache). Otherwise views go shift by shift.
+    shared = k > 1 and feature_cache is not None and cfg.tta_shared_prefix
+    order = [(row, perm) for row in range(n) for perm in cyclic_perms(k)] if shared else cyclic_views(n, k)
+    batch_size = max(1, cfg.infer_batch_size // k) * k if shared else cfg.infer_batch_size
     views = {}
     for scale in image_scales(cfg):
-        loader = make_loader(frame, cyclic_views(n, cfg.tta_option_views), processor, fmt, cfg,
-                             cfg.infer_batch_size, max_pixels=int(cfg.max_pixels * scale), feature_cache=feature_cache)
+        loader = make_loader(frame, order, processor, fmt, cfg, batch_size, max_pixels=int(cfg.max_pixels * scale),
+                             feature_cache=feature_cache)
         logits, rows, perms = predict_letter_logits(model, loader, fmt, hardware, desc=f"{desc} x{scale:g}",
-                                                    feature_cache=feature_cache)
+                                                    feature_cache=feature_cache, shared_views=k if shared else 0)
         probs = to_original_order(softmax(logits), perms)
-        for shift in range(cfg.tta_option_views):
-            part = slice(shift * n, (shift + 1) * n)
+        for shift in range(k):
+            part = slice(shift, None, k) if shared else slice(shift * n, (shift + 1) * n)
             assert (rows[part] == np.arange(n)).all(), "views came back out of order"
             views[(scale, shift)] = probs[part]
     return views

@@ -30,7 +30,7 @@ from transformers import get_cosine_schedule_with_warmup
 from .collate import VqaCollator, VqaDataset, identity_views, shuffled_views
 from .distributed import all_reduce_grads, broadcast_params, from_main, is_main, map_shards, rank_slice, slice_rows
 from .modeling import load_trainable_state, trainable_state
-from .scoring import answer_loss, letter_logits, unwrap_vlm
+from .scoring import answer_loss, letter_logits, shared_prefix_letter_logits, unwrap_vlm
 
 
 class LoraEma:
@@ -107,10 +107,12 @@ def make_loader(frame, views, processor, fmt, cfg, batch_size, max_pixels=None, 
 
 
 @torch.no_grad()
-def predict_letter_logits(model, loader, fmt, hardware, desc="predict", feature_cache=None):
+def predict_letter_logits(model, loader, fmt, hardware, desc="predict", feature_cache=None, shared_views=0):
     """Letter logits per view, in the loader's order: (logits [N, 4] in display order, rows, perms).
 
-    With a feature_cache (and a loader made with it), each image is encoded at most once."""
+    With a feature_cache (and a loader made with it), each image is encoded at most once. With
+    `shared_views` = k, each run of k samples is one row's option orders: their common prefix runs once
+    (scoring.shared_prefix_letter_logits)."""
     model.eval()
     logits, rows, perms = [], [], []
     device, pixel_dtype = _model_device(model), _pixel_dtype(model)
@@ -118,7 +120,10 @@ def predict_letter_logits(model, loader, fmt, hardware, desc="predict", feature_
         with _autocast(hardware):
             if feature_cache is not None:
                 batch = feature_cache.attach(model, batch)
-            logits.append(letter_logits(model, batch, fmt.letter_ids, device, pixel_dtype).cpu())
+            out = shared_prefix_letter_logits(model, batch, fmt.letter_ids, device, shared_views) if shared_views else None
+            if out is None:
+                out = letter_logits(model, batch, fmt.letter_ids, device, pixel_dtype)
+            logits.append(out.cpu())
         rows.append(batch["rows"])
         perms.append(batch["perms"])
     return torch.cat(logits).numpy(), torch.cat(rows).numpy(), torch.cat(perms).numpy()

@@ -227,3 +227,65 @@ def test_fp16_hardware_runs_the_vision_tower_outside_autocast(family, setup, tin
     for ref, got, raw in zip(reference, under_autocast, stock):
         assert got.dtype == torch.float32 and torch.equal(got, ref)
         assert not torch.equal(raw.float(), ref)  # without the wrapper autocast changes the features
+
+
+@pytest.mark.parametrize("load_in_4bit", [False, True])
+def test_shared_prefix_scoring_equals_full_views(family, setup, tiny_model, load_in_4bit):
+    """The 4 option orders of a row share system + image + question: one prefix pass plus 4 suffixes
+    must give the letter logits of 4 full forward passes (ragged rows, padding inside the batch)."""
+    from mcvqa.feature_cache import FeatureCache
+    from mcvqa.scoring import shared_prefix_letter_logits
+
+    model = tiny_model(family, load_in_4bit)
+    processor, fmt = setup
+    rows = _items()
+    views = [dict(item, perm=perm, options=[item["options"][p] for p in perm], answer=-1)
+             for item in rows for perm in [tuple((j + s) % 4 for j in range(4)) for s in range(4)]]
+    collator = VqaCollator(processor, fmt, MIN_PIXELS, MAX_PIXELS, image_keys=True)
+    cache = FeatureCache()
+    with torch.no_grad():
+        batch = cache.attach(model, collator(views))
+        assert cache.encoded == len(rows)  # one tower pass per image, not per view
+        full = letter_logits(model, batch, fmt.letter_ids, "cpu", torch.float32)
+        shared = shared_prefix_letter_logits(model, batch, fmt.letter_ids, "cpu", n_views=4)
+    assert shared is not None and shared.shape == (len(views), 4)
+    torch.testing.assert_close(shared, full, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(full[0], full[1])  # the views do differ: the check has teeth
+
+
+def test_predict_views_with_shared_prefix_equals_view_by_view(family, setup, tiny_model, tiny_cfg, hardware, tmp_path,
+                                                             monkeypatch):
+    """predict_views' shared-prefix path (cache on, rows batched with their option orders, a batch
+    size that is no multiple of 4 and a ragged last batch) gives the same {view: probs} as scoring
+    every view on its own."""
+    from mcvqa.feature_cache import FeatureCache
+
+    processor, fmt = setup
+    model = tiny_model(family, True)
+    records = []
+    for i, item in enumerate(_items() * 2):
+        path = tmp_path / f"img{i}.png"
+        item["image"].save(path)
+        records.append({"id": f"q{i}", "image_path": str(path), "question": item["question"],
+                        **dict(zip("abcd", item["options"])), "answer": "a"})
+    frame = pd.DataFrame(records)
+    base = dict(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, tta_option_views=4, num_workers=0, infer_batch_size=10)
+    import mcvqa.training as training
+
+    used = []
+    real = training.shared_prefix_letter_logits
+    monkeypatch.setattr(training, "shared_prefix_letter_logits",
+                        lambda *a, **k: _count(used, real(*a, **k)))
+    cache = FeatureCache()
+    shared = predict_views(model, frame, processor, fmt, tiny_cfg(family, **base), hardware, feature_cache=cache)
+    plain = predict_views(model, frame, processor, fmt, tiny_cfg(family, tta_shared_prefix=False, **base), hardware)
+    assert sorted(shared) == sorted(plain) == [(1.0, k) for k in range(4)]
+    for key in plain:
+        np.testing.assert_allclose(shared[key], plain[key], atol=1e-5)
+    assert used == [8, 8, 8]  # batches of 2 rows x 4 orders (10 // 4 = 2 rows), all through the shared path
+    assert cache.encoded == len(frame) // 2  # every picture appears twice: keyed by content, encoded once
+
+
+def _count(log, logits):
+    log.append(None if logits is None else logits.shape[0])
+    return logits
