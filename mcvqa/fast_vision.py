@@ -1,4 +1,4 @@
-"""## Fast vision attention (opt-in): all windows of a batch in a few SDPA calls
+"""## Fast vision attention: all windows of a batch in a few SDPA calls (`fast_vision_attention`, on by default)
 
 Under SDPA, transformers' Qwen2.5-VL / Qwen3-VL vision attention runs one attention call per chunk of
 `cu_seqlens`: per 112-pixel window in Qwen2.5-VL's windowed layers (16 windows of a 392x392 image, so
