@@ -189,3 +189,17 @@ def test_notebook_cell_sends_its_functions_by_value(tmp_path):
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert "[(42, True)]" in done.stdout  # ran in a worker that could not import mcvqa
+
+
+def test_a_kept_job_reruns_alone_from_the_command_line(tmp_path):
+    """The re-run hint of a failed worker (`python -m mcvqa worker PAYLOAD`) runs the job and saves its result."""
+    import pickle
+    import subprocess
+    import sys
+
+    result_path = tmp_path / "out" / "job.result"
+    payload = tmp_path / "job.pkl"
+    payload.write_bytes(pickle.dumps((divmod, (17, 5), str(result_path))))
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "mcvqa", "worker", str(payload)], cwd=root, check=True)
+    assert pickle.loads(result_path.read_bytes()) == (3, 2)
