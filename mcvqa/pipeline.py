@@ -101,24 +101,21 @@ def folds_to_run(cfg):
     return list(range(cfg.n_folds)) if cfg.folds == "all" else [int(f) for f in cfg.folds.split(",")]
 
 
-_RUN_FEATURE_CACHES = {}
-
-
-def run_feature_cache(cfg, model, hardware):
+def run_feature_cache(cfg, model, hardware, shared):
     """The image-feature cache of this run, made once and shared by its folds (None where it is off).
 
-    Every fold loads the same frozen vision tower, so fold 1 reuses what fold 0 encoded. Checked per
-    fold: a model whose tower is trainable gets no cache. Only one run's cache is kept (RAM)."""
-    key = str(cfg.output_dir)
-    cache = make_feature_cache(cfg, model, hardware, reuse=_RUN_FEATURE_CACHES.get(key))
-    _RUN_FEATURE_CACHES.clear()
-    if cache is not None:
-        _RUN_FEATURE_CACHES[key] = cache
+    `shared` is the run's holder (a dict run_pipeline makes): every fold loads the same frozen vision
+    tower, so fold 1 reuses what fold 0 encoded. Checked per fold: a trainable tower gets no cache.
+    Worker processes (parallel.py) each get their own copy of the holder."""
+    cache = make_feature_cache(cfg, model, hardware, reuse=shared.get("cache"))
+    shared["cache"] = cache
     return cache
 
 
-def run_fold(fold, train, test, folds, processor, fmt, cfg, hardware, out_dir):
-    """Train one fold (or resume / skip it) and write its out-of-fold and test probabilities."""
+def run_fold(fold, train, test, folds, processor, fmt, cfg, hardware, out_dir, shared_cache=None):
+    """Train one fold (or resume / skip it) and write its out-of-fold and test probabilities.
+
+    `shared_cache`: the run's feature-cache holder (see run_feature_cache); None = this fold alone."""
     fold_dir = out_dir / f"fold{fold}"
     if from_main(lambda: (fold_dir / "test_probs.csv").exists()):
         print(f"[fold {fold}] predictions exist, skipping")
@@ -127,7 +124,7 @@ def run_fold(fold, train, test, folds, processor, fmt, cfg, hardware, out_dir):
     model = load_model_for_training(cfg, hardware, device=local_device(hardware))  # DDP: this rank's GPU
     if cfg.fast_vision_attention:
         print(f"[model] grouped SDPA vision attention in {patch_vision_attention(model)} layers")
-    cache = run_feature_cache(cfg, model, hardware)
+    cache = run_feature_cache(cfg, model, hardware, {} if shared_cache is None else shared_cache)
     train_part = train[folds != fold].reset_index(drop=True)
     val_part = train[folds == fold].reset_index(drop=True)
     train_fold(model, train_part, val_part, processor, fmt, cfg, hardware, fold, fold_dir, feature_cache=cache)
@@ -210,7 +207,8 @@ def run_pipeline(cfg, hardware):
         pd.DataFrame({"id": train["id"], "fold": folds}).to_csv(out_dir / "folds.csv", index=False)
     # One fold after another here (under DDP each across all ranks), or with 2+ GPUs one worker process
     # per GPU (parallel.py).
-    run_folds(run_fold, {fold: (fold, train, test, folds, processor, fmt, cfg, hardware, out_dir)
+    shared_cache = {}  # the folds of this run share one image-feature cache
+    run_folds(run_fold, {fold: (fold, train, test, folds, processor, fmt, cfg, hardware, out_dir, shared_cache)
                          for fold in folds_to_run(cfg)}, cfg, hardware, out_dir / "workers")
     metrics = from_main(lambda: finish_run(cfg, hardware, train, test, folds, sample_submission, bad_rows, out_dir,
                                            started))  # under DDP: rank 0 writes, every rank returns its metrics

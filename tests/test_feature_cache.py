@@ -204,7 +204,7 @@ def test_cache_turns_off_when_vision_tower_is_trainable(family, tiny_model, tiny
         assert cache_blockers(model, cfg) == ["the vision tower has trainable parameters"]
         assert make_feature_cache(cfg, model, hardware) is None
         assert "image-feature cache off: the vision tower has trainable parameters" in capsys.readouterr().out
-        assert run_feature_cache(cfg, model, hardware) is None
+        assert run_feature_cache(cfg, model, hardware, {}) is None
     finally:
         weight.requires_grad_(False)
     assert make_feature_cache(dataclasses.replace(cfg, cache_image_features=False), model, hardware) is None
@@ -221,9 +221,10 @@ def test_cache_turns_off_for_augmented_images(tiny_model, tiny_cfg):
 def test_run_cache_is_shared_by_folds(tiny_model, tiny_cfg, hardware, tmp_path):
     cfg = tiny_cfg("qwen2_5_vl", output_dir=str(tmp_path / "run"))
     model = tiny_model("qwen2_5_vl", False)
-    first = run_feature_cache(cfg, model, hardware)
-    assert first is not None and run_feature_cache(cfg, model, hardware) is first
-    assert run_feature_cache(dataclasses.replace(cfg, output_dir=str(tmp_path / "other")), model, hardware) is not first
+    shared = {}  # what run_pipeline hands every fold of one run
+    first = run_feature_cache(cfg, model, hardware, shared)
+    assert first is not None and run_feature_cache(cfg, model, hardware, shared) is first
+    assert run_feature_cache(cfg, model, hardware, {}) is not first  # another run starts empty
 
 
 def test_disk_cache_survives_a_new_session_and_ram_budget(tiny_model, tiny_cfg, tiny_processor, tiny_fmt, hardware, tmp_path):
