@@ -58,15 +58,10 @@ _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 def run_worker_payload(path):
     """What a worker process runs, by hand: `python -m mcvqa worker PAYLOAD` (for debugging one job).
 
-    The same steps as WORKER_MAIN, which workers get as `python -c` source because inside a notebook
-    this package need not be importable."""
-    with open(path, "rb") as f:
-        fn, args, result_path = pickle.load(f)
-    result = fn(*args)
-    os.makedirs(os.path.dirname(result_path), exist_ok=True)
-    with open(result_path + ".tmp", "wb") as f:
-        pickle.dump(result, f)
-    os.replace(result_path + ".tmp", result_path)
+    Runs WORKER_MAIN in a fresh process exactly as a worker does (its output shows here), so there is
+    one copy of the worker's steps; it is `python -c` source because inside a notebook this package
+    need not be importable."""
+    subprocess.run([sys.executable, "-c", WORKER_MAIN, str(path)], check=True)
 
 
 class WorkerError(RuntimeError):
