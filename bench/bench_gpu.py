@@ -32,7 +32,7 @@ from transformers import (AutoProcessor, Qwen2_5_VLConfig, Qwen2_5_VLForConditio
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from mcvqa.collate import VqaCollator  # noqa: E402
 from mcvqa.config import resolve_config  # noqa: E402
-from mcvqa.fast_vision import patch_vision_attention, unpatch_vision_attention  # noqa: E402
+from mcvqa.fast_vision import compile_vision_elementwise, patch_vision_attention, unpatch_vision_attention  # noqa: E402
 from mcvqa.feature_cache import FeatureCache  # noqa: E402
 from mcvqa.hardware import choose_hardware, describe_gpus  # noqa: E402
 from mcvqa.inference import predict_views  # noqa: E402
@@ -207,6 +207,13 @@ def bench_cfg(bench, model_dir="", **changes):
                                infer_batch_size=bench.args.batch, model_name_or_path=model_dir, **changes)
 
 
+def uncompile_vision(model):
+    """Undo compile_vision_elementwise (the bench compares with and without it on one model)."""
+    for module in model.modules():
+        module._compiled_call_impl = None
+        vars(module).pop("_mcvqa_rotary", None)
+
+
 def free(*objects):
     """Release GPU memory (the caller must drop its own references first)."""
     del objects
@@ -248,10 +255,19 @@ def inference_rows(bench, name, processor, peak, with_pipeline=True):
         patched = patch_vision_attention(model)
         forward_all(batches[:1])
         t_fast, fast = bench.timed(lambda: forward_all(batches))
-        unpatch_vision_attention(model)
         diff = max(float((a.float() - b.float()).abs().max()) for a, b in zip(fast, ref))
         bench.row(section, f"ours: batch {args.batch}, forward only, grouped vision attention ({patched} layers)",
                   args.n / t_fast, mfu=(lm_f + vis_f) / t_fast / 1e12 / peak, note=f"max |logit diff| vs stock {diff:.3g}")
+        compile_vision_elementwise(model)
+        t_compile, _ = bench.timed(lambda: forward_all(batches[:1]))
+        t_comp, comp = bench.timed(lambda: forward_all(batches))
+        diff = max(float((a.float() - b.float()).abs().max()) for a, b in zip(comp, ref))
+        bench.row(section, f"ours: batch {args.batch}, forward only, grouped attention + compiled norms/MLP/rotary (default)",
+                  args.n / t_comp, mfu=(lm_f + vis_f) / t_comp / 1e12 / peak,
+                  note=f"max |logit diff| vs stock {diff:.3g}; first batch (compiling) {t_compile:.1f} s")
+        bench.results[name + " fwd_default"] = args.n / t_comp
+        uncompile_vision(model)
+        unpatch_vision_attention(model)
 
         cache = FeatureCache()
         t_enc, cached_batches = bench.timed(lambda: [cache.attach(model, b) for b in batches])
@@ -262,9 +278,15 @@ def inference_rows(bench, name, processor, peak, with_pipeline=True):
         [cache_fast.attach(model, b) for b in batches[:1]]
         cache_fast = FeatureCache()
         t_enc_fast, _ = bench.timed(lambda: [cache_fast.attach(model, b) for b in batches])
-        unpatch_vision_attention(model)
         bench.row(section, "vision tower alone, grouped vision attention", args.n / t_enc_fast, unit="images/s",
                   mfu=vis_f / t_enc_fast / 1e12 / peak)
+        compile_vision_elementwise(model)
+        [FeatureCache().attach(model, b) for b in batches[:1]]
+        t_enc_comp, _ = bench.timed(lambda: [FeatureCache().attach(model, b) for b in batches])
+        bench.row(section, "vision tower alone, grouped attention + compiled norms/MLP/rotary (default)", args.n / t_enc_comp,
+                  unit="images/s", mfu=vis_f / t_enc_comp / 1e12 / peak)
+        uncompile_vision(model)
+        unpatch_vision_attention(model)
         forward_all(cached_batches[:1])
         t_cached, got = bench.timed(lambda: forward_all(cached_batches))
         diff = max(float((a.float() - b.float()).abs().max()) for a, b in zip(got, ref))
@@ -276,6 +298,9 @@ def inference_rows(bench, name, processor, peak, with_pipeline=True):
     print(f"[bench] {name}: {n_params / 1e9:.2f} B params, {tokens:.0f} tokens/sample, "
           f"{batches[0]['image_grid_thw'][0].tolist()} patch grid, peak {peak_mem:.1f} GiB", flush=True)
     if with_pipeline:
+        # The pipeline's defaults on this card (run_fold): grouped attention, compiled elementwise work.
+        patch_vision_attention(model)
+        compile_vision_elementwise(model)
         pipeline_rows(bench, model, processor, fmt, section, seed_rate)
     return model
 
@@ -283,18 +308,19 @@ def inference_rows(bench, name, processor, peak, with_pipeline=True):
 def pipeline_rows(bench, model, processor, fmt, section, seed_rate):
     """The pipeline's own predict_views (JPEG decoding, collation in DataLoader workers, batching)."""
     args = bench.args
+    n = args.n_pipeline
     with tempfile.TemporaryDirectory() as folder:
-        frame = frame_on_disk(args.n, args.size, folder)
+        frame = frame_on_disk(n, args.size, folder)
         cfg1 = bench_cfg(bench, tta_option_views=1)
         predict_views(model, frame.iloc[:args.batch], processor, fmt, cfg1, bench.hardware, desc="warm-up")
         t_single, _ = bench.timed(lambda: predict_views(model, frame, processor, fmt, cfg1, bench.hardware))
-        bench.row(section, "ours: predict_views, 1 view, no cache (JPEG decode + collate in workers)", args.n / t_single)
-        bench.results["inference_speedup"] = (args.n / t_single) / seed_rate
+        bench.row(section, f"ours: predict_views, {n} rows, 1 view, no cache (JPEG decode + collate in workers)", n / t_single)
+        bench.results["inference_speedup"] = (n / t_single) / seed_rate
         cache = FeatureCache()
         predict_views(model, frame, processor, fmt, cfg1, bench.hardware, feature_cache=cache)
         t_hit, _ = bench.timed(lambda: predict_views(model, frame, processor, fmt, cfg1, bench.hardware, feature_cache=cache))
-        bench.row(section, "ours: predict_views, 1 view, features already cached", args.n / t_hit)
-        bench.results["inference_speedup_cached"] = (args.n / t_hit) / seed_rate
+        bench.row(section, f"ours: predict_views, {n} rows, 1 view, features already cached", n / t_hit)
+        bench.results["inference_speedup_cached"] = (n / t_hit) / seed_rate
 
         ensemble_rows(bench, model, processor, frame, t_single)
 
@@ -309,11 +335,21 @@ def ensemble_rows(bench, model, processor, frame, t_single):
 
         def ensemble():
             cache = FeatureCache()  # empty: the ensemble pays for every image once
-            for _ in range(3):  # 3 folds (one model here: the cost per fold is the same)
-                predict_views(model, frame, processor, fmt, cfg4, bench.hardware, feature_cache=cache)
+            for fold in range(3):  # 3 folds (one model here: the cost per fold is the same)
+                t_fold, _ = bench.timed(lambda: predict_views(model, frame, processor, fmt, cfg4, bench.hardware,
+                                                              feature_cache=cache))
+                print(f"[bench] ensemble fold {fold}: {t_fold:.2f} s", flush=True)
             return cache
 
         t_ens, cache = bench.timed(ensemble)
+        if shared and bench.device == "cuda" and bench.args.profile_fold:
+            from torch.profiler import ProfilerActivity, profile
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                predict_views(model, frame, processor, fmt, cfg4, bench.hardware, feature_cache=cache)
+                torch.cuda.synchronize()
+            averages = prof.key_averages()
+            print(averages.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=50))
+            print(averages.table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=50), flush=True)
         how = "shared prefix per row" if shared else "every view in full"
         bench.row("(b) ensemble", f"3 folds x 4 option views, feature cache, {how} (pipeline)", n / t_ens,
                   note=f"{cache.encoded} images encoded for {12 * n} views; {t_ens / t_single:.2f}x one single-view pass")
@@ -325,8 +361,8 @@ def ensemble_rows(bench, model, processor, frame, t_single):
 
 def ensemble_only(bench, processor):
     """--part ensemble: the pipeline's inference alone on Qwen2.5-VL-3B (a short run): the seed rate,
-    then per vision attention (stock, grouped = the pipeline's default) one single-view pass and the
-    3-fold x 4-order ensemble with and without the shared prefix."""
+    then per vision-tower setting (stock; grouped attention; grouped + compiled = the default on sm80+)
+    one single-view pass and the 3-fold x 4-order ensemble with and without the shared prefix."""
     args = bench.args
     model = build_model("Qwen2.5-VL-3B", bench.device, bench.dtype, args.tiny)
     cfg1 = bench_cfg(bench, tta_option_views=1)
@@ -337,22 +373,22 @@ def ensemble_only(bench, processor):
         seed_s, _ = bench.timed(lambda: seed_inference(bench, model, processor, fmt, data[:args.n_seed]))
     seed_rate = args.n_seed / seed_s
     bench.row("(b) ensemble", "seed: 1 sample, processor + generate(max_new_tokens=1)", seed_rate)
+    n = args.n_pipeline
     with tempfile.TemporaryDirectory() as folder:
-        frame = frame_on_disk(args.n, args.size, folder)
-        for attention in ("stock", "grouped"):
-            if attention == "grouped":
+        frame = frame_on_disk(n, args.size, folder)
+        for tower in ("stock", "grouped", "compiled"):
+            if tower == "grouped":
                 patch_vision_attention(model)
+            if tower == "compiled":
+                compile_vision_elementwise(model)
             predict_views(model, frame.iloc[:args.batch], processor, fmt, cfg1, bench.hardware, desc="warm-up")
             t_single, _ = bench.timed(lambda: predict_views(model, frame, processor, fmt, cfg1, bench.hardware))
-            bench.row("(b) ensemble", f"one single-view pass, no cache, {attention} vision attention (pipeline)",
-                      args.n / t_single, note=f"{args.n / t_single / seed_rate:.1f}x the seed")
-            bench.results[f"inference_speedup_{attention}"] = args.n / t_single / seed_rate
-            before = dict(bench.results)
+            bench.row("(b) ensemble", f"one single-view pass, {n} rows, no cache, tower {tower} (pipeline)",
+                      n / t_single, note=f"{n / t_single / seed_rate:.1f}x the seed")
+            bench.results[f"inference_speedup_{tower}"] = n / t_single / seed_rate
             ensemble_rows(bench, model, processor, frame, t_single)
             for key in ("ensemble_cost", "ensemble_cost_unshared"):
-                bench.results[f"{key}_{attention}"] = bench.results[key]
-            if attention == "stock":
-                bench.results.update({k: v for k, v in before.items() if k not in ("ensemble_cost", "ensemble_cost_unshared")})
+                bench.results[f"{key}_{tower}"] = bench.results.pop(key)
 
 
 # ------------------------------------------------------------------------------------------- (c)
@@ -508,6 +544,8 @@ def main():
     parser.add_argument("--n-train", type=int, default=128)
     parser.add_argument("--n-seed-train", type=int, default=32)
     parser.add_argument("--train-micro", type=int, default=16)
+    parser.add_argument("--n-pipeline", type=int, default=512, help="test rows of the pipeline and ensemble rows")
+    parser.add_argument("--profile-fold", action="store_true", help="torch.profiler tables of one cached ensemble fold")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--size", type=int, default=384)
     parser.add_argument("--workers", type=int, default=8)
@@ -528,10 +566,10 @@ def main():
     elif args.part == "ensemble":
         ensemble_only(bench, AutoProcessor.from_pretrained(assets / MODELS["Qwen2.5-VL-3B"][2]))
         r = bench.results
-        for attention in ("stock", "grouped"):
-            print(f"{attention} vision attention: inference speedup {r[f'inference_speedup_{attention}']:.1f}x, "
-                  f"ensemble cost {r[f'ensemble_cost_{attention}']:.2f}x "
-                  f"(every view in full: {r[f'ensemble_cost_unshared_{attention}']:.2f}x)")
+        for tower in ("stock", "grouped", "compiled"):
+            print(f"tower {tower}: inference speedup {r[f'inference_speedup_{tower}']:.1f}x, "
+                  f"ensemble cost {r[f'ensemble_cost_{tower}']:.2f}x "
+                  f"(every view in full: {r[f'ensemble_cost_unshared_{tower}']:.2f}x)")
     else:
         peak = matmul_peak_tflops(bench.device, bench.dtype)
         bench.results["peak_tflops"] = peak

@@ -82,7 +82,8 @@ class Config:
     seed: int = 42
     max_train_rows: int = 0  # 0 = all; a small number makes a quick smoke run
     # --- inference -------------------------------------------------------------------------------
-    infer_batch_size: int = 8
+    infer_batch_size: int = 8  # test rows per batch (with the shared-prefix TTA each row brings its option views)
+    pin_memory: bool = False  # pinned data-loader batches: no faster on an H200 (BENCHMARKS.md), an extra copy per batch
     tta_option_views: int = 4  # cyclic shifts of the options (1 = off); winners: +1.5 pp
     tta_image_scales: str = ""  # extra pixel-budget views, e.g. "0.75,1.5" (x max_pixels)
     tta_average: str = "prob"  # prob | logprob: how views are averaged
@@ -95,6 +96,7 @@ class Config:
     feature_cache_max_gib: float = 12.0  # RAM budget; beyond it features go to disk (if on) or are recomputed
     feature_cache_on_disk: bool = False  # also write them to <output_dir>/feature_cache (a restarted session reuses them)
     fast_vision_attention: bool = True  # SDPA vision tower: one attention call per window length, not per window (2.4x 3B forward, BENCHMARKS.md; equal to stock, tested)
+    compile_vision: str = "auto"  # auto | on | off: torch.compile the tower's norms, MLP, rotary (auto: sm80+ GPU with triton)
 
 
 # Profiles: small override sets per environment, like nanoGPT's config files.

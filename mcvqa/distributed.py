@@ -108,10 +108,21 @@ def rank_bounds(n_items):
 
 def slice_rows(batch, start, stop):
     """Samples [start, stop) of a collated batch (each image's patch rows of pixel_values follow its sample)."""
-    ends = [0] + batch["image_grid_thw"].prod(dim=1).cumsum(0).tolist()
-    part = {k: v[start:stop] for k, v in batch.items() if k != "pixel_values"}
-    if "pixel_values" in batch:  # absent when cached image features were attached instead
-        part["pixel_values"] = batch["pixel_values"][int(ends[start]):int(ends[stop])]
+    part = {k: v[start:stop] for k, v in batch.items() if k not in ("pixel_values", "pixel_rows")}
+    if "pixel_values" not in batch:  # cached image features were attached instead
+        return part
+    sizes = batch["image_grid_thw"].prod(dim=1).tolist()
+    # Feature-cache batches ship pixels for the samples in pixel_rows only (collate.py), else for all.
+    rows = batch["pixel_rows"].tolist() if "pixel_rows" in batch else list(range(len(sizes)))
+    keep, pieces, offset = [], [], 0
+    for row in rows:
+        if start <= row < stop:
+            keep.append(row - start)
+            pieces.append(batch["pixel_values"][offset:offset + sizes[row]])
+        offset += sizes[row]
+    part["pixel_values"] = torch.cat(pieces) if pieces else batch["pixel_values"][:0]
+    if "pixel_rows" in batch:
+        part["pixel_rows"] = torch.tensor(keep, dtype=torch.long)
     return part
 
 

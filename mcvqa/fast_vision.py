@@ -12,8 +12,18 @@ apply), and the results are scattered back. A 392x392 image has windows of only 
 layer makes a handful of calls. Each chunk still attends only to itself: the result equals the stock
 module's up to floating-point rounding (tested). FlashAttention 2's varlen kernel already does this,
 so modules running flash_attention_2 are left alone.
+
+With the loop gone, the tower's time goes to its elementwise work: fp32 RMSNorm, SwiGLU and the fp32
+rotary each make several full passes over the activations, and cuBLAS matmuls were under half of the
+tower's GPU time (bench/profile_tower.py, H200). `compile_vision_elementwise` (`compile_vision`,
+auto: on for sm80+ GPUs with triton) hands the blocks' norms, MLP and the rotary to torch.compile,
+which fuses each into a few kernels; attention stays the grouped SDPA calls above (dynamic window
+groups would make a whole-block graph recompile). Same arithmetic, fp32 inside the fused kernels:
+equal to stock in fp32, bf16 rounding otherwise (tested).
 """
 
+import importlib.util
+import shutil
 import sys
 import types
 
@@ -52,8 +62,9 @@ def _grouped_forward(self, hidden_states, cu_seqlens, position_embeddings=None, 
     seq_length = hidden_states.shape[0]
     query, key, value = self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
     cos, sin = position_embeddings
-    # The model's own rotary helper (same module as the attention class), so numerics match exactly.
-    rotary = sys.modules[type(self).__module__].apply_rotary_pos_emb_vision
+    # The model's own rotary helper (same module as the attention class), so numerics match exactly;
+    # its torch.compile'd version when compile_vision_elementwise ran.
+    rotary = getattr(self, "_mcvqa_rotary", None) or sys.modules[type(self).__module__].apply_rotary_pos_emb_vision
     query, key = rotary(query, key, cos, sin)
     # The same cu_seqlens tensor is passed to every windowed (or every full) layer: plan once per tensor.
     plan = self._mcvqa_plans
@@ -86,3 +97,40 @@ def unpatch_vision_attention(model):
     for module in model.modules():
         if "_mcvqa_plans" in vars(module):
             del module.forward, module._mcvqa_plans
+        vars(module).pop("_mcvqa_rotary", None)
+
+
+def compile_vision_choice(setting, hardware):
+    """(compile?, why) for the `compile_vision` setting (auto | on | off) on this hardware."""
+    if setting not in ("auto", "on", "off"):
+        raise ValueError(f"config: compile_vision must be auto, on or off, got {setting!r}")
+    if setting != "auto":
+        return setting == "on", f"compile_vision={setting} set in the config"
+    if hardware.device != "cuda":
+        return False, "on the CPU compiling costs more time than it saves (compile_vision=on to force)"
+    if tuple(hardware.compute_capability) < (8, 0):
+        return False, (f"{hardware.gpu_name} is below sm80, where it was not measured "
+                       "(the tower runs once per image with the cache; compile_vision=on to try)")
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed (torch.compile needs it on a GPU)"
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        return False, "no C compiler on the PATH (triton builds its kernel launcher with one)"
+    return True, "sm80+ GPU with triton: fused norms, MLP and rotary (1.9x the 3B tower on an H200, BENCHMARKS.md)"
+
+
+def compile_vision_elementwise(model):
+    """torch.compile each vision block's norms and MLP, in place (state-dict keys unchanged), and the
+    rotary of the grouped attention; returns the number of blocks. dynamic=True: one graph for every
+    batch's token count. The first batch pays the compile (seconds)."""
+    blocks = [m for name, m in model.named_modules() if type(m).__name__.endswith("VisionBlock") and "visual" in name]
+    for block in blocks:
+        for part in (block.norm1, block.norm2, block.mlp):
+            part.compile(dynamic=True)
+    rotaries = {}
+    for module in model.modules():
+        if "_mcvqa_plans" in vars(module):  # patched attention: it calls the rotary by name
+            source = sys.modules[type(module).__module__].apply_rotary_pos_emb_vision
+            if source not in rotaries:
+                rotaries[source] = torch.compile(source, dynamic=True)
+            module._mcvqa_rotary = rotaries[source]
+    return len(blocks)

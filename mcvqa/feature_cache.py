@@ -121,6 +121,13 @@ class FeatureCache:
         return (f"{self.encoded} images encoded, {self.hits} lookups served from the cache "
                 f"({self.disk_reads} from disk), {len(self.store)} in RAM ({self.bytes / 2**30:.2f} GiB)")
 
+    def known_keys(self):
+        """Keys whose features can be served without pixels (RAM, or disk when on): the loader skips their images."""
+        keys = set(self.store)
+        if self.disk_dir:
+            keys.update(path.stem for path in self.disk_dir.glob("*.pt"))
+        return frozenset(keys)
+
     def _disk_path(self, key):
         return self.disk_dir / f"{key}.pt"
 
@@ -156,7 +163,8 @@ class FeatureCache:
         vlm = base_vlm_model(model)
         device = vlm.visual.patch_embed.proj.weight.device
         with self._precision(device):
-            out = vlm.get_image_features(pixel_values.to(device), grid_thw.to(device), return_dict=True)
+            out = vlm.get_image_features(pixel_values.to(device, non_blocking=True), grid_thw.to(device),
+                                         return_dict=True)
         deepstack = getattr(out, "deepstack_features", None) or []
         return [ImageFeatures(embeds.to("cpu"), tuple(layer[i].to("cpu") for layer in deepstack))
                 for i, embeds in enumerate(out.pooler_output)]
@@ -165,7 +173,8 @@ class FeatureCache:
         """The batch with `image_features` (one per sample, in order) instead of `pixel_values`.
 
         Images not cached yet are encoded together, up to `max_images` per tower call, each once even
-        when several views of it are in the batch. Needs the collator's `image_keys` (one image per sample)."""
+        when several views of it are in the batch. Needs the collator's `image_keys` (one image per
+        sample) and `pixel_rows` (which samples' pixels `pixel_values` holds; all when absent)."""
         keys = batch["image_keys"]
         grid = batch["image_grid_thw"]
         if len(keys) != grid.shape[0]:
@@ -178,19 +187,37 @@ class FeatureCache:
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
         if missing:
-            first = {k: keys.index(k) for k in missing}
-            ends = grid.prod(dim=1).cumsum(0).tolist()
-            starts = [0] + ends[:-1]
+            pixels_of = self._pixel_slices(batch)
+            unknown = [k for k in missing if k not in pixels_of]
+            if unknown:
+                raise RuntimeError(f"feature cache: {len(unknown)} image(s) of this batch have neither cached features "
+                                   "nor pixels (the loader was told they were cached; was the cache cleared?)")
             for i in range(0, len(missing), max_images):
                 chunk = missing[i:i + max_images]
-                rows = [first[k] for k in chunk]
-                pixels = torch.cat([batch["pixel_values"][starts[r]:ends[r]] for r in rows])
+                spans = [pixels_of[k] for k in chunk]
+                if all(a[1] == b[0] for a, b in zip(spans, spans[1:])):  # consecutive: a view, no copy
+                    pixels = batch["pixel_values"][spans[0][0]:spans[-1][1]]
+                else:
+                    pixels = torch.cat([batch["pixel_values"][a:b] for a, b, _ in spans])
+                rows = [pixels_of[k][2] for k in chunk]
                 for key, features in zip(chunk, self.encode(model, pixels, grid[rows])):
                     found[key] = self._keep(key, features)
                     self.encoded += 1
-        out = {k: v for k, v in batch.items() if k != "pixel_values"}
+        out = {k: v for k, v in batch.items() if k not in ("pixel_values", "pixel_rows")}
         out["image_features"] = [found[k] for k in keys]
         return out
+
+    @staticmethod
+    def _pixel_slices(batch):
+        """{key: (start, end, sample)}: where each shipped image's patch rows are in pixel_values."""
+        rows = batch["pixel_rows"].tolist() if "pixel_rows" in batch else range(len(batch["image_keys"]))
+        grid = batch["image_grid_thw"]
+        slices, start = {}, 0
+        for row in rows:
+            end = start + int(grid[row].prod())
+            slices.setdefault(batch["image_keys"][row], (start, end, row))
+            start = end
+        return slices
 
 
 def make_feature_cache(cfg, model, hardware, reuse=None, verbose=True):

@@ -16,7 +16,7 @@ from scipy.optimize import minimize_scalar
 
 from .collate import cyclic_perms, cyclic_views
 from .prompts import OPTION_LETTERS
-from .training import make_loader, predict_letter_logits
+from .training import tower_dtype, make_loader, predict_letter_logits
 
 PROB_COLUMNS = [f"p_{letter}" for letter in OPTION_LETTERS]
 
@@ -58,11 +58,13 @@ def predict_views(model, frame, processor, fmt, cfg, hardware, desc="test", feat
     # that prefix once (needs the feature cache). Otherwise views go shift by shift.
     shared = k > 1 and feature_cache is not None and cfg.tta_shared_prefix
     order = [(row, perm) for row in range(n) for perm in cyclic_perms(k)] if shared else cyclic_views(n, k)
-    batch_size = max(1, cfg.infer_batch_size // k) * k if shared else cfg.infer_batch_size
+    # Shared prefix: a batch is infer_batch_size rows (the prefix pass is as big as a single-view
+    # batch; the k short suffixes per row ride along), so a fold makes k times fewer passes.
+    batch_size = cfg.infer_batch_size * k if shared else cfg.infer_batch_size
     views = {}
     for scale in image_scales(cfg):
         loader = make_loader(frame, order, processor, fmt, cfg, batch_size, max_pixels=int(cfg.max_pixels * scale),
-                             feature_cache=feature_cache)
+                             feature_cache=feature_cache, pixel_dtype=tower_dtype(model), dedupe_images=True)
         logits, rows, perms = predict_letter_logits(model, loader, fmt, hardware, desc=f"{desc} x{scale:g}",
                                                     feature_cache=feature_cache, shared_views=k if shared else 0)
         probs = to_original_order(softmax(logits), perms)

@@ -24,7 +24,7 @@ from .demo_data import generate_demo_dataset
 from .demo_model import build_tiny_qwen_vl
 from .distributed import (barrier, finish_distributed, from_main, init_distributed, is_main, local_device,
                           map_shards)
-from .fast_vision import patch_vision_attention
+from .fast_vision import compile_vision_choice, compile_vision_elementwise, patch_vision_attention
 from .feature_cache import make_feature_cache
 from .inference import (PROB_COLUMNS, apply_temperature, ensemble_folds, fit_temperature, fold_weights,
                         letters_from_probs, predict_views, probs_frame, tta_probs)
@@ -124,6 +124,12 @@ def run_fold(fold, train, test, folds, processor, fmt, cfg, hardware, out_dir, s
     model = load_model_for_training(cfg, hardware, device=local_device(hardware))  # DDP: this rank's GPU
     if cfg.fast_vision_attention:
         print(f"[model] grouped SDPA vision attention in {patch_vision_attention(model)} layers")
+    compile_on, why = compile_vision_choice(cfg.compile_vision, hardware)
+    if compile_on:
+        print(f"[model] torch.compile of the vision tower's norms, MLP and rotary in "
+              f"{compile_vision_elementwise(model)} blocks: {why}")
+    else:
+        print(f"[model] vision tower not compiled: {why}")
     cache = run_feature_cache(cfg, model, hardware, {} if shared_cache is None else shared_cache)
     train_part = train[folds != fold].reset_index(drop=True)
     val_part = train[folds == fold].reset_index(drop=True)

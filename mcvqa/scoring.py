@@ -24,7 +24,7 @@ def unwrap_vlm(model):
 
 
 def model_inputs(batch, device, pixel_dtype):
-    inputs = {k: batch[k].to(device) for k in MODEL_INPUT_KEYS if k in batch}
+    inputs = {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUT_KEYS if k in batch}
     if "image_features" in batch:
         # Cached vision-tower outputs (feature_cache.py) replace pixel_values; image_grid_thw and the
         # image tokens stay, so the multimodal rope positions are unchanged.
@@ -98,8 +98,12 @@ def shared_prefix_letter_logits(model, batch, letter_ids, device, n_views):
     ids, mask = batch["input_ids"], batch["attention_mask"]
     lengths = mask.sum(1)
     n_rows = ids.shape[0] // n_views
-    # The positions the full prompt would get (3D rope for image tokens, 1D after): the suffix keeps them.
-    positions, _ = vlm.model.get_rope_index(ids, batch["mm_token_type_ids"], batch["image_grid_thw"], attention_mask=mask)
+    first = [r * n_views for r in range(n_rows)]
+    # The positions the full prompt would get (3D rope for image tokens), from each row's first view:
+    # the views share the prefix, and the suffix is text, which continues at the prefix's largest
+    # position + 1 in all three rope components (Qwen's get_rope_index rule for text after an image).
+    positions, _ = vlm.model.get_rope_index(ids[first], batch["mm_token_type_ids"][first], batch["image_grid_thw"][first],
+                                            attention_mask=mask[first])
     image_token = vlm.config.image_token_id
     prefix_len = []
     for r in range(n_rows):
@@ -110,20 +114,21 @@ def shared_prefix_letter_logits(model, batch, letter_ids, device, n_views):
         if shared <= first_image:  # an image token after the shared prefix: not this path
             return None
         prefix_len.append(shared)
-    first = [r * n_views for r in range(n_rows)]
     prefix_ids = _pad_rows([ids[i, :c] for i, c in zip(first, prefix_len)], 0)
     prefix_mask = _pad_rows([mask[i, :c] for i, c in zip(first, prefix_len)], 0)
     width = prefix_ids.shape[1]
     features = [batch["image_features"][i] for i in first]
     cache = DynamicCache()
     vlm.model(input_ids=prefix_ids.to(device), attention_mask=prefix_mask.to(device),
-              position_ids=_pad_positions([positions[:, i, :c] for i, c in zip(first, prefix_len)], width).to(device),
+              position_ids=_pad_positions([positions[:, r, :c] for r, c in enumerate(prefix_len)], width).to(device),
               mm_encoder_outputs={"image": encoder_outputs(features, device)}, cache=cache, use_cache=True)
     cache.batch_repeat_interleave(n_views)
     starts = [prefix_len[i // n_views] for i in range(ids.shape[0])]
     suffix_ids = _pad_rows([ids[i, s:lengths[i]] for i, s in enumerate(starts)], 0)
     suffix_mask = _pad_rows([mask[i, s:lengths[i]] for i, s in enumerate(starts)], 0)
-    suffix_pos = _pad_positions([positions[:, i, s:lengths[i]] for i, s in enumerate(starts)], suffix_ids.shape[1])
+    next_pos = [positions[:, r, :c].max() + 1 for r, c in enumerate(prefix_len)]
+    suffix_pos = _pad_positions([(next_pos[i // n_views] + torch.arange(int(lengths[i]) - s)).expand(3, -1)
+                                 for i, s in enumerate(starts)], suffix_ids.shape[1])
     out = vlm.model(input_ids=suffix_ids.to(device),
                     attention_mask=torch.cat([prefix_mask.repeat_interleave(n_views, 0), suffix_mask], 1).to(device),
                     position_ids=suffix_pos.to(device), cache=cache, use_cache=True)

@@ -97,13 +97,20 @@ def _atomic_torch_save(obj, path):
     os.replace(tmp, path)
 
 
-def make_loader(frame, views, processor, fmt, cfg, batch_size, max_pixels=None, workers=None, feature_cache=None):
+def make_loader(frame, views, processor, fmt, cfg, batch_size, max_pixels=None, workers=None, feature_cache=None,
+                pixel_dtype=None, dedupe_images=False):
+    """DataLoader of collated views. With a feature_cache, images it already holds are not processed
+    or shipped by the workers, and with dedupe_images the views of one image in a batch share one copy
+    of its pixels (not for training batches: DDP splits those by sample)."""
     max_pixels = max_pixels or cfg.max_pixels
     dataset = VqaDataset(frame, views, max_pixels, blank_images=cfg.blank_images)
-    collator = VqaCollator(processor, fmt, cfg.min_pixels, max_pixels, image_keys=feature_cache is not None)
+    collator = VqaCollator(processor, fmt, cfg.min_pixels, max_pixels, image_keys=feature_cache is not None,
+                           known_keys=feature_cache.known_keys() if feature_cache is not None else (),
+                           dedupe_images=dedupe_images, pixel_dtype=pixel_dtype)
     workers = cfg.num_workers if workers is None else workers
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator,
-                                       num_workers=workers, persistent_workers=False)
+                                       num_workers=workers, persistent_workers=False,
+                                       pin_memory=cfg.pin_memory and torch.cuda.is_available())
 
 
 @torch.no_grad()
@@ -115,7 +122,7 @@ def predict_letter_logits(model, loader, fmt, hardware, desc="predict", feature_
     (scoring.shared_prefix_letter_logits)."""
     model.eval()
     logits, rows, perms = [], [], []
-    device, pixel_dtype = _model_device(model), _pixel_dtype(model)
+    device, pixel_dtype = _model_device(model), tower_dtype(model)
     for batch in tqdm(loader, desc=desc, leave=False):
         with _autocast(hardware):
             if feature_cache is not None:
@@ -123,17 +130,19 @@ def predict_letter_logits(model, loader, fmt, hardware, desc="predict", feature_
             out = shared_prefix_letter_logits(model, batch, fmt.letter_ids, device, shared_views) if shared_views else None
             if out is None:
                 out = letter_logits(model, batch, fmt.letter_ids, device, pixel_dtype)
-            logits.append(out.cpu())
+            # Kept on the GPU until the end: a .cpu() here would make the CPU wait for every batch
+            # instead of preparing the next one while the GPU works.
+            logits.append(out)
         rows.append(batch["rows"])
         perms.append(batch["perms"])
-    return torch.cat(logits).numpy(), torch.cat(rows).numpy(), torch.cat(perms).numpy()
+    return torch.cat(logits).cpu().numpy(), torch.cat(rows).numpy(), torch.cat(perms).numpy()
 
 
 def _model_device(model):
     return next(p for p in model.parameters()).device
 
 
-def _pixel_dtype(model):
+def tower_dtype(model):
     return unwrap_vlm(model).model.visual.patch_embed.proj.weight.dtype
 
 
@@ -143,7 +152,7 @@ def evaluate(model, frame, processor, fmt, cfg, hardware, feature_cache=None):
     Under DDP every rank scores its own row shard and all get every shard's logits back."""
     def logits_in_row_order(part):
         loader = make_loader(part, identity_views(len(part)), processor, fmt, cfg, cfg.infer_batch_size,
-                             feature_cache=feature_cache)
+                             feature_cache=feature_cache, pixel_dtype=tower_dtype(model), dedupe_images=True)
         logits, rows, _ = predict_letter_logits(model, loader, fmt, hardware, desc="eval", feature_cache=feature_cache)
         return logits[np.argsort(rows, kind="stable")]
 
@@ -179,7 +188,7 @@ def train_fold(model, train_frame, val_frame, processor, fmt, cfg, hardware, fol
              "nonfinite_in_a_row": 0, "nonfinite_total": 0, "history": [], "chunk": cfg.micro_batch_size,
              "stopped_early": False}
     ckpt_path = fold_dir / "checkpoint.pt"
-    device, pixel_dtype = _model_device(model), _pixel_dtype(model)
+    device, pixel_dtype = _model_device(model), tower_dtype(model)
     # Read on the CPU by rank 0 and sent to every rank; the optimizer moves its state to its parameters.
     ckpt = from_main(lambda: torch.load(ckpt_path, weights_only=False, map_location="cpu")
                      if ckpt_path.exists() else None)
@@ -231,7 +240,8 @@ def train_fold(model, train_frame, val_frame, processor, fmt, cfg, hardware, fol
                  else identity_views(len(train_frame)))
         order = np.random.default_rng([cfg.seed, fold, epoch, 7]).permutation(len(views))
         remaining = [views[i] for i in order][state["next_sample"]:]
-        loader = make_loader(train_frame, remaining, processor, fmt, cfg, effective, feature_cache=feature_cache)
+        loader = make_loader(train_frame, remaining, processor, fmt, cfg, effective, feature_cache=feature_cache,
+                             pixel_dtype=pixel_dtype)
         model.train()
         bar = tqdm(loader, desc=f"fold {fold} epoch {epoch + 1}/{cfg.epochs}", leave=False)
         for batch in bar:

@@ -16,7 +16,9 @@ from PIL import Image
 
 from conftest import TINY_FAMILIES, randomise_lora
 from mcvqa.collate import VqaCollator
-from mcvqa.fast_vision import chunk_groups, grouped_attention, patch_vision_attention, unpatch_vision_attention
+from mcvqa.fast_vision import (chunk_groups, compile_vision_choice, compile_vision_elementwise, grouped_attention,
+                               patch_vision_attention, unpatch_vision_attention)
+from mcvqa.hardware import choose_hardware
 from mcvqa.feature_cache import FeatureCache, ImageFeatures, cache_blockers, image_key, make_feature_cache
 from mcvqa.inference import predict_views
 from mcvqa.modeling import load_model_for_training
@@ -145,19 +147,27 @@ def _count_tower_images(model):
 
 
 def test_each_image_encoded_once_across_views_and_folds(family, tiny_model, tiny_cfg, tiny_processor, tiny_fmt, hardware,
-                                                        tmp_path):
+                                                        tmp_path, monkeypatch):
     model, processor, fmt = tiny_model(family, False), tiny_processor(family), tiny_fmt(family)
     frame = _frame(tmp_path)
     cfg = tiny_cfg(family, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, tta_option_views=4, num_workers=0,
                    infer_batch_size=5)  # batches straddle views: the same image twice in one batch
     counter, handle = _count_tower_images(model)
+    processed = []  # images the data loader's image processor saw, per predict_views call
+    image_processor = processor.image_processor
+    original_call = type(image_processor).__call__
+    monkeypatch.setattr(type(image_processor), "__call__",
+                        lambda self, images=None, **kw: processed.append(len(images)) or original_call(self, images, **kw))
     try:
         plain = predict_views(model, frame, processor, fmt, cfg, hardware)
-        assert counter["images"] == 12  # without the cache: once per view
-        counter["images"] = 0
+        assert counter["images"] == 12 and sum(processed) == 12  # without the cache: once per view
+        counter["images"], processed[:] = 0, []
         cache = _cache(tiny_cfg, family, model, hardware)
         cached = predict_views(model, frame, processor, fmt, cfg, hardware, feature_cache=cache)
+        assert sum(processed) == 3  # the 4 option views of a row are one batch: its image processed once
+        processed[:] = []
         again = predict_views(model, frame, processor, fmt, cfg, hardware, feature_cache=cache)  # "next fold"
+        assert sum(processed) == 0  # cached when the loader was made: no pixels at all
     finally:
         handle.remove()
     assert counter["images"] == 3 and cache.encoded == 3  # each image once, across 8 views
@@ -296,3 +306,58 @@ def test_grouped_vision_attention_equals_stock(family, tiny_model, tiny_processo
     split = grouped_attention(q, k, v, chunk_groups(torch.tensor([0, 10, 30])), attn.scaling)
     whole = grouped_attention(q, k, v, chunk_groups(torch.tensor([0, 30])), attn.scaling)
     assert (split - whole).abs().max() > 1e-2
+
+
+def test_compiled_vision_elementwise_equals_stock(family, tiny_cfg, hardware, tiny_processor, tiny_fmt):
+    """torch.compile of the blocks' norms, MLP and the grouped attention's rotary: same tower outputs in
+    fp32, and the compiled code really runs (dynamo compiled graphs, rotary through the compiled function)."""
+    model = load_model_for_training(tiny_cfg(family, load_in_4bit=False), hardware).eval()  # own copy: compiled in place
+    items = [dict(it, image=_image(size, rgb))
+             for it, size, (_, rgb, _, _) in zip(_items(), [(112, 84), (84, 112), (56, 112)], SPECS)]
+    batch = _collate(family, tiny_processor, tiny_fmt, items)
+    patch_vision_attention(model)
+    stock = _tower_outputs(model, batch)
+    keys = set(model.state_dict())
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    blocks = unwrap_vlm(model).model.visual.blocks
+    assert compile_vision_elementwise(model) == len(blocks)
+    rotary_calls = {"n": 0}
+    compiled_rotary = blocks[0].attn._mcvqa_rotary
+
+    def counting_rotary(*args):
+        rotary_calls["n"] += 1
+        return compiled_rotary(*args)
+
+    for block in blocks:
+        block.attn._mcvqa_rotary = counting_rotary
+    fast = _tower_outputs(model, batch)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 3  # norm, mlp, rotary at least
+    assert rotary_calls["n"] == len(blocks)
+    assert set(model.state_dict()) == keys  # compiled in place: checkpoints and adapters load as before
+    for a, b in zip(fast, stock):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # New batch shapes reuse the dynamic graphs: after a second shape (duck-sizing coincidences of the
+    # tiny sizes may add one graph), a third compiles nothing new, so a run is not recompiled per batch.
+    for n_images in (2, 1):
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        got = _tower_outputs(model, _collate(family, tiny_processor, tiny_fmt, items[:n_images]))[0]
+        torch.testing.assert_close(got, stock[0][:len(got)], atol=1e-5, rtol=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    torch._dynamo.reset()
+
+
+def test_compile_vision_auto_choice():
+    """auto: on for sm80+ with triton, off on T4 and CPU (each with its reason); on/off forced; typos fail."""
+    t4 = choose_hardware([{"name": "Tesla T4", "capability": (7, 5), "memory_gib": 15.0}], flash_attn_installed=False)
+    h100 = choose_hardware([{"name": "NVIDIA H100", "capability": (9, 0), "memory_gib": 80.0}], flash_attn_installed=False)
+    cpu = choose_hardware([], flash_attn_installed=False)
+    assert compile_vision_choice("auto", t4)[0] is False and "sm80" in compile_vision_choice("auto", t4)[1]
+    assert compile_vision_choice("auto", cpu)[0] is False
+    import importlib.util
+    import shutil
+    can_compile = importlib.util.find_spec("triton") is not None and bool(shutil.which("cc") or shutil.which("gcc"))
+    assert compile_vision_choice("auto", h100)[0] is can_compile
+    assert compile_vision_choice("on", cpu)[0] is True and compile_vision_choice("off", h100)[0] is False
+    with pytest.raises(ValueError, match="compile_vision"):
+        compile_vision_choice("yes", h100)

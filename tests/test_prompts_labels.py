@@ -151,6 +151,36 @@ def test_collator_labels_against_real_processor(real, cfg):
     assert batch["pixel_values"].shape[0] == sum(int(torch.tensor(g).prod()) for g in grids)
 
 
+def test_cache_mode_collator_equals_processor_and_skips_known_and_repeated_images(real, cfg):
+    """With the feature cache on, the collator expands the image tokens itself so that it can leave
+    out the pixels of cached images and of repeated views of one image. Everything the model reads
+    must equal the processor's own output; only pixel_values shrinks, and pixel_rows says whose it is."""
+    fmt = make_prompt_format(real, cfg)
+    items = _items() + [dict(_items()[0], row=3, perm=(1, 2, 3, 0), answer=-1),  # a second view of image 0
+                        dict(_items()[1], row=4, image=Image.new("RGB", (300, 40), (9, 9, 9)))]  # extreme aspect
+    plain = VqaCollator(real, fmt, MIN_PIXELS, MAX_PIXELS)(items)
+    sizes = plain["image_grid_thw"].prod(1).tolist()
+    starts = [sum(sizes[:i]) for i in range(len(items))]
+
+    def pixels_of(rows):
+        return torch.cat([plain["pixel_values"][starts[r]:starts[r] + sizes[r]] for r in rows])
+
+    full = VqaCollator(real, fmt, MIN_PIXELS, MAX_PIXELS, image_keys=True)(items)
+    deduped = VqaCollator(real, fmt, MIN_PIXELS, MAX_PIXELS, image_keys=True, dedupe_images=True)(items)
+    known = VqaCollator(real, fmt, MIN_PIXELS, MAX_PIXELS, image_keys=True, dedupe_images=True,
+                        known_keys=[full["image_keys"][1], full["image_keys"][4]])(items)
+    half = VqaCollator(real, fmt, MIN_PIXELS, MAX_PIXELS, image_keys=True, pixel_dtype=torch.bfloat16)(items)
+    for batch in (full, deduped, known, half):
+        for key in ("input_ids", "attention_mask", "mm_token_type_ids", "labels", "answer_positions", "image_grid_thw"):
+            assert torch.equal(batch[key], plain[key]), key
+    assert full["image_keys"][3] == full["image_keys"][0] and len(set(full["image_keys"])) == 4
+    assert full["pixel_rows"].tolist() == [0, 1, 2, 3, 4] and torch.equal(full["pixel_values"], plain["pixel_values"])
+    assert deduped["pixel_rows"].tolist() == [0, 1, 2, 4] and torch.equal(deduped["pixel_values"], pixels_of([0, 1, 2, 4]))
+    assert known["pixel_rows"].tolist() == [0, 2] and torch.equal(known["pixel_values"], pixels_of([0, 2]))
+    assert half["pixel_values"].dtype == torch.bfloat16 and torch.equal(half["pixel_values"],
+                                                                        plain["pixel_values"].to(torch.bfloat16))
+
+
 def test_collator_literal_qwen3(real_processor):
     """Hand-checkable case: Qwen3-VL (no default system turn), one 32x32 image = one image token."""
     processor = real_processor("Qwen3-VL-4B-Instruct")

@@ -269,7 +269,7 @@ def test_predict_views_with_shared_prefix_equals_view_by_view(family, setup, tin
         records.append({"id": f"q{i}", "image_path": str(path), "question": item["question"],
                         **dict(zip("abcd", item["options"])), "answer": "a"})
     frame = pd.DataFrame(records)
-    base = dict(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, tta_option_views=4, num_workers=0, infer_batch_size=10)
+    base = dict(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, tta_option_views=4, num_workers=0, infer_batch_size=2)
     import mcvqa.training as training
 
     used = []
@@ -282,7 +282,7 @@ def test_predict_views_with_shared_prefix_equals_view_by_view(family, setup, tin
     assert sorted(shared) == sorted(plain) == [(1.0, k) for k in range(4)]
     for key in plain:
         np.testing.assert_allclose(shared[key], plain[key], atol=1e-5)
-    assert used == [8, 8, 8]  # batches of 2 rows x 4 orders (10 // 4 = 2 rows), all through the shared path
+    assert used == [8, 8, 8]  # batches of infer_batch_size = 2 rows x 4 orders, all through the shared path
     assert cache.encoded == len(frame) // 2  # every picture appears twice: keyed by content, encoded once
 
 

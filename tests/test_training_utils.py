@@ -29,6 +29,21 @@ def test_split_batch_halves_equal_collating_the_halves(tiny_processor, tiny_fmt)
         assert torch.equal(half["answer_positions"], expected["answer_positions"])
 
 
+def test_split_batch_keeps_shipped_pixels_with_their_samples(tiny_processor, tiny_fmt):
+    """Feature-cache batches ship pixels only for pixel_rows; a split keeps each shipped image with its sample."""
+    processor, fmt = tiny_processor("qwen2_5_vl"), tiny_fmt("qwen2_5_vl")
+    items = _items()
+    plain = VqaCollator(processor, fmt, 28 * 28 * 4, 112 * 112)(items)
+    keys = VqaCollator(processor, fmt, 28 * 28 * 4, 112 * 112, image_keys=True)(items)["image_keys"]
+    batch = VqaCollator(processor, fmt, 28 * 28 * 4, 112 * 112, image_keys=True, known_keys=[keys[1]])(items)
+    assert batch["pixel_rows"].tolist() == [0, 2]
+    first, second = split_batch(batch)
+    sizes = plain["image_grid_thw"].prod(1).tolist()
+    assert first["pixel_rows"].tolist() == [0] and second["pixel_rows"].tolist() == [1]  # sample 2 is row 1 of its half
+    assert torch.equal(first["pixel_values"], plain["pixel_values"][:sizes[0]])
+    assert torch.equal(second["pixel_values"], plain["pixel_values"][sizes[0] + sizes[1]:])
+
+
 def test_lora_ema_update_and_swap():
     model = torch.nn.Linear(3, 2)
     model.bias.requires_grad_(False)
