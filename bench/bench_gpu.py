@@ -191,7 +191,8 @@ def seed_inference(bench, model, processor, fmt, batch_items):
     """The seed notebook's way: one sample at a time, processor + generate(max_new_tokens=1, output_scores)."""
     probs = []
     for it in batch_items:
-        text = processor.apply_chat_template(build_messages(format_user_text(it["question"], it["options"], fmt.instruction)),
+        text = processor.apply_chat_template(build_messages(format_user_text(it["question"], it["options"], fmt.instruction,
+                                                                                  fmt.instruction_first)),
                                              add_generation_prompt=True, tokenize=False)
         enc = processor(text=[text], images=[it["image"]], return_tensors="pt").to(bench.device)
         enc["pixel_values"] = enc["pixel_values"].to(bench.dtype)

@@ -43,6 +43,7 @@ class Config:
     # --- prompt -------------------------------------------------------------------------------
     system_prompt: str = ""  # empty: the chat template's own default (Qwen2.5-VL adds one)
     instruction: str = "정답에 해당하는 선택지의 알파벳(a, b, c, d) 하나로만 답하세요."
+    instruction_first: bool = False  # instruction before the options: option-order TTA views share it in their prefix (suffix 49 -> 23 tokens per view)
     max_question_tokens: int = 256  # longer questions are cut (the answer position never is)
     max_option_tokens: int = 64  # per option
     # --- model and QLoRA -------------------------------------------------------------------------

@@ -42,12 +42,15 @@ def _cut_tokens(tokenizer, text, max_tokens):
     return cut, True
 
 
-def format_user_text(question, options, instruction):
-    """Question, the four options one per line, then the answer instruction."""
+def format_user_text(question, options, instruction, instruction_first=False):
+    """Question, the four options one per line, then the answer instruction (or the instruction
+    before the options: then option-order TTA views share it in their common prefix)."""
     # An option's own line breaks would read as new options; fold them into spaces.
     lines = [question.strip()]
+    if instruction and instruction_first:
+        lines.append(instruction)
     lines += [f"{letter}. {' '.join(str(option).split())}" for letter, option in zip(OPTION_LETTERS, options)]
-    if instruction:
+    if instruction and not instruction_first:
         lines.append(instruction)
     return "\n".join(lines)
 
@@ -71,13 +74,14 @@ class PromptFormat:
     instruction: str
     max_question_tokens: int
     max_option_tokens: int
+    instruction_first: bool = False
 
 
 def make_prompt_format(processor, cfg):
     """Check the template once: prompt + letter + suffix must equal the full rendered conversation."""
     tokenizer = processor.tokenizer
     letter_ids = answer_letter_ids(tokenizer)
-    user_text = format_user_text("?", ["1", "2", "3", "4"], cfg.instruction)
+    user_text = format_user_text("?", ["1", "2", "3", "4"], cfg.instruction, cfg.instruction_first)
     prompt = processor.apply_chat_template(build_messages(user_text, cfg.system_prompt), add_generation_prompt=True, tokenize=False)
     full = processor.apply_chat_template(build_messages(user_text, cfg.system_prompt, "a"), tokenize=False)
     if not full.startswith(prompt + "a"):
@@ -85,7 +89,7 @@ def make_prompt_format(processor, cfg):
                          f"{prompt!r}\n{full!r}")
     suffix_ids = tokenizer.encode(full[len(prompt) + 1:], add_special_tokens=False)
     return PromptFormat(letter_ids, suffix_ids, cfg.system_prompt, cfg.instruction,
-                        cfg.max_question_tokens, cfg.max_option_tokens)
+                        cfg.max_question_tokens, cfg.max_option_tokens, cfg.instruction_first)
 
 
 def render_prompt(processor, fmt, question, options):
@@ -98,6 +102,6 @@ def render_prompt(processor, fmt, question, options):
         option, cut = _cut_tokens(tokenizer, str(option), fmt.max_option_tokens)
         kept.append(option)
         n_cut += int(cut)
-    user_text = format_user_text(question, kept, fmt.instruction)
+    user_text = format_user_text(question, kept, fmt.instruction, fmt.instruction_first)
     text = processor.apply_chat_template(build_messages(user_text, fmt.system_prompt), add_generation_prompt=True, tokenize=False)
     return text, n_cut

@@ -238,6 +238,31 @@ def test_options_with_commas_and_newlines_stay_one_line_each(real, cfg):
     assert len([line for line in lines if re.match(r"^[a-d]\. ", line)]) == 4
 
 
+def test_instruction_first_joins_the_prefix_that_option_views_share(real, cfg):
+    """instruction_first puts the instruction between question and options: the trained id is still the
+    scored id, and the 4 option orders of a row share a longer prefix (shorter suffixes to score)."""
+    import dataclasses
+
+    first_cfg = dataclasses.replace(cfg, instruction_first=True)
+    fmt = make_prompt_format(real, first_cfg)
+    assert_scored_id_is_trained_id(real, fmt, format_user_text("그림 속 도형은?", ["빨간색", "원, 별", "1개", "왼쪽 위"],
+                                                                cfg.instruction, instruction_first=True))
+    text, _ = render_prompt(real, fmt, "그림 속 도형은?", ["빨간색", "파란색", "초록색", "노란색"])
+    assert _user_text(text).split("\n") == ["그림 속 도형은?", cfg.instruction, "a. 빨간색", "b. 파란색", "c. 초록색", "d. 노란색"]
+
+    def prefix_and_suffix(fmt):
+        item = _items()[0]
+        views = [dict(item, perm=p, options=[item["options"][j] for j in p], answer=-1)
+                 for p in [(0, 1, 2, 3), (1, 2, 3, 0), (2, 3, 0, 1), (3, 0, 1, 2)]]
+        ids = VqaCollator(real, fmt, MIN_PIXELS, MAX_PIXELS)(views)["input_ids"]
+        shared = int((ids == ids[:1]).all(0).long().cumprod(0).sum())
+        return shared, ids.shape[1] - shared
+
+    (prefix_end, suffix_end), (prefix_first, suffix_first) = prefix_and_suffix(make_prompt_format(real, cfg)), prefix_and_suffix(fmt)
+    instruction_tokens = len(_tokens(real.tokenizer, cfg.instruction))
+    assert prefix_first >= prefix_end + instruction_tokens - 2 and suffix_first <= suffix_end - instruction_tokens + 2
+
+
 KOREAN_LONG = "".join(chr(0xAC00 + (i * 7919) % 11172) for i in range(2000))  # 2000 varied syllables
 
 
