@@ -119,20 +119,38 @@ def predict_letter_logits(model, loader, fmt, hardware, desc="predict", feature_
 
     With a feature_cache (and a loader made with it), each image is encoded at most once. With
     `shared_views` = k, each run of k samples is one row's option orders: their common prefix runs once
-    (scoring.shared_prefix_letter_logits)."""
+    (scoring.shared_prefix_letter_logits). A CUDA out-of-memory error halves the batch (whole rows)
+    for the rest of the pass instead of losing a finished fold's predictions; the logits are the same."""
     model.eval()
     logits, rows, perms = [], [], []
     device, pixel_dtype = _model_device(model), tower_dtype(model)
+    unit = max(1, shared_views)  # a row's option views stay together
+    limit = {"views": None}  # set by the first OOM: the largest batch that is tried from then on
+
+    def score(batch):
+        n = batch["input_ids"].shape[0]
+        step = limit["views"]
+        if step is not None and n > step:  # (a chunk may lower the limit again: each chunk splits itself)
+            return torch.cat([score(slice_rows(batch, i, min(i + step, n))) for i in range(0, n, step)])
+        try:
+            out = shared_prefix_letter_logits(model, batch, fmt.letter_ids, device, shared_views) if shared_views else None
+            return out if out is not None else letter_logits(model, batch, fmt.letter_ids, device, pixel_dtype)
+        except Exception as error:  # noqa: BLE001 - only OOM is handled, everything else re-raised
+            if not _is_oom(error) or n <= unit:
+                raise
+            limit["views"] = max(unit, (n // unit // 2) * unit)
+            print(f"[predict] CUDA out of memory at {n // unit} rows per batch: continuing with "
+                  f"{limit['views'] // unit} (same predictions; lower infer_batch_size to avoid this)")
+            torch.cuda.empty_cache()
+            return score(batch)
+
     for batch in tqdm(loader, desc=desc, leave=False):
         with _autocast(hardware):
             if feature_cache is not None:
                 batch = feature_cache.attach(model, batch)
-            out = shared_prefix_letter_logits(model, batch, fmt.letter_ids, device, shared_views) if shared_views else None
-            if out is None:
-                out = letter_logits(model, batch, fmt.letter_ids, device, pixel_dtype)
             # Kept on the GPU until the end: a .cpu() here would make the CPU wait for every batch
             # instead of preparing the next one while the GPU works.
-            logits.append(out)
+            logits.append(score(batch))
         rows.append(batch["rows"])
         perms.append(batch["perms"])
     return torch.cat(logits).cpu().numpy(), torch.cat(rows).numpy(), torch.cat(perms).numpy()

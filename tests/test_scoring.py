@@ -289,3 +289,51 @@ def test_predict_views_with_shared_prefix_equals_view_by_view(family, setup, tin
 def _count(log, logits):
     log.append(None if logits is None else logits.shape[0])
     return logits
+
+
+@pytest.mark.parametrize("shared_prefix", [True, False], ids=["shared-prefix", "view-by-view"])
+def test_predict_views_halves_the_batch_on_cuda_oom_with_the_same_predictions(
+        family, setup, tiny_model, tiny_cfg, hardware, tmp_path, monkeypatch, capsys, shared_prefix):
+    """A prediction pass that runs out of GPU memory halves its batch (whole rows) and goes on:
+    same probabilities as a pass that never ran out, one message; other errors still stop it."""
+    from mcvqa.feature_cache import FeatureCache
+    import mcvqa.training as training
+
+    processor, fmt = setup
+    model = tiny_model(family, True)
+    records = []
+    for i, item in enumerate(_items() * 2):
+        path = tmp_path / f"img{i}.png"
+        item["image"].save(path)
+        records.append({"id": f"q{i}", "image_path": str(path), "question": item["question"],
+                        **dict(zip("abcd", item["options"])), "answer": "a"})
+    frame = pd.DataFrame(records)
+    cfg = tiny_cfg(family, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, tta_option_views=4, num_workers=0,
+                   infer_batch_size=3 if shared_prefix else 8, tta_shared_prefix=shared_prefix)
+    reference = predict_views(model, frame, processor, fmt, cfg, hardware, feature_cache=FeatureCache())
+    name = "shared_prefix_letter_logits" if shared_prefix else "letter_logits"
+    real, sizes = getattr(training, name), []
+    most = 4 if shared_prefix else 2  # one row's 4 orders / 2 views fit, anything larger "runs out of memory"
+
+    def oom_above(model, batch, *args, **kwargs):
+        sizes.append(batch["input_ids"].shape[0])
+        if batch["input_ids"].shape[0] > most:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, batch, *args, **kwargs)
+
+    monkeypatch.setattr(training, name, oom_above)
+    got = predict_views(model, frame, processor, fmt, cfg, hardware, feature_cache=FeatureCache())
+    # Shared prefix: 3 rows (12 views) -> 1 row at once; view by view: 8 -> 4 -> 2 views (halved twice).
+    halvings = 1 if shared_prefix else 2
+    assert capsys.readouterr().out.count("[predict] CUDA out of memory") == halvings
+    assert len([s for s in sizes if s > most]) == halvings  # then the smaller batch is kept, no retry per batch
+    assert sum(s for s in sizes if s <= most) == 4 * len(frame)  # every view scored exactly once
+    for key in reference:
+        np.testing.assert_allclose(got[key], reference[key], atol=1e-6)
+
+    def broken(model, batch, *args, **kwargs):
+        raise RuntimeError("not a memory problem")
+
+    monkeypatch.setattr(training, name, broken)
+    with pytest.raises(RuntimeError, match="not a memory problem"):
+        predict_views(model, frame, processor, fmt, cfg, hardware, feature_cache=FeatureCache())
