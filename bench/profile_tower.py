@@ -21,7 +21,7 @@ import time
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from bench_gpu import MODELS, Bench, bench_cfg, build_model, frame_on_disk, items  # noqa: E402
+from bench_gpu import MODELS, Bench, bench_cfg, build_model, frame_on_disk, items, uncompile_vision  # noqa: E402
 from mcvqa.collate import VqaCollator, cyclic_views  # noqa: E402
 from mcvqa.fast_vision import compile_vision_elementwise, patch_vision_attention  # noqa: E402
 from mcvqa.feature_cache import FeatureCache  # noqa: E402
@@ -115,29 +115,12 @@ def tower_profile(bench, model, batches, args):
                 torch.cuda.synchronize()
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60), flush=True)
 
-        # Fuse the elementwise work (fp32 RMSNorm, SwiGLU, rotary) with torch.compile, module by module.
-        variants = {
-            "compile norms + mlp": lambda blk: [setattr(blk, n, torch.compile(getattr(blk, n), dynamic=True))
-                                                for n in ("norm1", "norm2", "mlp")],
-            "compile norms + mlp + rotary": lambda blk: [setattr(blk, n, torch.compile(getattr(blk, n), dynamic=True))
-                                                         for n in ("norm1", "norm2", "mlp")] + [compile_rotary(blk)],
-            "compile whole blocks": lambda blk: blk.compile(dynamic=True),
-        }
-        rotary_module = sys.modules[type(visual.blocks[0].attn).__module__]
-        stock_rotary = rotary_module.apply_rotary_pos_emb_vision
-        compiled_rotary = torch.compile(stock_rotary, dynamic=True)
-
-        def compile_rotary(blk):
-            rotary_module.apply_rotary_pos_emb_vision = compiled_rotary
-        originals = [dict(norm1=b.norm1, norm2=b.norm2, mlp=b.mlp) for b in visual.blocks]
+        # Fuse the elementwise work: the pipeline's way (norms, MLP, rotary) and whole blocks (attention too).
+        variants = {"compile norms + mlp + rotary (compile_vision_elementwise)": compile_vision_elementwise,
+                    "compile whole blocks": lambda m: [blk.compile(dynamic=True) for blk in visual.blocks]}
         for name, apply in variants.items():
-            for blk, orig in zip(visual.blocks, originals):
-                for attr, mod in orig.items():
-                    setattr(blk, attr, mod)
-                blk._compiled_call_impl = None
             try:
-                for blk in visual.blocks:
-                    apply(blk)
+                apply(model)
                 start = time.perf_counter()
                 tower_pass(model, batches[:1])
                 compile_s = time.perf_counter() - start
@@ -148,11 +131,7 @@ def tower_profile(bench, model, batches, args):
                       f"max |diff| {diff:.3g} (values up to {scale:.3g})", flush=True)
             except Exception as error:  # a diagnostic: report and go on
                 print(f"[tower] {name}: failed: {type(error).__name__}: {str(error)[:300]}", flush=True)
-            rotary_module.apply_rotary_pos_emb_vision = stock_rotary
-        for blk, orig in zip(visual.blocks, originals):
-            for attr, mod in orig.items():
-                setattr(blk, attr, mod)
-            blk._compiled_call_impl = None
+            uncompile_vision(model)
 
 
 def pipeline_variants(bench, model, processor, fmt, args):

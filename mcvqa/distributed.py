@@ -20,6 +20,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from .feature_cache import pixel_spans
+
 DDP_TIMEOUT_MINUTES = 60  # how long a rank waits for the others (e.g. while rank 0 builds the demo model)
 
 
@@ -111,15 +113,11 @@ def slice_rows(batch, start, stop):
     part = {k: v[start:stop] for k, v in batch.items() if k not in ("pixel_values", "pixel_rows")}
     if "pixel_values" not in batch:  # cached image features were attached instead
         return part
-    sizes = batch["image_grid_thw"].prod(dim=1).tolist()
-    # Feature-cache batches ship pixels for the samples in pixel_rows only (collate.py), else for all.
-    rows = batch["pixel_rows"].tolist() if "pixel_rows" in batch else list(range(len(sizes)))
-    keep, pieces, offset = [], [], 0
-    for row in rows:
+    keep, pieces = [], []
+    for row, begin, end in pixel_spans(batch):
         if start <= row < stop:
             keep.append(row - start)
-            pieces.append(batch["pixel_values"][offset:offset + sizes[row]])
-        offset += sizes[row]
+            pieces.append(batch["pixel_values"][begin:end])
     part["pixel_values"] = torch.cat(pieces) if pieces else batch["pixel_values"][:0]
     if "pixel_rows" in batch:
         part["pixel_rows"] = torch.tensor(keep, dtype=torch.long)

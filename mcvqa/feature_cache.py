@@ -59,6 +59,18 @@ def image_key(image, min_pixels, max_pixels):
     return digest.hexdigest()
 
 
+def pixel_spans(batch):
+    """[(sample, start, end)] in pixel order: the patch rows of pixel_values that belong to each shipped
+    image. Feature-cache batches ship the samples in `pixel_rows` only; other batches every sample."""
+    sizes = batch["image_grid_thw"].prod(dim=1).tolist()
+    rows = batch["pixel_rows"].tolist() if "pixel_rows" in batch else range(len(sizes))
+    spans, start = [], 0
+    for row in rows:
+        spans.append((row, start, start + sizes[row]))
+        start += sizes[row]
+    return spans
+
+
 def base_vlm_model(model):
     """The `Qwen*VLModel` (vision tower + language model) under any peft wrapper."""
     vlm = model.get_base_model() if isinstance(model, PeftModel) else model
@@ -210,13 +222,9 @@ class FeatureCache:
     @staticmethod
     def _pixel_slices(batch):
         """{key: (start, end, sample)}: where each shipped image's patch rows are in pixel_values."""
-        rows = batch["pixel_rows"].tolist() if "pixel_rows" in batch else range(len(batch["image_keys"]))
-        grid = batch["image_grid_thw"]
-        slices, start = {}, 0
-        for row in rows:
-            end = start + int(grid[row].prod())
+        slices = {}
+        for row, start, end in pixel_spans(batch):
             slices.setdefault(batch["image_keys"][row], (start, end, row))
-            start = end
         return slices
 
 
