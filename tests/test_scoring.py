@@ -262,13 +262,7 @@ def test_predict_views_with_shared_prefix_equals_view_by_view(family, setup, tin
 
     processor, fmt = setup
     model = tiny_model(family, True)
-    records = []
-    for i, item in enumerate(_items() * 2):
-        path = tmp_path / f"img{i}.png"
-        item["image"].save(path)
-        records.append({"id": f"q{i}", "image_path": str(path), "question": item["question"],
-                        **dict(zip("abcd", item["options"])), "answer": "a"})
-    frame = pd.DataFrame(records)
+    frame = _test_frame(tmp_path)
     base = dict(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, tta_option_views=4, num_workers=0, infer_batch_size=2)
     import mcvqa.training as training
 
@@ -286,6 +280,17 @@ def test_predict_views_with_shared_prefix_equals_view_by_view(family, setup, tin
     assert cache.encoded == len(frame) // 2  # every picture appears twice: keyed by content, encoded once
 
 
+def _test_frame(tmp_path):
+    """A test.csv-like frame of the items twice over (every picture appears in two rows), images on disk."""
+    records = []
+    for i, item in enumerate(_items() * 2):
+        path = tmp_path / f"img{i}.png"
+        item["image"].save(path)
+        records.append({"id": f"q{i}", "image_path": str(path), "question": item["question"],
+                        **dict(zip("abcd", item["options"])), "answer": "a"})
+    return pd.DataFrame(records)
+
+
 def _count(log, logits):
     log.append(None if logits is None else logits.shape[0])
     return logits
@@ -295,19 +300,13 @@ def _count(log, logits):
 def test_predict_views_halves_the_batch_on_cuda_oom_with_the_same_predictions(
         family, setup, tiny_model, tiny_cfg, hardware, tmp_path, monkeypatch, capsys, shared_prefix):
     """A prediction pass that runs out of GPU memory halves its batch (whole rows) and goes on:
-    same probabilities as a pass that never ran out, one message; other errors still stop it."""
+    same probabilities as a pass that never ran out, one message per halving; other errors still stop it."""
     from mcvqa.feature_cache import FeatureCache
     import mcvqa.training as training
 
     processor, fmt = setup
     model = tiny_model(family, True)
-    records = []
-    for i, item in enumerate(_items() * 2):
-        path = tmp_path / f"img{i}.png"
-        item["image"].save(path)
-        records.append({"id": f"q{i}", "image_path": str(path), "question": item["question"],
-                        **dict(zip("abcd", item["options"])), "answer": "a"})
-    frame = pd.DataFrame(records)
+    frame = _test_frame(tmp_path)
     cfg = tiny_cfg(family, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, tta_option_views=4, num_workers=0,
                    infer_batch_size=3 if shared_prefix else 8, tta_shared_prefix=shared_prefix)
     reference = predict_views(model, frame, processor, fmt, cfg, hardware, feature_cache=FeatureCache())
