@@ -6,7 +6,8 @@ prompts, 384x384 images. Two parts, meant to run at the same time on two GPUs:
 
     python bench/bench_gpu.py --part main   # (a) inference, (b) ensemble cost, (c) training, (d) Qwen3-VL-8B
     python bench/bench_gpu.py --part t4     # (e) T4 budget: 15 GiB cap, fp16, 4-bit NF4, largest micro-batch
-    python bench/bench_gpu.py --part ensemble  # (b) alone: ensemble cost with and without the shared prefix
+    python bench/bench_gpu.py --part ensemble --n-pipeline 512,2048  # (b) alone: the ensemble variants, per test size
+    python bench/bench_gpu.py --part forward --models Qwen3-VL-8B     # (a)/(d) forward and tower rows alone
 
 `--tiny` runs the same code on the CPU with tiny models (a smoke test of the script, no numbers).
 Random weights: speed and memory are what is measured, never accuracy.
@@ -293,9 +294,17 @@ def inference_rows(bench, name, processor, peak, with_pipeline=True):
         diff = max(float((a.float() - b.float()).abs().max()) for a, b in zip(got, ref))
         bench.row(section, f"ours: batch {args.batch}, forward only, cached image features", args.n / t_cached,
                   mfu=lm_f / t_cached / 1e12 / peak, note=f"max |logit diff| vs uncached {diff:.3g}")
+        on_gpu = FeatureCache(device=bench.device)  # feature_cache_device=auto on a card of 60 GiB or more
+        gpu_batches = [on_gpu.attach(model, b) for b in batches]
+        forward_all(gpu_batches[:1])
+        t_gpu, got = bench.timed(lambda: forward_all(gpu_batches))
+        diff = max(float((a.float() - b.float()).abs().max()) for a, b in zip(got, ref))
+        bench.row(section, f"ours: batch {args.batch}, forward only, cached image features kept on the GPU", args.n / t_gpu,
+                  mfu=lm_f / t_gpu / 1e12 / peak, note=f"max |logit diff| vs uncached {diff:.3g}")
+        del gpu_batches, on_gpu
         peak_mem = torch.cuda.max_memory_allocated() / 2**30 if bench.device == "cuda" else 0.0
     bench.results[name] = dict(params_b=n_params / 1e9, tokens=tokens, seed=seed_rate, fwd=uncached_rate,
-                               fwd_cached=args.n / t_cached, peak_mem_gib=peak_mem)
+                               fwd_cached=args.n / t_cached, fwd_cached_on_gpu=args.n / t_gpu, peak_mem_gib=peak_mem)
     print(f"[bench] {name}: {n_params / 1e9:.2f} B params, {tokens:.0f} tokens/sample, "
           f"{batches[0]['image_grid_thw'][0].tolist()} patch grid, peak {peak_mem:.1f} GiB", flush=True)
     if with_pipeline:
@@ -309,7 +318,7 @@ def inference_rows(bench, name, processor, peak, with_pipeline=True):
 def pipeline_rows(bench, model, processor, fmt, section, seed_rate):
     """The pipeline's own predict_views (JPEG decoding, collation in DataLoader workers, batching)."""
     args = bench.args
-    n = args.n_pipeline
+    n = int(str(args.n_pipeline).split(",")[0])
     with tempfile.TemporaryDirectory() as folder:
         frame = frame_on_disk(n, args.size, folder)
         cfg1 = bench_cfg(bench, tta_option_views=1)
@@ -326,44 +335,63 @@ def pipeline_rows(bench, model, processor, fmt, section, seed_rate):
         ensemble_rows(bench, model, processor, frame, t_single)
 
 
-def ensemble_rows(bench, model, processor, frame, t_single):
-    """(b) 3 folds x 4 option orders through the pipeline's predict_views, one empty cache per run,
-    with the shared-prefix scorer (default) and without it."""
+LAST = dict(instruction_first=False)  # the instruction after the options (the default before run 14)
+ENSEMBLE_VARIANTS = {  # key: (what, settings, keep test batches across folds, features on the GPU)
+    "ensemble_cost_unshared": ("every view in full, instruction last", dict(LAST, tta_shared_prefix=False), False, False),
+    "ensemble_cost_loader_each_fold": ("shared prefix, loader every fold, features in RAM, instruction last "
+                                       "(run 10's default)", LAST, False, False),
+    "ensemble_cost_ram": ("shared prefix, batches kept across folds, features in RAM, instruction last", LAST, True, False),
+    "ensemble_cost_instruction_last": ("shared prefix, batches kept, features on the GPU, instruction last", LAST,
+                                       True, True),
+    "ensemble_cost": ("shared prefix, batches kept, features on the GPU, instruction first (the defaults on this card)",
+                      {}, True, True),
+}
+
+
+def ensemble_rows(bench, model, processor, frame, t_single, variants=tuple(ENSEMBLE_VARIANTS)):
+    """(b) 3 folds x 4 option orders through the pipeline's predict_views, one empty cache per run (the
+    ensemble pays for every image once), as run_fold calls it, per variant of ENSEMBLE_VARIANTS."""
     n = len(frame)
-    for shared in (False, True):
-        cfg4 = bench_cfg(bench, tta_option_views=4, tta_shared_prefix=shared)
+    reference = None
+    for key in variants:
+        what, changes, reuse, on_gpu = ENSEMBLE_VARIANTS[key]
+        cfg4 = bench_cfg(bench, tta_option_views=4, **changes)
         fmt = make_prompt_format(processor, cfg4)
 
         def ensemble():
-            cache = FeatureCache()  # empty: the ensemble pays for every image once
+            cache = FeatureCache(device=bench.device if on_gpu else "cpu")
             for fold in range(3):  # 3 folds (one model here: the cost per fold is the same)
-                t_fold, _ = bench.timed(lambda: predict_views(model, frame, processor, fmt, cfg4, bench.hardware,
-                                                              feature_cache=cache))
-                print(f"[bench] ensemble fold {fold}: {t_fold:.2f} s", flush=True)
-            return cache
+                t_fold, views = bench.timed(lambda: predict_views(model, frame, processor, fmt, cfg4, bench.hardware,
+                                                                  feature_cache=cache, reuse_batches=reuse))
+                print(f"[bench] {key} fold {fold}: {t_fold:.2f} s", flush=True)
+            return cache, views
 
-        t_ens, cache = bench.timed(ensemble)
-        if shared and bench.device == "cuda" and bench.args.profile_fold:
+        t_ens, (cache, views) = bench.timed(ensemble)
+        if key == "ensemble_cost" and bench.device == "cuda" and bench.args.profile_fold:
             from torch.profiler import ProfilerActivity, profile
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                predict_views(model, frame, processor, fmt, cfg4, bench.hardware, feature_cache=cache)
+                predict_views(model, frame, processor, fmt, cfg4, bench.hardware, feature_cache=cache, reuse_batches=True)
                 torch.cuda.synchronize()
             averages = prof.key_averages()
             print(averages.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=50))
             print(averages.table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=50), flush=True)
-        how = "shared prefix per row" if shared else "every view in full"
-        bench.row("(b) ensemble", f"3 folds x 4 option views, feature cache, {how} (pipeline)", n / t_ens,
-                  note=f"{cache.encoded} images encoded for {12 * n} views; {t_ens / t_single:.2f}x one single-view pass")
-        key = "ensemble_cost" if shared else "ensemble_cost_unshared"
+        diff = ""  # the same prompt scored another way must give the same probabilities (up to bf16 padding noise)
+        if reference is None or reference[0] != cfg4.instruction_first:
+            reference = (cfg4.instruction_first, key, views)
+        else:
+            diff = f"; max |prob diff| vs {reference[1]} {max(np.abs(views[v] - reference[2][v]).max() for v in views):.2g}"
+        bench.row("(b) ensemble", f"3 folds x 4 option views, {what} ({n} rows)", n / t_ens,
+                  note=f"{cache.encoded} images encoded for {12 * n} views; {t_ens / t_single:.2f}x one single-view "
+                       f"pass{diff}")
         bench.results[key] = t_ens / t_single
         bench.results[key.replace("cost", "s")] = t_ens
     bench.results["single_s"] = t_single
 
 
 def ensemble_only(bench, processor):
-    """--part ensemble: the pipeline's inference alone on Qwen2.5-VL-3B (a short run): the seed rate,
-    then per vision-tower setting (stock; grouped attention; grouped + compiled = the default on sm80+)
-    one single-view pass and the 3-fold x 4-order ensemble with and without the shared prefix."""
+    """--part ensemble: the pipeline's inference alone on Qwen2.5-VL-3B with its defaults on the card
+    (grouped + compiled tower): the seed rate, then per --n-pipeline size one single-view pass and the
+    3-fold x 4-order ensemble (every variant for the first size, the default for the others)."""
     args = bench.args
     model = build_model("Qwen2.5-VL-3B", bench.device, bench.dtype, args.tiny)
     cfg1 = bench_cfg(bench, tta_option_views=1)
@@ -374,22 +402,20 @@ def ensemble_only(bench, processor):
         seed_s, _ = bench.timed(lambda: seed_inference(bench, model, processor, fmt, data[:args.n_seed]))
     seed_rate = args.n_seed / seed_s
     bench.row("(b) ensemble", "seed: 1 sample, processor + generate(max_new_tokens=1)", seed_rate)
-    n = args.n_pipeline
-    with tempfile.TemporaryDirectory() as folder:
-        frame = frame_on_disk(n, args.size, folder)
-        for tower in ("stock", "grouped", "compiled"):
-            if tower == "grouped":
-                patch_vision_attention(model)
-            if tower == "compiled":
-                compile_vision_elementwise(model)
+    patch_vision_attention(model)
+    compile_vision_elementwise(model)
+    sizes = [int(n) for n in str(args.n_pipeline).split(",")]
+    for i, n in enumerate(sizes):
+        with tempfile.TemporaryDirectory() as folder:
+            frame = frame_on_disk(n, args.size, folder)
             predict_views(model, frame.iloc[:args.batch], processor, fmt, cfg1, bench.hardware, desc="warm-up")
             t_single, _ = bench.timed(lambda: predict_views(model, frame, processor, fmt, cfg1, bench.hardware))
-            bench.row("(b) ensemble", f"one single-view pass, {n} rows, no cache, tower {tower} (pipeline)",
-                      n / t_single, note=f"{n / t_single / seed_rate:.1f}x the seed")
-            bench.results[f"inference_speedup_{tower}"] = n / t_single / seed_rate
-            ensemble_rows(bench, model, processor, frame, t_single)
-            for key in ("ensemble_cost", "ensemble_cost_unshared"):
-                bench.results[f"{key}_{tower}"] = bench.results.pop(key)
+            bench.row("(b) ensemble", f"one single-view pass, {n} rows, no cache (pipeline)", n / t_single,
+                      note=f"{n / t_single / seed_rate:.1f}x the seed")
+            variants = args.variants.split(",") if args.variants != "all" else tuple(ENSEMBLE_VARIANTS)
+            ensemble_rows(bench, model, processor, frame, t_single, variants if i == 0 else ("ensemble_cost",))
+            results = {k: bench.results.pop(k) for k in list(bench.results) if str(k).startswith(("ensemble_", "single_s"))}
+            bench.results[f"{n} rows"] = dict(results, inference_speedup=n / t_single / seed_rate)
 
 
 # ------------------------------------------------------------------------------------------- (c)
@@ -537,7 +563,8 @@ def t4_budget(bench, name, processor_dir):
 # --------------------------------------------------------------------------------------------- main
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--part", choices=["main", "t4", "ensemble"], default="main")
+    parser.add_argument("--part", choices=["main", "t4", "ensemble", "forward"], default="main")
+    parser.add_argument("--models", default="Qwen2.5-VL-3B,Qwen3-VL-8B", help="--part forward: which models")
     parser.add_argument("--assets", default=".bench_assets")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test of the script with tiny models")
     parser.add_argument("--n", type=int, default=128)
@@ -545,7 +572,9 @@ def main():
     parser.add_argument("--n-train", type=int, default=128)
     parser.add_argument("--n-seed-train", type=int, default=32)
     parser.add_argument("--train-micro", type=int, default=16)
-    parser.add_argument("--n-pipeline", type=int, default=512, help="test rows of the pipeline and ensemble rows")
+    parser.add_argument("--n-pipeline", default="512", help="test rows of the pipeline and ensemble rows (--part ensemble: "
+                        "a comma-separated list of sizes)")
+    parser.add_argument("--variants", default="all", help="--part ensemble: ENSEMBLE_VARIANTS keys for the first size")
     parser.add_argument("--profile-fold", action="store_true", help="torch.profiler tables of one cached ensemble fold")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--size", type=int, default=384)
@@ -561,16 +590,20 @@ def main():
         print(f"[bench] {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     import transformers
     print(f"[bench] transformers {transformers.__version__}, part {args.part}", flush=True)
-    if args.part == "t4":
+    if args.part == "forward":  # (a)/(d) forward and tower rows alone, per model
+        peak = matmul_peak_tflops(bench.device, bench.dtype)
+        print(f"[bench] bf16 matmul peak {peak:.0f} TFLOP/s", flush=True)
+        for name in args.models.split(","):
+            free(inference_rows(bench, name, AutoProcessor.from_pretrained(assets / MODELS[name][2]), peak,
+                                with_pipeline=False))
+    elif args.part == "t4":
         for name in args.t4_models.split(","):
             t4_budget(bench, name, assets / MODELS[name][2])
     elif args.part == "ensemble":
         ensemble_only(bench, AutoProcessor.from_pretrained(assets / MODELS["Qwen2.5-VL-3B"][2]))
-        r = bench.results
-        for tower in ("stock", "grouped", "compiled"):
-            print(f"tower {tower}: inference speedup {r[f'inference_speedup_{tower}']:.1f}x, "
-                  f"ensemble cost {r[f'ensemble_cost_{tower}']:.2f}x "
-                  f"(every view in full: {r[f'ensemble_cost_unshared_{tower}']:.2f}x)")
+        for n, r in bench.results.items():
+            print(f"{n}: inference speedup {r['inference_speedup']:.1f}x, ensemble cost {r['ensemble_cost']:.2f}x "
+                  f"({', '.join(f'{k} {v:.2f}x' for k, v in r.items() if k.startswith('ensemble_cost_'))})")
     else:
         peak = matmul_peak_tflops(bench.device, bench.dtype)
         bench.results["peak_tflops"] = peak

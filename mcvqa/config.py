@@ -43,7 +43,7 @@ class Config:
     # --- prompt -------------------------------------------------------------------------------
     system_prompt: str = ""  # empty: the chat template's own default (Qwen2.5-VL adds one)
     instruction: str = "정답에 해당하는 선택지의 알파벳(a, b, c, d) 하나로만 답하세요."
-    instruction_first: bool = False  # instruction before the options: option-order TTA views share it in their prefix (suffix 49 -> 23 tokens per view)
+    instruction_first: bool = True  # instruction between question and options: option-order TTA views share it in their prefix (suffix 49 -> 23 tokens per view; ensemble 3.05x -> 2.55x one pass, same demo accuracy: BENCHMARKS.md)
     max_question_tokens: int = 256  # longer questions are cut (the answer position never is)
     max_option_tokens: int = 64  # per option
     # --- model and QLoRA -------------------------------------------------------------------------
@@ -94,8 +94,9 @@ class Config:
     # --- image-feature cache (feature_cache.py): the frozen vision tower runs once per image ----
     cache_image_features: bool = True  # reuse features across folds, views, epochs; off if the tower trains
     feature_cache_fp32: bool = False  # encode with autocast off, in the tower's dtype (fp32 on T4: no fp16 overflow, slower)
-    feature_cache_max_gib: float = 12.0  # RAM budget; beyond it features go to disk (if on) or are recomputed
+    feature_cache_max_gib: float = 12.0  # budget (RAM, or GPU memory when kept there); beyond it features go to disk (if on) or are recomputed
     feature_cache_on_disk: bool = False  # also write them to <output_dir>/feature_cache (a restarted session reuses them)
+    feature_cache_device: str = "auto"  # cpu | cuda | auto: where features are kept (auto: the GPU when it has >= 60 GiB)
     fast_vision_attention: bool = True  # SDPA vision tower: one attention call per window length, not per window (2.4x 3B forward, BENCHMARKS.md; equal to stock, tested)
     compile_vision: str = "auto"  # auto | on | off: torch.compile the tower's norms, MLP, rotary (auto: sm80+ GPU with triton)
 

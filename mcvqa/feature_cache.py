@@ -10,9 +10,10 @@ model the stored features through the model's `mm_encoder_outputs` argument inst
 (`get_rope_index`) are computed exactly as before.
 
 The key is a hash of the decoded image's pixels and the pixel range; the cache itself belongs to one
-(model, tower dtype, precision) namespace. Features live on the CPU (moved to the GPU per batch),
-within a RAM budget; optionally also on disk under the run folder, so a restarted Kaggle session
-reuses them. The cache turns itself off, and says so, when the tower has trainable weights or images
+(model, tower dtype, precision) namespace. Features live on the CPU (moved to the GPU per batch) or,
+on GPUs with memory to spare, on the GPU, within a budget; optionally also on disk under the run
+folder, so a restarted Kaggle session reuses them. The cache also keeps a pass's collated batches for
+an identical later pass (the test set in the next fold), valid while it holds all their images. The cache turns itself off, and says so, when the tower has trainable weights or images
 are augmented: then the features would change from one view to the next.
 """
 
@@ -115,16 +116,20 @@ def encoder_outputs(features, device):
 class FeatureCache:
     """Vision-tower outputs by image key; `attach` swaps a batch's pixel_values for cached features."""
 
-    def __init__(self, namespace="", fp32=False, max_bytes=12 * 2**30, disk_dir=None):
+    def __init__(self, namespace="", fp32=False, max_bytes=12 * 2**30, disk_dir=None, device="cpu"):
         self.namespace = namespace
         self.fp32 = fp32  # encode with autocast off: the tower's own dtype (fp32 on T4)
         self.max_bytes = max_bytes
+        # Where the features are kept: the CPU (a batch's are copied to the GPU when used), or the GPU
+        # (no copies at all, for cards with memory to spare).
+        self.device = torch.device(device)
         self.disk_dir = pathlib.Path(disk_dir) if disk_dir else None
         if self.disk_dir:
             self.disk_dir.mkdir(parents=True, exist_ok=True)
         self.store = {}
         self.bytes = 0
         self.hits = self.misses = self.encoded = self.disk_reads = 0
+        self.kept_batches = {}  # pass signature -> (collated batches without pixels, their image keys)
 
     def __len__(self):
         return len(self.store)
@@ -147,7 +152,7 @@ class FeatureCache:
         if key in self.store:
             return self.store[key]
         if self.disk_dir and self._disk_path(key).exists():
-            saved = torch.load(self._disk_path(key), weights_only=True)
+            saved = torch.load(self._disk_path(key), weights_only=True, map_location=self.device)
             self.disk_reads += 1
             return self._keep(key, ImageFeatures(saved["embeds"], tuple(saved["deepstack"])), write=False)
         return None
@@ -178,7 +183,7 @@ class FeatureCache:
             out = vlm.get_image_features(pixel_values.to(device, non_blocking=True), grid_thw.to(device),
                                          return_dict=True)
         deepstack = getattr(out, "deepstack_features", None) or []
-        return [ImageFeatures(embeds.to("cpu"), tuple(layer[i].to("cpu") for layer in deepstack))
+        return [ImageFeatures(embeds.to(self.device), tuple(layer[i].to(self.device) for layer in deepstack))
                 for i, embeds in enumerate(out.pooler_output)]
 
     def attach(self, model, batch, max_images=64):
@@ -219,6 +224,19 @@ class FeatureCache:
         out["image_features"] = [found[k] for k in keys]
         return out
 
+    def keep_batches(self, signature, batches):
+        """Keep a pass's collated batches (pixels dropped: the features are here) for an identical later pass."""
+        keys = frozenset(key for batch in batches for key in batch["image_keys"])
+        self.kept_batches[signature] = (batches, keys)
+        size = sum(t.numel() * t.element_size() for b in batches for t in b.values() if isinstance(t, torch.Tensor))
+        print(f"[cache] kept {len(batches)} collated batches ({size / 2**20:.0f} MiB): the same pass in a later "
+              f"fold skips the data loader")
+
+    def batches_for(self, signature):
+        """The kept batches of this pass, if every image in them can still be served (else None)."""
+        batches, keys = self.kept_batches.get(signature, (None, frozenset()))
+        return batches if batches is not None and keys <= self.known_keys() else None
+
     @staticmethod
     def _pixel_slices(batch):
         """{key: (start, end, sample)}: where each shipped image's patch rows are in pixel_values."""
@@ -251,8 +269,24 @@ def make_feature_cache(cfg, model, hardware, reuse=None, verbose=True):
         # A changed model or precision gets its own folder: stale features are never read.
         disk_dir = pathlib.Path(cfg.output_dir) / "feature_cache" / hashlib.blake2b(
             namespace.encode(), digest_size=8).hexdigest()
-    cache = FeatureCache(namespace, cfg.feature_cache_fp32, int(cfg.feature_cache_max_gib * 2**30), disk_dir)
+    tower_device = base_vlm_model(model).visual.patch_embed.proj.weight.device  # this process's GPU (or CPU)
+    device = tower_device if feature_cache_place(cfg, hardware) == "cuda" else torch.device("cpu")
+    cache = FeatureCache(namespace, cfg.feature_cache_fp32, int(cfg.feature_cache_max_gib * 2**30), disk_dir, device)
     if verbose:
-        print(f"[cache] image-feature cache on ({precision}, tower {tower_dtype}, RAM budget "
+        print(f"[cache] image-feature cache on ({precision}, tower {tower_dtype}, kept on {device}, budget "
               f"{cfg.feature_cache_max_gib:g} GiB{', disk ' + str(disk_dir) if disk_dir else ''})")
     return cache
+
+
+def feature_cache_place(cfg, hardware):
+    """"cpu" or "cuda": where the features live. auto: on a GPU of 60 GiB or more (A100/H100-80GB, H200)
+    the budget fits beside the model and each batch skips a host-to-device copy; on smaller cards (T4)
+    in CPU RAM."""
+    choice = cfg.feature_cache_device
+    if choice not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"config: feature_cache_device must be auto, cpu or cuda, got {choice!r}")
+    if choice == "auto":
+        return "cuda" if hardware.device == "cuda" and hardware.gpu_memory_gib >= 60 else "cpu"
+    if choice == "cuda" and hardware.device != "cuda":
+        raise ValueError("config: feature_cache_device=cuda but no CUDA GPU was detected")
+    return choice

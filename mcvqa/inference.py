@@ -6,8 +6,11 @@ view's probabilities are mapped back to the original letters before averaging (i
 log-probability). No horizontal-flip view by default: questions mention left and right, and text in
 images would read backwards (sister competitions saw flip TTA hurt). Folds are then averaged in
 probability (equal weights, or weighted by out-of-fold accuracy), optionally after one temperature
-fitted on out-of-fold logits.
+fitted on out-of-fold logits. The test set's collated batches are the same in every fold (only the
+adapter differs): with the feature cache on, the first fold keeps them and later folds replay them.
 """
+
+import hashlib
 
 import numpy as np
 import pandas as pd
@@ -48,11 +51,56 @@ def image_scales(cfg):
     return [1.0] + [s for s in extra if s != 1.0]
 
 
-def predict_views(model, frame, processor, fmt, cfg, hardware, desc="test", feature_cache=None):
+def pass_signature(frame, order, fmt, cfg, batch_size, max_pixels):
+    """What decides a pass's collated batches: the rows' text and images, the views, the prompt format,
+    the pixel range and the batch size. Two passes with one signature get identical batches."""
+    columns = [c for c in ("id", "image_path", "question", *OPTION_LETTERS, "image_ok") if c in frame]
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(pd.util.hash_pandas_object(frame[columns], index=False).to_numpy().tobytes())
+    digest.update(repr((order, fmt, cfg.min_pixels, max_pixels, batch_size, cfg.blank_images)).encode())
+    return digest.hexdigest()
+
+
+class KeepingBatches:
+    """Iterates a data loader and, once it is through, gives its batches without pixels to `keep`."""
+
+    def __init__(self, loader, keep):
+        self.loader, self.keep = loader, keep
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        kept = []
+        for batch in self.loader:
+            kept.append({k: v for k, v in batch.items() if k not in ("pixel_values", "pixel_rows")}
+                        | {"pixel_values": torch.zeros(0, 0), "pixel_rows": torch.zeros(0, dtype=torch.long)})
+            yield batch
+        self.keep(kept)
+
+
+def pass_batches(frame, order, processor, fmt, cfg, batch_size, max_pixels, feature_cache, pixel_dtype, reuse):
+    """A pass's batches: from the data loader, or (`reuse`, feature cache on) the batches an earlier fold
+    kept for this very pass. Then later folds do no image decoding, prompt rendering or tokenizing:
+    the test set's inputs are the same in every fold, only the adapter differs."""
+    if reuse and feature_cache is not None:
+        signature = pass_signature(frame, order, fmt, cfg, batch_size, max_pixels)
+        kept = feature_cache.batches_for(signature)
+        if kept is not None:
+            return kept
+    loader = make_loader(frame, order, processor, fmt, cfg, batch_size, max_pixels=max_pixels,
+                         feature_cache=feature_cache, pixel_dtype=pixel_dtype, dedupe_images=True)
+    if not reuse or feature_cache is None:
+        return loader
+    return KeepingBatches(loader, lambda batches: feature_cache.keep_batches(signature, batches))
+
+
+def predict_views(model, frame, processor, fmt, cfg, hardware, desc="test", feature_cache=None, reuse_batches=False):
     """Probabilities of every row under every view: {(scale, shift): [N, 4] in original order}.
 
     With a feature_cache, the option views of an image share one vision-tower pass (and later folds
-    reuse it); a pixel scale is a different image to the tower, so it has its own features."""
+    reuse it); a pixel scale is a different image to the tower, so it has its own features. With
+    `reuse_batches` too, the collated batches are kept for the next fold's identical pass (the test set)."""
     n, k = len(frame), cfg.tta_option_views
     # Option orders of one row share system, image and question: batched together (row-major) they run
     # that prefix once (needs the feature cache). Otherwise views go shift by shift.
@@ -63,10 +111,16 @@ def predict_views(model, frame, processor, fmt, cfg, hardware, desc="test", feat
     batch_size = cfg.infer_batch_size * k if shared else cfg.infer_batch_size
     views = {}
     for scale in image_scales(cfg):
-        loader = make_loader(frame, order, processor, fmt, cfg, batch_size, max_pixels=int(cfg.max_pixels * scale),
-                             feature_cache=feature_cache, pixel_dtype=tower_dtype(model), dedupe_images=True)
-        logits, rows, perms = predict_letter_logits(model, loader, fmt, hardware, desc=f"{desc} x{scale:g}",
-                                                    feature_cache=feature_cache, shared_views=k if shared else 0)
+        batches = pass_batches(frame, order, processor, fmt, cfg, batch_size, int(cfg.max_pixels * scale),
+                               feature_cache, tower_dtype(model), reuse_batches)
+        stats = {}
+        logits, rows, perms = predict_letter_logits(model, batches, fmt, hardware, desc=f"{desc} x{scale:g}",
+                                                    feature_cache=feature_cache, shared_views=k if shared else 0,
+                                                    stats=stats)
+        print(f"[predict] {desc} x{scale:g}: {n} rows x {k} views in {stats['wall_s']:.1f} s, "
+              f"{stats['loader_wait_s']:.1f} s of it waiting for the data loader "
+              + ("(batches kept from an earlier fold)" if isinstance(batches, list) else
+                 f"({stats['loader_start_s']:.1f} s starting its workers)"))
         probs = to_original_order(softmax(logits), perms)
         for shift in range(k):
             part = slice(shift, None, k) if shared else slice(shift * n, (shift + 1) * n)

@@ -137,8 +137,10 @@ def run_fold(fold, train, test, folds, processor, fmt, cfg, hardware, out_dir, s
     load_trainable_state(model, from_main(lambda: torch.load(fold_dir / "best_adapter.pt", map_location="cpu")))
     for name, frame in (("oof", val_part), ("test", test)):
         # Under DDP each rank predicts one contiguous row shard; all shards come back in row order.
+        # The test pass is the same in every fold: its batches are kept for the next fold (feature cache on).
         views = gather_views(map_shards(frame, lambda part: predict_views(
-            model, part, processor, fmt, cfg, hardware, desc=f"fold {fold} {name}", feature_cache=cache)))
+            model, part, processor, fmt, cfg, hardware, desc=f"fold {fold} {name}", feature_cache=cache,
+            reuse_batches=name == "test")))
         if not is_main():
             continue
         probs_frame(frame["id"], views[(1.0, 0)]).to_csv(fold_dir / f"{name}_probs_view0.csv", index=False)

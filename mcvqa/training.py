@@ -114,7 +114,7 @@ def make_loader(frame, views, processor, fmt, cfg, batch_size, max_pixels=None, 
 
 
 @torch.no_grad()
-def predict_letter_logits(model, loader, fmt, hardware, desc="predict", feature_cache=None, shared_views=0):
+def predict_letter_logits(model, loader, fmt, hardware, desc="predict", feature_cache=None, shared_views=0, stats=None):
     """Letter logits per view, in the loader's order: (logits [N, 4] in display order, rows, perms).
 
     With a feature_cache (and a loader made with it), each image is encoded at most once. With
@@ -144,7 +144,16 @@ def predict_letter_logits(model, loader, fmt, hardware, desc="predict", feature_
             torch.cuda.empty_cache()
             return score(batch)
 
-    for batch in tqdm(loader, desc=desc, leave=False):
+    started = time.perf_counter()
+    batches = iter(loader)  # a DataLoader starts its worker processes here
+    startup = waited = time.perf_counter() - started
+    batches = iter(tqdm(batches, desc=desc, total=len(loader), leave=False))
+    while True:
+        tick = time.perf_counter()
+        batch = next(batches, None)
+        waited += time.perf_counter() - tick  # the main thread idle, waiting for the data loader
+        if batch is None:
+            break
         with _autocast(hardware):
             if feature_cache is not None:
                 batch = feature_cache.attach(model, batch)
@@ -153,7 +162,11 @@ def predict_letter_logits(model, loader, fmt, hardware, desc="predict", feature_
             logits.append(score(batch))
         rows.append(batch["rows"])
         perms.append(batch["perms"])
-    return torch.cat(logits).cpu().numpy(), torch.cat(rows).numpy(), torch.cat(perms).numpy()
+    out = torch.cat(logits).cpu().numpy(), torch.cat(rows).numpy(), torch.cat(perms).numpy()
+    if stats is not None:  # (the .cpu() above waited for the GPU: the wall time is the pass's)
+        stats.update(wall_s=time.perf_counter() - started, loader_wait_s=waited, loader_start_s=startup,
+                     views=len(out[1]))
+    return out
 
 
 def _model_device(model):

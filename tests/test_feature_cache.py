@@ -361,3 +361,61 @@ def test_compile_vision_auto_choice():
     assert compile_vision_choice("on", cpu)[0] is True and compile_vision_choice("off", h100)[0] is False
     with pytest.raises(ValueError, match="compile_vision"):
         compile_vision_choice("yes", h100)
+
+
+def test_later_fold_reuses_the_kept_test_batches(tiny_model, tiny_cfg, tiny_processor, tiny_fmt, hardware, tmp_path,
+                                                 monkeypatch):
+    """With reuse_batches, the second identical pass (the next fold's test set) makes no data loader and
+    gives the same probabilities; a changed frame or an image the cache lost goes through the loader."""
+    import mcvqa.inference as inference
+
+    family = "qwen2_5_vl"
+    model, processor, fmt = tiny_model(family, False), tiny_processor(family), tiny_fmt(family)
+    frame = _frame(tmp_path)
+    cfg = tiny_cfg(family, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, tta_option_views=4, num_workers=0,
+                   infer_batch_size=2)
+    loaders = []
+    real_make_loader = inference.make_loader
+    monkeypatch.setattr(inference, "make_loader", lambda *a, **kw: loaders.append(1) or real_make_loader(*a, **kw))
+    cache = _cache(tiny_cfg, family, model, hardware)
+
+    def run(data):
+        return predict_views(model, data, processor, fmt, cfg, hardware, feature_cache=cache, reuse_batches=True)
+
+    first = run(frame)
+    assert len(loaders) == 1 and len(cache.kept_batches) == 1
+    (batches, keys), = cache.kept_batches.values()
+    assert len(batches) == 2 and len(keys) == 3 and all(b["pixel_values"].numel() == 0 for b in batches)
+    again = run(frame)
+    assert len(loaders) == 1  # replayed: no loader made
+    for view in first:
+        np.testing.assert_array_equal(again[view], first[view])
+    changed = frame.assign(question=frame["question"].where(frame.index != 1, "도형은 몇 개입니까?"))
+    other = run(changed)
+    assert len(loaders) == 2 and len(cache.kept_batches) == 2
+    assert np.abs(other[(1.0, 0)][1] - first[(1.0, 0)][1]).max() > 1e-6  # the new question was scored
+    np.testing.assert_allclose(other[(1.0, 0)][[0, 2]], first[(1.0, 0)][[0, 2]], atol=1e-6, rtol=0)  # (padding)
+    lost = next(iter(keys))
+    cache.bytes -= cache.store.pop(lost).nbytes  # e.g. dropped: its pixels are needed again
+    after_loss = run(frame)
+    assert len(loaders) == 3 and cache.encoded == 4  # the 3 images once, the lost one again
+    for view in first:
+        np.testing.assert_allclose(after_loss[view], first[view], atol=1e-6, rtol=0)
+
+
+def test_feature_cache_place():
+    """auto keeps features on GPUs of 60 GiB or more, in RAM on a T4 and on the CPU; cuda without a GPU fails."""
+    from mcvqa.config import resolve_config
+    from mcvqa.feature_cache import feature_cache_place
+
+    t4 = choose_hardware([{"name": "Tesla T4", "capability": (7, 5), "memory_gib": 15.0}], flash_attn_installed=False)
+    a100_40 = choose_hardware([{"name": "NVIDIA A100", "capability": (8, 0), "memory_gib": 39.4}], flash_attn_installed=False)
+    h100 = choose_hardware([{"name": "NVIDIA H100", "capability": (9, 0), "memory_gib": 79.1}], flash_attn_installed=False)
+    cpu = choose_hardware([], flash_attn_installed=False)
+    cfg = resolve_config("demo", env={}, verbose=False)
+    assert [feature_cache_place(cfg, hw) for hw in (t4, a100_40, h100, cpu)] == ["cpu", "cpu", "cuda", "cpu"]
+    assert feature_cache_place(dataclasses.replace(cfg, feature_cache_device="cpu"), h100) == "cpu"
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        feature_cache_place(dataclasses.replace(cfg, feature_cache_device="cuda"), cpu)
+    with pytest.raises(ValueError, match="feature_cache_device"):
+        feature_cache_place(dataclasses.replace(cfg, feature_cache_device="gpu"), h100)

@@ -122,7 +122,7 @@ def test_collator_labels_against_real_processor(real, cfg):
         assert mask[i].tolist() == [1] * n + [0] * (width - n)
         assert (ids[i, n:] == tok.pad_token_id).all() and (labels[i, n:] == IGNORE_INDEX).all()
         assert (mm[i, n:] == 0).all()
-        user_text = format_user_text(item["question"], item["options"], cfg.instruction)
+        user_text = format_user_text(item["question"], item["options"], cfg.instruction, cfg.instruction_first)
         prompt = real.apply_chat_template(build_messages(user_text, cfg.system_prompt),
                                           add_generation_prompt=True, tokenize=False)
         own = real(text=[prompt], images=[item["image"]], size=size)
@@ -233,22 +233,28 @@ def test_options_with_commas_and_newlines_stay_one_line_each(real, cfg):
     text, n_cut = render_prompt(real, fmt, "  그림 속 도형은\n무슨 색입니까?  ", options)
     assert n_cut == 0
     lines = _user_text(text).split("\n")
-    assert lines == ["그림 속 도형은", "무슨 색입니까?",
-                     "a. 빨간색, 파란색", "b. 첫째 줄 둘째 줄", "c. 앞뒤 공백", "d. 탭 구분", cfg.instruction]
+    assert cfg.instruction_first  # the default: the instruction between the question and the options
+    assert lines == ["그림 속 도형은", "무슨 색입니까?", cfg.instruction,
+                     "a. 빨간색, 파란색", "b. 첫째 줄 둘째 줄", "c. 앞뒤 공백", "d. 탭 구분"]
     assert len([line for line in lines if re.match(r"^[a-d]\. ", line)]) == 4
 
 
 def test_instruction_first_joins_the_prefix_that_option_views_share(real, cfg):
-    """instruction_first puts the instruction between question and options: the trained id is still the
-    scored id, and the 4 option orders of a row share a longer prefix (shorter suffixes to score)."""
+    """instruction_first (the default) puts the instruction between question and options: the trained id
+    is still the scored id, and the 4 option orders of a row share a longer prefix (shorter suffixes to
+    score) than with the instruction after the options (instruction_first=false)."""
     import dataclasses
 
-    first_cfg = dataclasses.replace(cfg, instruction_first=True)
+    first_cfg, end_cfg = dataclasses.replace(cfg, instruction_first=True), dataclasses.replace(cfg, instruction_first=False)
     fmt = make_prompt_format(real, first_cfg)
-    assert_scored_id_is_trained_id(real, fmt, format_user_text("그림 속 도형은?", ["빨간색", "원, 별", "1개", "왼쪽 위"],
-                                                                cfg.instruction, instruction_first=True))
+    for instruction_first in (True, False):
+        assert_scored_id_is_trained_id(real, make_prompt_format(real, end_cfg if not instruction_first else first_cfg),
+                                       format_user_text("그림 속 도형은?", ["빨간색", "원, 별", "1개", "왼쪽 위"],
+                                                        cfg.instruction, instruction_first=instruction_first))
     text, _ = render_prompt(real, fmt, "그림 속 도형은?", ["빨간색", "파란색", "초록색", "노란색"])
     assert _user_text(text).split("\n") == ["그림 속 도형은?", cfg.instruction, "a. 빨간색", "b. 파란색", "c. 초록색", "d. 노란색"]
+    text, _ = render_prompt(real, make_prompt_format(real, end_cfg), "그림 속 도형은?", ["빨간색", "파란색", "초록색", "노란색"])
+    assert _user_text(text).split("\n") == ["그림 속 도형은?", "a. 빨간색", "b. 파란색", "c. 초록색", "d. 노란색", cfg.instruction]
 
     def prefix_and_suffix(fmt):
         item = _items()[0]
@@ -258,7 +264,7 @@ def test_instruction_first_joins_the_prefix_that_option_views_share(real, cfg):
         shared = int((ids == ids[:1]).all(0).long().cumprod(0).sum())
         return shared, ids.shape[1] - shared
 
-    (prefix_end, suffix_end), (prefix_first, suffix_first) = prefix_and_suffix(make_prompt_format(real, cfg)), prefix_and_suffix(fmt)
+    (prefix_end, suffix_end), (prefix_first, suffix_first) = prefix_and_suffix(make_prompt_format(real, end_cfg)), prefix_and_suffix(fmt)
     instruction_tokens = len(_tokens(real.tokenizer, cfg.instruction))
     assert prefix_first >= prefix_end + instruction_tokens - 2 and suffix_first <= suffix_end - instruction_tokens + 2
 
@@ -279,9 +285,9 @@ def test_long_question_and_option_are_cut_but_answer_position_is_kept(real, long
     assert [line[:3] for line in option_lines] == ["a. ", "b. ", "c. ", "d. "]
     assert option_lines[0] == "a. 짧은 답" and option_lines[2:] == ["c. 원", "d. 별"]
     assert len(_tokens(tok, option_lines[1][3:])) <= cfg.max_option_tokens
-    question = "\n".join(lines[:lines.index(option_lines[0])])
+    assert lines[lines.index(option_lines[0]) - 1] == cfg.instruction  # never cut (instruction_first: before the options)
+    question = "\n".join(lines[:lines.index(option_lines[0]) - 1])
     assert 0 < len(_tokens(tok, question)) <= cfg.max_question_tokens
-    assert lines[-1] == cfg.instruction  # the instruction is never cut
     assert text.endswith("<|im_start|>assistant\n")
     # Collated with an answer: the one label is still the letter right after the assistant header.
     item = {"row": 0, "perm": (0, 1, 2, 3), "image": Image.new("RGB", (64, 64)), "question": long_text,

@@ -1,5 +1,7 @@
 """Pieces of the training loop and ensemble that can be checked exactly in isolation."""
 
+import time
+
 import numpy as np
 import torch
 from PIL import Image
@@ -79,3 +81,38 @@ def test_temperature_scaling_recovers_a_known_temperature():
     temperature = fit_temperature(overconfident, targets)
     assert abs(temperature - 2.0) < 0.15
     assert np.allclose(apply_temperature(overconfident, 2.0), truth, atol=1e-6)
+
+
+class _SlowLoader:
+    """A data loader that takes `delay` seconds to start and to hand over each batch."""
+
+    def __init__(self, batches, delay):
+        self.batches, self.delay = batches, delay
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        time.sleep(self.delay)  # starting the workers (a DataLoader starts them in iter())
+        return self._batches()
+
+    def _batches(self):
+        for batch in self.batches:
+            time.sleep(self.delay)
+            yield batch
+
+
+def test_predict_letter_logits_reports_the_time_spent_waiting_for_the_loader(tiny_model, tiny_processor, tiny_fmt,
+                                                                            hardware):
+    """stats: the pass's wall time, the part spent waiting for batches and the part starting the loader."""
+    from mcvqa.training import predict_letter_logits
+
+    collator = VqaCollator(tiny_processor("qwen2_5_vl"), tiny_fmt("qwen2_5_vl"), 28 * 28 * 4, 112 * 112)
+    batches = [collator(_items()[:2]), collator(_items()[2:])]
+    stats = {}
+    predict_letter_logits(tiny_model("qwen2_5_vl", False), _SlowLoader(batches, 0.2), tiny_fmt("qwen2_5_vl"), hardware,
+                          stats=stats)
+    assert stats["views"] == 3
+    assert 0.2 <= stats["loader_start_s"] < 0.4
+    # start + 2 batches; the scoring in between (also timed in wall_s) is not waiting
+    assert 0.6 <= stats["loader_wait_s"] < 0.9 and stats["loader_wait_s"] < stats["wall_s"]
