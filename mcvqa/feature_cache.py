@@ -13,8 +13,9 @@ The key is a hash of the decoded image's pixels and the pixel range; the cache i
 (model, tower dtype, precision) namespace. Features live on the CPU (moved to the GPU per batch) or,
 on GPUs with memory to spare, on the GPU, within a budget; optionally also on disk under the run
 folder, so a restarted Kaggle session reuses them. The cache also keeps a pass's collated batches for
-an identical later pass (the test set in the next fold), valid while it holds all their images. The cache turns itself off, and says so, when the tower has trainable weights or images
-are augmented: then the features would change from one view to the next.
+an identical later pass (the test set in the next fold), valid while it holds all their images. The
+cache turns itself off, and says so, when the tower has trainable weights or images are augmented:
+then the features would change from one view to the next.
 """
 
 import contextlib
