@@ -203,6 +203,33 @@ def resolve_config(profile="auto", overrides=None, env=None, verbose=True):
     return cfg
 
 
+# Settings that decide what a fold's model sees: every fold of one run must share them.
+PROMPT_AND_IMAGE_SETTINGS = ("model_name_or_path", "system_prompt", "instruction", "instruction_first",
+                             "max_question_tokens", "max_option_tokens", "min_pixels", "max_pixels")
+# Their values in runs saved before the setting existed.
+EARLIER_DEFAULTS = {"instruction_first": False}
+
+
+def check_resume(cfg, out_dir):
+    """A re-run into a folder that already has folds must build the same prompts and images: otherwise the
+    finished folds and the resumed ones would be ensembled across two prompt formats (e.g. after
+    `instruction_first` became the default). Raises with the settings that differ and the fix."""
+    path = pathlib.Path(out_dir) / "config.json"
+    if not path.exists() or not any(p.is_dir() for p in pathlib.Path(out_dir).glob("fold*")):
+        return
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    changed = {}
+    for name in PROMPT_AND_IMAGE_SETTINGS:
+        before = saved.get(name, EARLIER_DEFAULTS.get(name, getattr(cfg, name)))
+        if before != getattr(cfg, name):
+            changed[name] = (before, getattr(cfg, name))
+    if changed:
+        listed = ", ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in changed.items())
+        raise ValueError(f"{path}: this run folder already has folds made with other prompt/image settings ({listed}). "
+                         f"Resuming would ensemble folds that saw different prompts. Use a new output_dir, or set "
+                         f"them back, e.g. " + " ".join(f"{k}={a}" for k, (a, _) in changed.items()))
+
+
 def save_config(cfg, out_dir):
     """Write the resolved config beside the run's outputs, so every run can be reproduced."""
     path = pathlib.Path(out_dir) / "config.json"

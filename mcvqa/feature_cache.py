@@ -184,7 +184,10 @@ class FeatureCache:
             out = vlm.get_image_features(pixel_values.to(device, non_blocking=True), grid_thw.to(device),
                                          return_dict=True)
         deepstack = getattr(out, "deepstack_features", None) or []
-        return [ImageFeatures(embeds.to(self.device), tuple(layer[i].to(self.device) for layer in deepstack))
+        # copy=True: each image's features are views into one tensor of the whole call; kept as views they
+        # would hold (and torch.save would write) that whole tensor when it is already on self.device.
+        return [ImageFeatures(embeds.to(self.device, copy=True), tuple(layer[i].to(self.device, copy=True)
+                                                                       for layer in deepstack))
                 for i, embeds in enumerate(out.pooler_output)]
 
     def attach(self, model, batch, max_images=64):
@@ -228,6 +231,10 @@ class FeatureCache:
     def keep_batches(self, signature, batches):
         """Keep a pass's collated batches (pixels dropped: the features are here) for an identical later pass."""
         keys = frozenset(key for batch in batches for key in batch["image_keys"])
+        if not keys <= self.known_keys():
+            print(f"[cache] collated batches not kept: {len(keys - self.known_keys())} of their images are over the "
+                  f"feature budget, so a later fold needs the data loader anyway")
+            return
         self.kept_batches[signature] = (batches, keys)
         size = sum(t.numel() * t.element_size() for b in batches for t in b.values() if isinstance(t, torch.Tensor))
         print(f"[cache] kept {len(batches)} collated batches ({size / 2**20:.0f} MiB): the same pass in a later "

@@ -54,10 +54,11 @@ def image_scales(cfg):
 def pass_signature(frame, order, fmt, cfg, batch_size, max_pixels):
     """What decides a pass's collated batches: the rows' text and images, the views, the prompt format,
     the pixel range and the batch size. Two passes with one signature get identical batches."""
-    columns = [c for c in ("id", "image_path", "question", *OPTION_LETTERS, "image_ok") if c in frame]
+    columns = [c for c in ("id", "image_path", "question", *OPTION_LETTERS, "answer", "image_ok") if c in frame]
     digest = hashlib.blake2b(digest_size=16)
     digest.update(pd.util.hash_pandas_object(frame[columns], index=False).to_numpy().tobytes())
-    digest.update(repr((order, fmt, cfg.min_pixels, max_pixels, batch_size, cfg.blank_images)).encode())
+    digest.update(repr((order, fmt, cfg.model_name_or_path, cfg.min_pixels, max_pixels, batch_size,
+                        cfg.blank_images)).encode())
     return digest.hexdigest()
 
 
@@ -71,9 +72,15 @@ class KeepingBatches:
         return len(self.loader)
 
     def __iter__(self):
+        return self._batches(iter(self.loader))  # iter() now: a DataLoader starts its workers here
+
+    def _batches(self, batches):
         kept = []
-        for batch in self.loader:
-            kept.append({k: v for k, v in batch.items() if k not in ("pixel_values", "pixel_rows")}
+        for batch in batches:
+            # Copies: tensors from loader workers live in shared memory, each with an open file
+            # descriptor; hundreds of kept batches would exhaust them (and a small /dev/shm).
+            kept.append({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+                         if k not in ("pixel_values", "pixel_rows")}
                         | {"pixel_values": torch.zeros(0, 0), "pixel_rows": torch.zeros(0, dtype=torch.long)})
             yield batch
         self.keep(kept)

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .config import save_config
+from .config import check_resume, save_config
 from .data import check_images, load_image, make_folds, read_competition_csv
 from .demo_data import generate_demo_dataset
 from .demo_model import build_tiny_qwen_vl
@@ -206,6 +206,7 @@ def run_pipeline(cfg, hardware):
             cfg = prepare_demo(cfg)
     out_dir = pathlib.Path(cfg.output_dir)
     if is_main():
+        check_resume(cfg, out_dir)
         save_config(cfg, out_dir)
     train, test, sample_submission, bad_rows = load_competition(cfg)
     processor = load_processor(cfg)
@@ -218,6 +219,7 @@ def run_pipeline(cfg, hardware):
     shared_cache = {}  # the folds of this run share one image-feature cache
     run_folds(run_fold, {fold: (fold, train, test, folds, processor, fmt, cfg, hardware, out_dir, shared_cache)
                          for fold in folds_to_run(cfg)}, cfg, hardware, out_dir / "workers")
+    shared_cache.clear()  # the folds are done: free their image features (GPU memory too) and kept batches
     metrics = from_main(lambda: finish_run(cfg, hardware, train, test, folds, sample_submission, bad_rows, out_dir,
                                            started))  # under DDP: rank 0 writes, every rank returns its metrics
     if owns_process_group:

@@ -1,5 +1,6 @@
 """Config profiles and overrides, and hardware choices from faked device descriptions."""
 
+import dataclasses
 import json
 
 import pytest
@@ -65,3 +66,25 @@ def test_bad_overrides_fail_clearly():
         resolve_config("kaggle", env={}, verbose=False)
     with pytest.raises(ValueError, match="not key=value"):
         parse_overrides(["epochs"])
+
+
+def test_resume_refuses_a_folder_whose_folds_saw_other_prompts(tmp_path):
+    """A re-run into a run folder with folds checks the prompt/image settings saved there: a changed
+    instruction_first (also in configs saved before it existed, when the instruction came last) stops
+    with the setting and the fix; the same settings, or a folder without folds, go on."""
+    from mcvqa.config import check_resume
+
+    cfg = resolve_config("demo", env={}, verbose=False)
+    save_config(cfg, tmp_path)
+    check_resume(cfg, tmp_path)  # no folds yet
+    (tmp_path / "fold0").mkdir()
+    check_resume(cfg, tmp_path)  # same settings
+    old = dataclasses.replace(cfg, instruction_first=False)
+    with pytest.raises(ValueError, match=r"instruction_first: True then, False now.*instruction_first=True"):
+        check_resume(old, tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["instruction_first"]  # a config saved by a version without the setting
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    check_resume(old, tmp_path)
+    with pytest.raises(ValueError, match="instruction_first"):
+        check_resume(cfg, tmp_path)

@@ -403,6 +403,29 @@ def test_later_fold_reuses_the_kept_test_batches(tiny_model, tiny_cfg, tiny_proc
         np.testing.assert_allclose(after_loss[view], first[view], atol=1e-6, rtol=0)
 
 
+def test_kept_batches_are_plain_memory_and_features_are_compact(tiny_model, tiny_cfg, tiny_processor, tiny_fmt,
+                                                                 hardware, tmp_path, capsys):
+    """Kept batches from loader workers are copies (no shared-memory tensor, no open file descriptor each);
+    each image's features own just their bytes (not a view of the whole tower call, which torch.save
+    would write whole); over the budget, no batches are kept (a later fold could not replay them)."""
+    family = "qwen2_5_vl"
+    model, processor, fmt = tiny_model(family, False), tiny_processor(family), tiny_fmt(family)
+    frame = _frame(tmp_path)
+    cfg = tiny_cfg(family, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, tta_option_views=4, num_workers=2,
+                   infer_batch_size=2)
+    cache = _cache(tiny_cfg, family, model, hardware)
+    predict_views(model, frame, processor, fmt, cfg, hardware, feature_cache=cache, reuse_batches=True)
+    (batches, _), = cache.kept_batches.values()
+    tensors = [t for b in batches for t in b.values() if isinstance(t, torch.Tensor)]
+    assert tensors and not any(t.is_shared() for t in tensors)
+    for features in cache.store.values():
+        assert features.embeds.untyped_storage().nbytes() == features.nbytes
+    small = _cache(tiny_cfg, family, model, hardware, feature_cache_max_gib=cache.bytes / 2 / 2**30)
+    capsys.readouterr()
+    predict_views(model, frame, processor, fmt, cfg, hardware, feature_cache=small, reuse_batches=True)
+    assert small.kept_batches == {} and "not kept" in capsys.readouterr().out
+
+
 def test_feature_cache_place():
     """auto keeps features on GPUs of 60 GiB or more, in RAM on a T4 and on the CPU; cuda without a GPU fails."""
     from mcvqa.config import resolve_config

@@ -116,3 +116,10 @@ def test_predict_letter_logits_reports_the_time_spent_waiting_for_the_loader(tin
     assert 0.2 <= stats["loader_start_s"] < 0.4
     # start + 2 batches; the scoring in between (also timed in wall_s) is not waiting
     assert 0.6 <= stats["loader_wait_s"] < 0.9 and stats["loader_wait_s"] < stats["wall_s"]
+    # The same through the wrapper that keeps the test batches for later folds: start-up is still start-up.
+    from mcvqa.inference import KeepingBatches
+
+    kept, stats = [], {}
+    predict_letter_logits(tiny_model("qwen2_5_vl", False), KeepingBatches(_SlowLoader(batches, 0.2), kept.extend),
+                          tiny_fmt("qwen2_5_vl"), hardware, stats=stats)
+    assert 0.2 <= stats["loader_start_s"] < 0.4 and len(kept) == 2
