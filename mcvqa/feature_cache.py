@@ -231,8 +231,9 @@ class FeatureCache:
     def keep_batches(self, signature, batches):
         """Keep a pass's collated batches (pixels dropped: the features are here) for an identical later pass."""
         keys = frozenset(key for batch in batches for key in batch["image_keys"])
-        if not keys <= self.known_keys():
-            print(f"[cache] collated batches not kept: {len(keys - self.known_keys())} of their images are over the "
+        missing = keys - self.known_keys()  # (one listing of the disk folder, when it is on)
+        if missing:
+            print(f"[cache] collated batches not kept: {len(missing)} of their images are over the "
                   f"feature budget, so a later fold needs the data loader anyway")
             return
         self.kept_batches[signature] = (batches, keys)

@@ -90,16 +90,15 @@ def pass_batches(frame, order, processor, fmt, cfg, batch_size, max_pixels, feat
     """A pass's batches: from the data loader, or (`reuse`, feature cache on) the batches an earlier fold
     kept for this very pass. Then later folds do no image decoding, prompt rendering or tokenizing:
     the test set's inputs are the same in every fold, only the adapter differs."""
-    if reuse and feature_cache is not None:
+    keeping = reuse and feature_cache is not None
+    if keeping:
         signature = pass_signature(frame, order, fmt, cfg, batch_size, max_pixels)
         kept = feature_cache.batches_for(signature)
         if kept is not None:
             return kept
     loader = make_loader(frame, order, processor, fmt, cfg, batch_size, max_pixels=max_pixels,
                          feature_cache=feature_cache, pixel_dtype=pixel_dtype, dedupe_images=True)
-    if not reuse or feature_cache is None:
-        return loader
-    return KeepingBatches(loader, lambda batches: feature_cache.keep_batches(signature, batches))
+    return KeepingBatches(loader, lambda batches: feature_cache.keep_batches(signature, batches)) if keeping else loader
 
 
 def predict_views(model, frame, processor, fmt, cfg, hardware, desc="test", feature_cache=None, reuse_batches=False):
