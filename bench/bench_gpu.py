@@ -52,6 +52,15 @@ MODELS = {
         vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
                            window_size=112, fullatt_block_indexes=[7, 15, 23, 31], patch_size=14),
         tie_word_embeddings=True)),
+    # Qwen/Qwen2.5-VL-7B-Instruct config.json: the colab_a100 profile's model.
+    "Qwen2.5-VL-7B": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, "Qwen2.5-VL-7B-Instruct", dict(
+        text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                         num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+                         tie_word_embeddings=False),
+        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                           window_size=112, fullatt_block_indexes=[7, 15, 23, 31], patch_size=14),
+        tie_word_embeddings=False)),
     "Qwen3-VL-8B": (Qwen3VLConfig, Qwen3VLForConditionalGeneration, "Qwen3-VL-4B-Instruct", dict(
         text_config=dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
                          num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
@@ -64,6 +73,8 @@ MODELS = {
 }
 TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 TINY_VISION = {"Qwen2.5-VL-3B": dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                                     fullatt_block_indexes=[1, 3]),
+               "Qwen2.5-VL-7B": dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                                      fullatt_block_indexes=[1, 3]),
                "Qwen3-VL-8B": dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                                    deepstack_visual_indexes=[0, 1, 2])}
@@ -585,6 +596,10 @@ def main():
     args = parser.parse_args()
     bench = Bench(args)
     assets = pathlib.Path(args.assets)
+    missing = [m[2] for m in MODELS.values() if not (assets / m[2] / "tokenizer_config.json").exists()]
+    if missing:
+        raise SystemExit(f"{assets}: processors {sorted(set(missing))} missing. Fix: python bench/bench_profiles.py "
+                         "--prepare (copies them from ../shared/qwen_tokenizers), then carry .bench_assets")
     started = time.time()
     if bench.device == "cuda":
         print(f"[bench] {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)

@@ -89,6 +89,7 @@ class VqaCollator:
         self.fmt = prompt_format
         self.size = {"shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)}
         self.pad_id = processor.tokenizer.pad_token_id
+        self.image_token_id = processor.image_token_id
         # image_keys: add each sample's feature-cache key, in order. Only keys: the cache lives in the
         # main process (data-loader workers are separate processes), where FeatureCache.attach swaps
         # pixel_values for the cached features.
@@ -131,8 +132,7 @@ class VqaCollator:
         expanded = [text.replace(image_token, image_token * int(grid.prod() // merge), 1)
                     for text, grid in zip(texts, grid_thw)]
         input_ids = self.processor.tokenizer(expanded, padding=False)["input_ids"]
-        type_ids = [[1 if t == self.processor.image_token_id else 0 for t in ids] for ids in input_ids]
-        return {"input_ids": input_ids, "mm_token_type_ids": type_ids, "pixel_values": pixel_values,
+        return {"input_ids": input_ids, "pixel_values": pixel_values,
                 "image_grid_thw": grid_thw, "pixel_rows": torch.tensor(pixel_rows, dtype=torch.long), "image_keys": keys}
 
     def __call__(self, items):
@@ -140,7 +140,10 @@ class VqaCollator:
         if self.image_keys:
             enc = self.encode_for_cache(items, texts)
         else:
-            enc = self.processor(text=texts, images=[it["image"] for it in items], size=self.size, padding=False)
+            # mm_token_type_ids are made below for every version: transformers 5.3's processor fails making
+            # them from unpadded rows, and 5.0-5.2 make none.
+            enc = self.processor(text=texts, images=[it["image"] for it in items], size=self.size, padding=False,
+                                 return_mm_token_type_ids=False)
         sequences, labels, type_ids, answer_positions = [], [], [], []
         for i, item in enumerate(items):
             prompt = list(enc["input_ids"][i])
@@ -152,8 +155,7 @@ class VqaCollator:
                 seq_labels += [self.fmt.letter_ids[item["answer"]]] + [IGNORE_INDEX] * len(self.fmt.suffix_ids)
             sequences.append(prompt)
             labels.append(seq_labels)
-            mm = list(enc["mm_token_type_ids"][i]) if "mm_token_type_ids" in enc else [0] * len(enc["input_ids"][i])
-            type_ids.append(mm + [0] * (len(prompt) - len(mm)))
+            type_ids.append([1 if t == self.image_token_id else 0 for t in prompt])  # 1: image token, 0: text
         width = max(len(s) for s in sequences)
 
         def pad(rows, value):

@@ -50,12 +50,13 @@ class Config:
     load_in_4bit: bool = True  # NF4 weights + double quantisation (QLoRA); False: plain weights
     dtype: str = "auto"  # auto: from the hardware (fp16 below sm80, bf16 from sm80, fp32 on CPU)
     attn_implementation: str = "auto"  # auto: flash_attention_2 where installed and supported, else sdpa
+    gpu_memory_gib: float = 0.0  # 0: the card's own; less caps this process per GPU (e.g. 15 rehearses a T4 on a bigger card)
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     # Language-model linear layers only: the vision tower stays frozen (see README for why).
     lora_target_modules: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-    gradient_checkpointing: bool = True  # trades ~30% speed for activation memory (needed on T4)
+    gradient_checkpointing: str = "auto"  # auto | on | off; auto: on only when the micro-batch would not fit the GPU without it (memory.py; costs ~30% speed)
     # --- training ----------------------------------------------------------------------------------
     n_folds: int = 3
     folds: str = "all"  # which folds to train, e.g. "0" or "0,2"
@@ -64,6 +65,7 @@ class Config:
     parallel_folds: str = "auto"
     epochs: int = 2
     micro_batch_size: int = 2  # per step; OOM halves it and doubles accumulation
+    fit_micro_batch: bool = True  # lower micro_batch_size (more accumulation) and infer_batch_size to what the GPU's memory fits (memory.py)
     grad_accum_steps: int = 8  # effective batch = micro_batch_size * grad_accum_steps
     learning_rate: float = 1e-4
     # Cross-entropy at the answer position over the whole vocabulary (plain SFT) or over a-d only
@@ -101,6 +103,15 @@ class Config:
     compile_vision: str = "auto"  # auto | on | off: torch.compile the tower's norms, MLP, rotary (auto: sm80+ GPU with triton)
 
 
+    def __post_init__(self):
+        # gradient_checkpointing also takes booleans (profiles, older config.json files): normalised to auto | on | off.
+        value = str(self.gradient_checkpointing).strip().lower()
+        value = {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}.get(value, value)
+        if value not in ("auto", "on", "off"):
+            raise ValueError(f"config: gradient_checkpointing must be auto, on or off, got {self.gradient_checkpointing!r}")
+        self.gradient_checkpointing = value
+
+
 # Profiles: small override sets per environment, like nanoGPT's config files.
 PROFILES = {
     "demo": dict(
@@ -115,17 +126,21 @@ PROFILES = {
     ),
     "kaggle_t4x2": dict(
         data_dir="auto", output_dir="/kaggle/working/run", submission_path="/kaggle/working/submission.csv",
-        # Under a 15 GiB cap, 3B 4-bit at 384x384 trained at micro-batch 32 (BENCHMARKS.md, T4 budget);
-        # 8 leaves room for 448x448 and 7B, and an OOM still halves it (same effective batch).
-        model_name_or_path="Qwen/Qwen2.5-VL-3B-Instruct", micro_batch_size=8, grad_accum_steps=2,
+        # Micro-batch 16 x 1: the T4 path's training step is bound by kernel launches (4-bit matmuls,
+        # LoRA), so bigger micro-batches are faster for the same effective batch of 16: 3B 6.0 -> 15.6
+        # samples/s (BENCHMARKS.md, run 21). The memory plan (memory.py) lowers it where the card's memory
+        # does not hold it (Qwen3-VL-8B on a T4: 4 x 4), and an OOM still halves it.
+        model_name_or_path="Qwen/Qwen2.5-VL-3B-Instruct", micro_batch_size=16, grad_accum_steps=1,
         infer_batch_size=16, num_workers=2, checkpoint_every_minutes=15.0,
         # Two fold workers (one per T4) each keep their own feature cache; Kaggle gives ~29 GiB of RAM.
         feature_cache_max_gib=6.0,
     ),
     "colab_a100": dict(
         data_dir="/content/drive/MyDrive/mcvqa/data", output_dir="/content/drive/MyDrive/mcvqa/runs/latest",
-        model_name_or_path="Qwen/Qwen2.5-VL-7B-Instruct", micro_batch_size=8, grad_accum_steps=2,
-        gradient_checkpointing=False, max_pixels=768 * 768, num_workers=8, infer_batch_size=16,
+        # Gradient checkpointing and the micro-batch are chosen from the card's memory (memory.py): 7B at
+        # 768x768 needs checkpointing on a 40 GB A100, not on an 80 GB one.
+        model_name_or_path="Qwen/Qwen2.5-VL-7B-Instruct", micro_batch_size=16, grad_accum_steps=1,
+        max_pixels=768 * 768, num_workers=8, infer_batch_size=16,
     ),
     "local_gpu": dict(data_dir="data", output_dir="runs/latest", micro_batch_size=4, grad_accum_steps=4),
 }

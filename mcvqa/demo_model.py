@@ -27,6 +27,8 @@ from transformers import (
     Qwen3VLVideoProcessor,
 )
 
+from .compat import model_input_names
+
 # Qwen's special tokens, in Qwen's order (ids differ in the tiny vocabulary, names do not).
 QWEN_SPECIAL_TOKENS = (
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
@@ -133,16 +135,19 @@ def _warmup_encode(processor, image, question, answer):
     prompt = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
         add_generation_prompt=True, tokenize=False)
-    enc = processor(text=[prompt], images=[image], padding=False)
-    ids = list(enc["input_ids"][0])
+    enc = processor(text=[prompt], images=[image], return_tensors="pt", return_mm_token_type_ids=False)
+    ids = enc["input_ids"][0].tolist()
     target = processor.tokenizer.encode(answer + "<|im_end|>", add_special_tokens=False)
     return {"ids": ids + target, "labels": [-100] * len(ids) + target,
             "pixel_values": enc["pixel_values"], "image_grid_thw": enc["image_grid_thw"]}
 
 
-def _warmup_collate(examples, pad_id):
+def _warmup_collate(examples, pad_id, image_token_id):
     width = max(len(e["ids"]) for e in examples)
-    return {"input_ids": torch.tensor([e["ids"] + [pad_id] * (width - len(e["ids"])) for e in examples]),
+    ids = [e["ids"] + [pad_id] * (width - len(e["ids"])) for e in examples]
+    return {"input_ids": torch.tensor(ids),
+            # Qwen3-VL's forward (transformers 5.4+) needs them to place the images: 1 at image tokens.
+            "mm_token_type_ids": torch.tensor([[int(t == image_token_id) for t in row] for row in ids]),
             "attention_mask": torch.tensor([[1] * len(e["ids"]) + [0] * (width - len(e["ids"])) for e in examples]),
             "labels": torch.tensor([e["labels"] + [-100] * (width - len(e["labels"])) for e in examples]),
             "pixel_values": torch.cat([e["pixel_values"] for e in examples]),
@@ -166,8 +171,8 @@ def warm_up_tiny_base(model, processor, examples, epochs=6, lr=2e-3, batch_size=
     for _ in range(epochs):
         order = torch.randperm(len(encoded), generator=generator).tolist()
         for start in range(0, len(order), batch_size):
-            batch = _warmup_collate([encoded[i] for i in order[start:start + batch_size]], pad_id)
-            loss = model(**batch).loss
+            batch = _warmup_collate([encoded[i] for i in order[start:start + batch_size]], pad_id, processor.image_token_id)
+            loss = model(**{k: batch[k] for k in model_input_names(model.model, tuple(batch))}).loss
             loss.backward()
             optimizer.step()
             scheduler.step()

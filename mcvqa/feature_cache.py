@@ -4,10 +4,10 @@ The vision tower is frozen (LoRA is on the language model only), so its output f
 Qwen3-VL also the deepstack features it injects into early decoder layers) depends only on the image,
 the pixel range and the tower's precision. A run shows every image many times: each training image in
 two folds' training and one fold's validation, every epoch, and every test image under 4 option views
-in 3 folds. The cache encodes each image the first time it is seen and afterwards hands the language
-model the stored features through the model's `mm_encoder_outputs` argument instead of `pixel_values`.
-`image_grid_thw` and the `<|image_pad|>` tokens stay in the batch, so the multimodal rope positions
-(`get_rope_index`) are computed exactly as before.
+in 3 folds. The cache encodes each image the first time it is seen and afterwards the language model
+gets the stored features in place of the image tokens' embeddings (`scoring.decoder_forward`, on every
+supported transformers version: compat.py). `image_grid_thw` and the `<|image_pad|>` tokens stay in the
+batch, so the multimodal rope positions (`get_rope_index`) are computed exactly as before.
 
 The key is a hash of the decoded image's pixels and the pixel range; the cache itself belongs to one
 (model, tower dtype, precision) namespace. Features live on the CPU (moved to the GPU per batch) or,
@@ -21,21 +21,13 @@ then the features would change from one view to the next.
 import contextlib
 import dataclasses
 import hashlib
-import inspect
 import os
 import pathlib
 
 import torch
 from peft import PeftModel
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-
-@dataclasses.dataclass
-class CachedVisionOutput(BaseModelOutputWithPooling):
-    """What the Qwen-VL forward reads from `mm_encoder_outputs["image"]`: `pooler_output` (merged
-    image tokens) and, for Qwen3-VL, `deepstack_features` (one entry per deepstack layer)."""
-
-    deepstack_features: list | None = None
+from .compat import image_features
 
 
 @dataclasses.dataclass
@@ -83,11 +75,6 @@ def vision_is_trainable(model):
     return any(p.requires_grad for p in base_vlm_model(model).visual.parameters())
 
 
-def accepts_precomputed_features(model):
-    """transformers versions whose Qwen-VL forward takes `mm_encoder_outputs` (5.24 does)."""
-    return "mm_encoder_outputs" in inspect.signature(base_vlm_model(model).forward).parameters
-
-
 def cache_blockers(model, cfg):
     """Why the features of an image could change between views (empty list: caching is exact)."""
     reasons = []
@@ -96,22 +83,7 @@ def cache_blockers(model, cfg):
     augment = [f.name for f in dataclasses.fields(cfg) if "augment" in f.name and getattr(cfg, f.name)]
     if augment:
         reasons.append(f"images are augmented ({', '.join(augment)})")
-    if not accepts_precomputed_features(model):
-        reasons.append("this transformers version's Qwen-VL forward has no mm_encoder_outputs argument")
     return reasons
-
-
-def encoder_outputs(features, device):
-    """`mm_encoder_outputs["image"]` for a batch's per-sample features, in batch order.
-
-    The model concatenates the per-image tensors anyway, so one concatenated tensor (one host-to-device
-    copy instead of one per image) is passed as a one-element list."""
-    embeds = torch.cat([f.embeds for f in features]).to(device, non_blocking=True)
-    deepstack = None
-    if features[0].deepstack:
-        deepstack = [(torch.cat([f.deepstack[i] for f in features]).to(device, non_blocking=True),)
-                     for i in range(len(features[0].deepstack))]
-    return CachedVisionOutput(pooler_output=[embeds], deepstack_features=deepstack)
 
 
 class FeatureCache:
@@ -181,14 +153,12 @@ class FeatureCache:
         vlm = base_vlm_model(model)
         device = vlm.visual.patch_embed.proj.weight.device
         with self._precision(device):
-            out = vlm.get_image_features(pixel_values.to(device, non_blocking=True), grid_thw.to(device),
-                                         return_dict=True)
-        deepstack = getattr(out, "deepstack_features", None) or []
+            embeds, deepstack = image_features(vlm, pixel_values.to(device, non_blocking=True), grid_thw.to(device))
         # copy=True: each image's features are views into one tensor of the whole call; kept as views they
         # would hold (and torch.save would write) that whole tensor when it is already on self.device.
-        return [ImageFeatures(embeds.to(self.device, copy=True), tuple(layer[i].to(self.device, copy=True)
-                                                                       for layer in deepstack))
-                for i, embeds in enumerate(out.pooler_output)]
+        return [ImageFeatures(image.to(self.device, copy=True), tuple(layer[i].to(self.device, copy=True)
+                                                                      for layer in deepstack))
+                for i, image in enumerate(embeds)]
 
     def attach(self, model, batch, max_images=64):
         """The batch with `image_features` (one per sample, in order) instead of `pixel_values`.

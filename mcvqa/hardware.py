@@ -23,6 +23,7 @@ class Hardware:
     attn_implementation: str  # sdpa | flash_attention_2
     use_grad_scaler: bool  # fp16 needs loss scaling; bf16 and fp32 do not
     reasons: list
+    memory_capped: bool = False  # gpu_memory_gib is a cap below the card's memory (apply_memory_cap enforces it)
 
     @property
     def torch_dtype(self):
@@ -39,8 +40,9 @@ def describe_gpus():
     return gpus
 
 
-def choose_hardware(gpus, dtype="auto", attn_implementation="auto", flash_attn_installed=None):
-    """Decide compute dtype and attention for a list of GPU descriptions (empty list: CPU)."""
+def choose_hardware(gpus, dtype="auto", attn_implementation="auto", flash_attn_installed=None, memory_cap_gib=0.0):
+    """Decide compute dtype and attention for a list of GPU descriptions (empty list: CPU).
+    memory_cap_gib (> 0, below the card's memory): what this process may use per GPU, e.g. a T4's 15 GiB."""
     if flash_attn_installed is None:
         flash_attn_installed = importlib.util.find_spec("flash_attn") is not None
     reasons = []
@@ -75,14 +77,30 @@ def choose_hardware(gpus, dtype="auto", attn_implementation="auto", flash_attn_i
             reasons.append(f"sdpa attention: {why}")
     else:
         reasons.append(f"attn_implementation={attn_implementation} forced by config")
+    capped = device == "cuda" and 0 < memory_cap_gib < memory
+    if capped:
+        reasons.append(f"gpu_memory_gib={memory_cap_gib:g}: this process uses at most {memory_cap_gib:g} of the card's "
+                       f"{memory:.1f} GiB per GPU")
+        memory = memory_cap_gib
     return Hardware(device=device, gpu_name=name, gpu_count=len(gpus), gpu_memory_gib=round(memory, 1),
                     compute_capability=capability, dtype=dtype, attn_implementation=attn_implementation,
-                    use_grad_scaler=(dtype == "float16"), reasons=reasons)
+                    use_grad_scaler=(dtype == "float16"), reasons=reasons, memory_capped=capped)
+
+
+def apply_memory_cap(hardware):
+    """Hold this process to hardware.gpu_memory_gib on every visible GPU (a no-op without a cap). Called in
+    each process that uses a GPU: the main one and every fold worker."""
+    if not hardware.memory_capped:
+        return
+    for index in range(torch.cuda.device_count()):
+        total = torch.cuda.get_device_properties(index).total_memory / 2**30
+        torch.cuda.set_per_process_memory_fraction(min(1.0, hardware.gpu_memory_gib / total), index)
 
 
 def detect_hardware(cfg, gpus=None, verbose=True):
     """Look at the machine (or a faked GPU list) and print what was chosen and why."""
-    hardware = choose_hardware(describe_gpus() if gpus is None else gpus, cfg.dtype, cfg.attn_implementation)
+    hardware = choose_hardware(describe_gpus() if gpus is None else gpus, cfg.dtype, cfg.attn_implementation,
+                               memory_cap_gib=cfg.gpu_memory_gib)
     if verbose:
         print(f"[hardware] {hardware.gpu_count} x {hardware.gpu_name} ({hardware.gpu_memory_gib} GiB), "
               f"compute dtype {hardware.dtype}, attention {hardware.attn_implementation}")

@@ -10,6 +10,7 @@ fitted on out-of-fold logits. The test set's collated batches are the same in ev
 adapter differs): with the feature cache on, the first fold keeps them and later folds replay them.
 """
 
+import dataclasses
 import hashlib
 
 import numpy as np
@@ -17,9 +18,11 @@ import pandas as pd
 import torch
 from scipy.optimize import minimize_scalar
 
-from .collate import cyclic_perms, cyclic_views
+from .collate import VqaCollator, VqaDataset, cyclic_perms, cyclic_views
+from .compat import transformers_version, warn
 from .prompts import OPTION_LETTERS
-from .training import tower_dtype, make_loader, predict_letter_logits
+from .scoring import letter_logits, logits_agree, shared_prefix_letter_logits
+from .training import compute_autocast, make_loader, predict_letter_logits, tower_dtype
 
 PROB_COLUMNS = [f"p_{letter}" for letter in OPTION_LETTERS]
 
@@ -123,16 +126,65 @@ def predict_views(model, frame, processor, fmt, cfg, hardware, desc="test", feat
         logits, rows, perms = predict_letter_logits(model, batches, fmt, hardware, desc=f"{desc} x{scale:g}",
                                                     feature_cache=feature_cache, shared_views=k if shared else 0,
                                                     stats=stats)
+        check = stats["shared_prefix_check"]
         print(f"[predict] {desc} x{scale:g}: {n} rows x {k} views in {stats['wall_s']:.1f} s, "
               f"{stats['loader_wait_s']:.1f} s of it waiting for the data loader "
               + ("(batches kept from an earlier fold)" if isinstance(batches, list) else
-                 f"({stats['loader_start_s']:.1f} s starting its workers)"))
+                 f"({stats['loader_start_s']:.1f} s starting its workers)")
+              + ("" if check is None else f"; shared prefix checked on the first batch (max |Δ logit| {check:.2g}"
+                 + (")" if stats["shared_prefix_used"] else ", failed: view by view)")))
         probs = to_original_order(softmax(logits), perms)
         for shift in range(k):
             part = slice(shift, None, k) if shared else slice(shift * n, (shift + 1) * n)
             assert (rows[part] == np.arange(n)).all(), "views came back out of order"
             views[(scale, shift)] = probs[part]
     return views
+
+
+@torch.no_grad()
+def check_fast_paths(model, frame, processor, fmt, cfg, hardware, feature_cache, n_rows=2):
+    """Score a few of `frame`'s rows three ways before a fold relies on the fast paths: the stock forward
+    (pixels through the vision tower), the cached-feature forward, and the shared-prefix option orders.
+    The last two reach transformers below its public API (compat.py); a release that changes what they
+    rely on gives wrong numbers, not errors. Returns (feature_cache or None, cfg): a path that disagrees
+    is switched off for the fold, with a warning that says what it costs and the fix."""
+    if feature_cache is None or len(frame) == 0:
+        return feature_cache, cfg
+    k = min(4, max(2, cfg.tta_option_views))
+    views = [(row, perm) for row in range(min(n_rows, len(frame))) for perm in cyclic_perms(k)]
+    dataset = VqaDataset(frame, views, cfg.max_pixels, blank_images=cfg.blank_images)
+    collator = VqaCollator(processor, fmt, cfg.min_pixels, cfg.max_pixels, image_keys=True, pixel_dtype=tower_dtype(model))
+    batch = collator([dataset[i] for i in range(len(dataset))])  # pixels for every view: no keys known
+    device, ids = next(model.parameters()).device, fmt.letter_ids
+    was_training = model.training
+    model.eval()
+    with compute_autocast(hardware):
+        stock = letter_logits(model, batch, ids, device, tower_dtype(model))
+        cached_batch = feature_cache.attach(model, batch)
+        cached = letter_logits(model, cached_batch, ids, device, None)
+        shared = shared_prefix_letter_logits(model, cached_batch, ids, device, k) if cfg.tta_shared_prefix else None
+    model.train(was_training)
+    def agrees(fast, exact, what, reference, cost):
+        ok, error, tolerance = logits_agree(fast, exact, hardware)
+        if not ok:
+            warn(f"{what} gives other letter logits than {reference} on transformers {transformers_version()} (max "
+                 f"|difference| {error:.3g} > tolerance {tolerance:.3g}). {cost} Fix: pip install -U "
+                 "'transformers>=5.24,<6'; please report the version.")
+        return ok, f"{what} = {reference} (max |Δ logit| {error:.2g}, tolerance {tolerance:.2g})"
+
+    ok, line = agrees(cached, stock, "the cached-feature forward", "the stock forward", "Image-feature cache off for this "
+                      "fold: the vision tower runs for every training step and every test-time view (a run takes "
+                      "~2.5x longer).")
+    if not ok:
+        return None, dataclasses.replace(cfg, tta_shared_prefix=False)
+    if shared is not None:
+        ok, shared_line = agrees(shared, cached, "the shared-prefix option-order scoring", "scoring each view on its own",
+                                 "tta_shared_prefix off for this fold: each option order runs the whole prompt "
+                                 "(test-time augmentation ~2-3x longer).")
+        cfg = cfg if ok else dataclasses.replace(cfg, tta_shared_prefix=False)
+        line += f"; {shared_line}" if ok else ""
+    print(f"[check] {line}")
+    return feature_cache, cfg
 
 
 def tta_probs(views, how="prob"):

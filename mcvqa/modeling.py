@@ -59,11 +59,11 @@ def load_base_model(cfg, hardware, device=None):
 
 def add_lora(model, cfg, hardware):
     """k-bit preparation, gradient checkpointing and LoRA adapters on the language model."""
+    checkpointing = cfg.gradient_checkpointing != "off"  # "auto" unplanned (memory.py not run): on, the safe side
     if cfg.load_in_4bit:
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=cfg.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif cfg.gradient_checkpointing:
+            model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     # k-bit preparation upcasts every non-quantised weight to fp32. Keep that for the vision tower only

@@ -26,6 +26,7 @@ NOTEBOOK_PATH = PACKAGE_DIR.parent / "Kaggle_AllInOne_Pro.ipynb"
 # Flow order: a module may only use names defined by modules before it (or by itself).
 FLOW_MODULES = (
     "config",
+    "compat",
     "hardware",
     "demo_data",
     "demo_model",
@@ -36,6 +37,7 @@ FLOW_MODULES = (
     "collate",
     "distributed",
     "modeling",
+    "memory",
     "scoring",
     "training",
     "inference",
@@ -57,7 +59,7 @@ change the package and regenerate it instead.
 
 - **Kaggle** (2x T4, often no internet): attach the competition data, a Qwen-VL model (set
   `model_name_or_path=/kaggle/input/...` in `OVERRIDES`) and a dataset of wheels for `bitsandbytes` and
-  `transformers>=5.17` (install them with `pip install --no-index --find-links /kaggle/input/<wheels> ...`
+  `transformers>=5.0` if the image's is older (install them with `pip install --no-index --find-links /kaggle/input/<wheels> ...`
   in a cell above this one), leave `PROFILE = "auto"`, then *Run All*.
 - **Colab**: upload or mount the data, set `PROFILE = "colab_a100"` (or `"auto"`), then *Run all*.
 - **Local**: `PROFILE = "demo"` runs the whole flow on a CPU with a tiny synthetic dataset and model;

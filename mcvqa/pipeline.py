@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .compat import check_versions
 from .config import check_resume, save_config
 from .data import check_images, load_image, make_folds, read_competition_csv
 from .demo_data import generate_demo_dataset
@@ -26,8 +27,10 @@ from .distributed import (barrier, finish_distributed, from_main, init_distribut
                           map_shards)
 from .fast_vision import compile_vision_choice, compile_vision_elementwise, patch_vision_attention
 from .feature_cache import make_feature_cache
-from .inference import (PROB_COLUMNS, apply_temperature, ensemble_folds, fit_temperature, fold_weights,
+from .hardware import apply_memory_cap
+from .inference import (PROB_COLUMNS, apply_temperature, check_fast_paths, ensemble_folds, fit_temperature, fold_weights,
                         letters_from_probs, predict_views, probs_frame, tta_probs)
+from .memory import plan_memory
 from .modeling import load_model_for_training, load_processor, load_trainable_state
 from .parallel import gather_views, run_folds
 from .prompts import make_prompt_format
@@ -117,9 +120,12 @@ def run_fold(fold, train, test, folds, processor, fmt, cfg, hardware, out_dir, s
 
     `shared_cache`: the run's feature-cache holder (see run_feature_cache); None = this fold alone."""
     fold_dir = out_dir / f"fold{fold}"
+    apply_memory_cap(hardware)  # (again in a fold worker: a new process)
     if from_main(lambda: (fold_dir / "test_probs.csv").exists()):
         print(f"[fold {fold}] predictions exist, skipping")
         return
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(cfg.seed + fold)  # same LoRA initialisation on every (re-)run of this fold
     model = load_model_for_training(cfg, hardware, device=local_device(hardware))  # DDP: this rank's GPU
     if cfg.fast_vision_attention:
@@ -133,6 +139,8 @@ def run_fold(fold, train, test, folds, processor, fmt, cfg, hardware, out_dir, s
     cache = run_feature_cache(cfg, model, hardware, {} if shared_cache is None else shared_cache)
     train_part = train[folds != fold].reset_index(drop=True)
     val_part = train[folds == fold].reset_index(drop=True)
+    # The fast paths are checked against the stock forward on this transformers version before they are used.
+    cache, cfg = check_fast_paths(model, train_part, processor, fmt, cfg, hardware, cache)
     train_fold(model, train_part, val_part, processor, fmt, cfg, hardware, fold, fold_dir, feature_cache=cache)
     load_trainable_state(model, from_main(lambda: torch.load(fold_dir / "best_adapter.pt", map_location="cpu")))
     for name, frame in (("oof", val_part), ("test", test)):
@@ -148,6 +156,9 @@ def run_fold(fold, train, test, folds, processor, fmt, cfg, hardware, out_dir, s
         probs_frame(frame["id"], tta_probs(views, cfg.tta_average)).to_csv(fold_dir / f"{name}_probs.csv", index=False)
     if cache is not None:
         print(f"[cache] after fold {fold}: {cache.summary()}")
+    if hardware.device == "cuda":
+        print(f"[memory] fold {fold}: peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated, "
+              f"{torch.cuda.max_memory_reserved() / 2**30:.2f} GiB reserved, of {hardware.gpu_memory_gib:g} GiB")
     del model
     gc.collect()
     if torch.cuda.is_available():
@@ -197,6 +208,7 @@ def collect_results(cfg, train, test, folds, out_dir):
 def run_pipeline(cfg, hardware):
     """Everything, end to end. Returns the metrics dict (also saved as metrics.json)."""
     started = time.time()
+    check_versions(verbose=is_main())
     owns_process_group = init_distributed()  # under torchrun / accelerate launch; else nothing
     if cfg.demo:
         if is_main():
@@ -209,6 +221,10 @@ def run_pipeline(cfg, hardware):
         check_resume(cfg, out_dir)
         save_config(cfg, out_dir)
     train, test, sample_submission, bad_rows = load_competition(cfg)
+    apply_memory_cap(hardware)
+    cfg, plan = plan_memory(cfg, hardware, verbose=is_main())  # checkpointing and batch sizes for this card
+    if is_main():
+        (out_dir / "memory_plan.json").write_text(json.dumps(plan, indent=2) + "\n")
     processor = load_processor(cfg)
     fmt = make_prompt_format(processor, cfg)
     folds = make_folds(train, cfg.n_folds, cfg.seed)

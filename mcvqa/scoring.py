@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from peft import PeftModel
 from transformers import DynamicCache
 
-from .feature_cache import encoder_outputs
+from .compat import cache_argument, model_input_names, rope_index
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
 
@@ -23,21 +23,55 @@ def unwrap_vlm(model):
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
-def model_inputs(batch, device, pixel_dtype):
-    inputs = {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUT_KEYS if k in batch}
-    if "image_features" in batch:
-        # Cached vision-tower outputs (feature_cache.py) replace pixel_values; image_grid_thw and the
-        # image tokens stay, so the multimodal rope positions are unchanged.
-        inputs["mm_encoder_outputs"] = {"image": encoder_outputs(batch["image_features"], device)}
-    else:
-        inputs["pixel_values"] = inputs["pixel_values"].to(pixel_dtype)
+def model_inputs(batch, device, pixel_dtype, vlm_model):
+    """The batch's tensors the stock `Qwen*VLModel.forward` takes, on the device."""
+    inputs = {k: batch[k].to(device, non_blocking=True) for k in model_input_names(vlm_model, MODEL_INPUT_KEYS)
+              if k in batch}
+    inputs["pixel_values"] = inputs["pixel_values"].to(pixel_dtype)
     return inputs
+
+
+def embed_with_features(vlm, input_ids, features, device):
+    """`inputs_embeds` of input_ids with the cached image features put at the image tokens, as the stock
+    forward does with the tower's output, plus Qwen3-VL's deepstack arguments. features: one
+    ImageFeatures per image in batch order (None: text only)."""
+    embeds = vlm.model.get_input_embeddings()(input_ids)
+    if not features:
+        return embeds, {}
+    image_tokens = input_ids == vlm.config.image_token_id
+    image = torch.cat([f.embeds for f in features]).to(device, embeds.dtype, non_blocking=True)
+    if int(image_tokens.sum()) != image.shape[0]:
+        raise ValueError(f"cached image features: {image.shape[0]} feature rows for {int(image_tokens.sum())} image tokens")
+    embeds = embeds.masked_scatter(image_tokens.unsqueeze(-1).expand_as(embeds), image)
+    if not features[0].deepstack:
+        return embeds, {}
+    deepstack = [torch.cat([f.deepstack[i] for f in features]).to(device, non_blocking=True)
+                 for i in range(len(features[0].deepstack))]
+    return embeds, {"visual_pos_masks": image_tokens, "deepstack_visual_embeds": deepstack}
+
+
+def decoder_forward(vlm, input_ids, attention_mask, position_ids, features, device, cache=None):
+    """The language model on input_ids with cached image features (compat.py says why not the
+    model's own forward): what `vlm.model(...)` computes after its vision tower, on every version."""
+    embeds, extra = embed_with_features(vlm, input_ids.to(device), features, device)
+    if cache is not None:
+        extra[cache_argument(vlm.model.language_model)] = cache
+    return vlm.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask.to(device),
+                                    position_ids=position_ids.to(device), use_cache=cache is not None, **extra)
 
 
 def answer_hidden_states(model, batch, device, pixel_dtype):
     """Final hidden state at each sample's answer position: [batch, hidden]."""
     vlm = unwrap_vlm(model)
-    out = vlm.model(**model_inputs(batch, device, pixel_dtype), use_cache=False)
+    if "image_features" in batch:
+        # Cached vision-tower outputs (feature_cache.py) instead of pixel_values; image_grid_thw and the
+        # image tokens stay, so the multimodal rope positions are the ones the full forward computes.
+        positions, _ = rope_index(vlm.model, batch["input_ids"], batch["mm_token_type_ids"], batch["image_grid_thw"],
+                                  batch["attention_mask"])
+        out = decoder_forward(vlm, batch["input_ids"], batch["attention_mask"], positions, batch["image_features"],
+                              device)
+    else:
+        out = vlm.model(**model_inputs(batch, device, pixel_dtype, vlm.model), use_cache=False)
     hidden = out.last_hidden_state
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     return hidden[rows, batch["answer_positions"].to(hidden.device)]
@@ -75,6 +109,18 @@ def answer_loss(model, batch, letter_ids, device, pixel_dtype, loss_over="vocab"
     return F.cross_entropy(logits, letters[target]), logits[:, letters].detach()
 
 
+def logits_agree(fast, exact, hardware):
+    """(agree, max |fast - exact|, tolerance) for two scorings of the same views' letter logits.
+
+    A fast path that reads a transformers internal wrongly gives different hidden states, so logits
+    off by about their own size; float rounding of another batch shape stays far below that: 1e-3 of
+    the logits' size in fp32, 5 % (plus 0.05) in fp16/bf16."""
+    error = float((fast.float() - exact.float()).abs().max())
+    scale = float(exact.float().abs().max())
+    tolerance = 1e-4 + 1e-3 * scale if hardware.dtype == "float32" else 0.05 + 0.05 * scale
+    return error <= tolerance, error, tolerance
+
+
 def _pad_rows(rows, value, width=None):
     width = width or max(len(r) for r in rows)
     return torch.stack([torch.cat([r, r.new_full((width - len(r),), value)]) for r in rows])
@@ -100,10 +146,11 @@ def shared_prefix_letter_logits(model, batch, letter_ids, device, n_views):
     n_rows = ids.shape[0] // n_views
     first = [r * n_views for r in range(n_rows)]
     # The positions the full prompt would get (3D rope for image tokens), from each row's first view:
-    # the views share the prefix, and the suffix is text, which continues at the prefix's largest
-    # position + 1 in all three rope components (Qwen's get_rope_index rule for text after an image).
-    positions, _ = vlm.model.get_rope_index(ids[first], batch["mm_token_type_ids"][first], batch["image_grid_thw"][first],
-                                            attention_mask=mask[first])
+    # the views share the prefix, which ends in text, and the suffix is text: it continues one past the
+    # prefix's last position in each rope component. (Not "the largest position + 1": transformers 5.0-5.x
+    # releases put an image's temporal positions past the text that follows it.)
+    positions, _ = rope_index(vlm.model, ids[first], batch["mm_token_type_ids"][first], batch["image_grid_thw"][first],
+                              mask[first])
     image_token = vlm.config.image_token_id
     prefix_len = []
     for r in range(n_rows):
@@ -119,19 +166,17 @@ def shared_prefix_letter_logits(model, batch, letter_ids, device, n_views):
     width = prefix_ids.shape[1]
     features = [batch["image_features"][i] for i in first]
     cache = DynamicCache()
-    vlm.model(input_ids=prefix_ids.to(device), attention_mask=prefix_mask.to(device),
-              position_ids=_pad_positions([positions[:, r, :c] for r, c in enumerate(prefix_len)], width).to(device),
-              mm_encoder_outputs={"image": encoder_outputs(features, device)}, cache=cache, use_cache=True)
+    decoder_forward(vlm, prefix_ids, prefix_mask, _pad_positions([positions[:, r, :c] for r, c in enumerate(prefix_len)], width),
+                    features, device, cache=cache)
     cache.batch_repeat_interleave(n_views)
     starts = [prefix_len[i // n_views] for i in range(ids.shape[0])]
     suffix_ids = _pad_rows([ids[i, s:lengths[i]] for i, s in enumerate(starts)], 0)
     suffix_mask = _pad_rows([mask[i, s:lengths[i]] for i, s in enumerate(starts)], 0)
-    next_pos = [positions[:, r, :c].max() + 1 for r, c in enumerate(prefix_len)]
-    suffix_pos = _pad_positions([(next_pos[i // n_views] + torch.arange(int(lengths[i]) - s)).expand(3, -1)
+    next_pos = [positions[:, r, c - 1:c] + 1 for r, c in enumerate(prefix_len)]  # [3, 1] per row
+    suffix_pos = _pad_positions([next_pos[i // n_views] + torch.arange(int(lengths[i]) - s)
                                  for i, s in enumerate(starts)], suffix_ids.shape[1])
-    out = vlm.model(input_ids=suffix_ids.to(device),
-                    attention_mask=torch.cat([prefix_mask.repeat_interleave(n_views, 0), suffix_mask], 1).to(device),
-                    position_ids=suffix_pos.to(device), cache=cache, use_cache=True)
+    out = decoder_forward(vlm, suffix_ids, torch.cat([prefix_mask.repeat_interleave(n_views, 0), suffix_mask], 1),
+                          suffix_pos, None, device, cache=cache)
     hidden = out.last_hidden_state
     answer = batch["answer_positions"] - torch.tensor(starts)
     hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), answer.to(hidden.device)]

@@ -7,13 +7,15 @@ saved. Validation accuracy comes from the same direct-logit scorer as the submis
 (adapter, optimizer, scheduler, scaler, EMA, RNG state, position in the data order) is written every
 `checkpoint_every_steps` optimizer steps or `checkpoint_every_minutes`, so a Kaggle session that dies
 resumes where it stopped; finished folds are skipped. A CUDA out-of-memory error halves the
-micro-batch for the rest of the fold (same effective batch, exact same loss); non-finite losses skip
-the step and too many in a row stop the run with the likely cause. Under `torchrun` each optimizer
+micro-batch for the rest of the fold (same effective batch, exact same loss): the failed attempt's
+memory is freed first, and its step starts again from zero gradients. Non-finite losses skip the step
+and too many in a row stop the run with the likely cause. Under `torchrun` each optimizer
 step's samples are split across the ranks and their LoRA gradients summed (distributed.py): the same
 step as one process, and only rank 0 writes files.
 """
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -28,9 +30,10 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from .collate import VqaCollator, VqaDataset, identity_views, shuffled_views
+from .compat import transformers_version, warn
 from .distributed import all_reduce_grads, broadcast_params, from_main, is_main, map_shards, rank_slice, slice_rows
 from .modeling import load_trainable_state, trainable_state
-from .scoring import answer_loss, letter_logits, shared_prefix_letter_logits, unwrap_vlm
+from .scoring import answer_loss, letter_logits, logits_agree, shared_prefix_letter_logits, unwrap_vlm
 
 
 class LoraEma:
@@ -58,13 +61,13 @@ class LoraEma:
             load_trainable_state(model, live)
 
 
-def split_batch(batch):
-    """Split a collated batch into two halves (images' patch rows follow their samples)."""
+def micro_batches(batch, size):
+    """A collated batch in consecutive chunks of at most `size` samples (images' patch rows follow their samples)."""
     n = batch["input_ids"].shape[0]
-    return [slice_rows(batch, 0, n // 2), slice_rows(batch, n // 2, n)]
+    return [slice_rows(batch, start, min(start + size, n)) for start in range(0, n, size)]
 
 
-def _autocast(hardware):
+def compute_autocast(hardware):
     if hardware.device == "cuda" and hardware.dtype != "float32":
         return torch.autocast("cuda", dtype=hardware.torch_dtype)
     return contextlib.nullcontext()
@@ -72,6 +75,30 @@ def _autocast(hardware):
 
 def _is_oom(error):
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+OUT_OF_MEMORY = object()  # what call_or_oom returns instead of raising
+
+
+def call_or_oom(function, can_retry):
+    """function(), or OUT_OF_MEMORY when it ran out of CUDA memory and a smaller retry is possible.
+
+    The retry must happen after this returns, never inside the `except` block: there the exception's
+    traceback still holds the frames of the failed attempt, and with them every activation it
+    allocated, so each retry would start with less free memory than the attempt that failed."""
+    try:
+        return function()
+    except Exception as error:  # noqa: BLE001 - only OOM is handled, everything else re-raised
+        if not (_is_oom(error) and can_retry):
+            raise
+    return OUT_OF_MEMORY
+
+
+def free_memory():
+    """Give the failed attempt's memory back (reference cycles first) before a smaller retry."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 class NonFiniteLossError(RuntimeError):
@@ -119,30 +146,51 @@ def predict_letter_logits(model, loader, fmt, hardware, desc="predict", feature_
 
     With a feature_cache (and a loader made with it), each image is encoded at most once. With
     `shared_views` = k, each run of k samples is one row's option orders: their common prefix runs once
-    (scoring.shared_prefix_letter_logits). A CUDA out-of-memory error halves the batch (whole rows)
-    for the rest of the pass instead of losing a finished fold's predictions; the logits are the same."""
+    (scoring.shared_prefix_letter_logits). That path leans on transformers internals, so the pass's
+    first batch is also scored view by view and the pass goes on view by view, with a warning, when the
+    two disagree. A CUDA out-of-memory error halves the batch (whole rows) for the rest of the pass
+    instead of losing a finished fold's predictions; the logits are the same."""
     model.eval()
     logits, rows, perms = [], [], []
     device, pixel_dtype = _model_device(model), tower_dtype(model)
     unit = max(1, shared_views)  # a row's option views stay together
-    limit = {"views": None}  # set by the first OOM: the largest batch that is tried from then on
+    state = {"views": None,  # set by the first OOM: the largest batch that is tried from then on
+             "shared": shared_views, "check": None}
 
-    def score(batch):
+    def attempt(batch, shared):
+        out = shared_prefix_letter_logits(model, batch, fmt.letter_ids, device, shared) if shared else None
+        return out if out is not None else letter_logits(model, batch, fmt.letter_ids, device, pixel_dtype)
+
+    def score(batch, shared):
         n = batch["input_ids"].shape[0]
-        step = limit["views"]
+        step = state["views"]
         if step is not None and n > step:  # (a chunk may lower the limit again: each chunk splits itself)
-            return torch.cat([score(slice_rows(batch, i, min(i + step, n))) for i in range(0, n, step)])
-        try:
-            out = shared_prefix_letter_logits(model, batch, fmt.letter_ids, device, shared_views) if shared_views else None
-            return out if out is not None else letter_logits(model, batch, fmt.letter_ids, device, pixel_dtype)
-        except Exception as error:  # noqa: BLE001 - only OOM is handled, everything else re-raised
-            if not _is_oom(error) or n <= unit:
-                raise
-            limit["views"] = max(unit, (n // unit // 2) * unit)
-            print(f"[predict] CUDA out of memory at {n // unit} rows per batch: continuing with "
-                  f"{limit['views'] // unit} (same predictions; lower infer_batch_size to avoid this)")
-            torch.cuda.empty_cache()
-            return score(batch)
+            return torch.cat([score(part, shared) for part in micro_batches(batch, step)])
+        out = call_or_oom(lambda: attempt(batch, shared), can_retry=n > unit)
+        if out is not OUT_OF_MEMORY:
+            return out
+        state["views"] = max(unit, (n // unit // 2) * unit)
+        print(f"[predict] CUDA out of memory at {n // unit} rows per batch: continuing with "
+              f"{state['views'] // unit} (same predictions; lower infer_batch_size to avoid this)")
+        free_memory()
+        return score(batch, shared)
+
+    def checked_score(batch):
+        """The first shared-prefix batch of the pass is scored both ways; later ones as the check decided."""
+        out = score(batch, state["shared"])
+        if state["shared"] and state["check"] is None and "image_features" in batch:
+            exact = score(batch, 0)
+            ok, error, tolerance = logits_agree(out, exact, hardware)
+            state["check"] = error
+            if not ok:
+                warn(f"{desc}: the shared-prefix option-order scoring disagrees with scoring each view on its own "
+                     f"(max |difference| {error:.3g} > tolerance {tolerance:.3g} in the letter logits; transformers "
+                     f"{transformers_version()}). This pass goes on view by view: exact, but each option order runs the "
+                     f"whole prompt, so its language model does ~2-3x the work. Fix: "
+                     f"pip install -U 'transformers>=5.24,<6', or set tta_shared_prefix=false to skip this check.")
+                state["shared"] = 0
+                return exact
+        return out
 
     started = time.perf_counter()
     batches = iter(loader)  # a DataLoader starts its worker processes here
@@ -154,18 +202,18 @@ def predict_letter_logits(model, loader, fmt, hardware, desc="predict", feature_
         waited += time.perf_counter() - tick  # the main thread idle, waiting for the data loader
         if batch is None:
             break
-        with _autocast(hardware):
+        with compute_autocast(hardware):
             if feature_cache is not None:
                 batch = feature_cache.attach(model, batch)
             # Kept on the GPU until the end: a .cpu() here would make the CPU wait for every batch
             # instead of preparing the next one while the GPU works.
-            logits.append(score(batch))
+            logits.append(checked_score(batch))
         rows.append(batch["rows"])
         perms.append(batch["perms"])
     out = torch.cat(logits).cpu().numpy(), torch.cat(rows).numpy(), torch.cat(perms).numpy()
     if stats is not None:  # (the .cpu() above waited for the GPU: the wall time is the pass's)
         stats.update(wall_s=time.perf_counter() - started, loader_wait_s=waited, loader_start_s=startup,
-                     views=len(out[1]))
+                     views=len(out[1]), shared_prefix_check=state["check"], shared_prefix_used=bool(state["shared"]))
     return out
 
 
@@ -244,26 +292,35 @@ def train_fold(model, train_frame, val_frame, processor, fmt, cfg, hardware, fol
     eval_every = max(1, steps_per_epoch // max(1, cfg.evals_per_epoch))
     last_save = time.time()
 
-    def run_micro(batch, weight):
-        """Forward+backward of one micro-batch; on OOM, retry it in halves (same gradient)."""
-        n = batch["input_ids"].shape[0]
-        if n > state["chunk"]:
-            return sum(run_micro(part, weight * part["input_ids"].shape[0] / n) for part in split_batch(batch))
-        try:
-            with _autocast(hardware):
-                loss, _ = answer_loss(model, batch, fmt.letter_ids, device, pixel_dtype, cfg.loss_over)
+    def accumulate(batch, weight):
+        """Forward+backward of a step's samples in micro-batches of state["chunk"]; gradients add up in
+        the LoRA weights. Returns the weighted loss (NaN when one is not finite: the step is skipped)."""
+        n, total = batch["input_ids"].shape[0], 0.0
+        for part in micro_batches(batch, state["chunk"]):
+            with compute_autocast(hardware):
+                loss, _ = answer_loss(model, part, fmt.letter_ids, device, pixel_dtype, cfg.loss_over)
             if not torch.isfinite(loss):
                 return float("nan")
-            scaler.scale(loss * weight).backward()
-            return float(loss.detach()) * weight
-        except Exception as error:  # noqa: BLE001 - only OOM is handled, everything else re-raised
-            if not _is_oom(error) or n == 1:
-                raise
-            state["chunk"] = max(1, n // 2)
-            print(f"[train] CUDA out of memory at micro-batch {n}: continuing with {state['chunk']} "
-                  f"(gradient accumulation keeps the effective batch)")
-            torch.cuda.empty_cache()
-            return sum(run_micro(part, weight * part["input_ids"].shape[0] / n) for part in split_batch(batch))
+            share = weight * part["input_ids"].shape[0] / n
+            scaler.scale(loss * share).backward()
+            total += float(loss.detach()) * share
+        return total
+
+    def run_step(batch, weight):
+        """One optimizer step's forward+backward. A CUDA OOM halves the micro-batch for the rest of the fold
+        (gradient accumulation keeps the effective batch) and redoes the whole step from zero gradients:
+        the micro-batches before the failure, and the part of a backward it interrupted, have already
+        added to the gradients, and counting them twice would change the step."""
+        while True:
+            chunk = min(state["chunk"], batch["input_ids"].shape[0])
+            loss = call_or_oom(lambda: accumulate(batch, weight), can_retry=chunk > 1)
+            if loss is not OUT_OF_MEMORY:
+                return loss
+            state["chunk"] = max(1, chunk // 2)
+            optimizer.zero_grad(set_to_none=True)
+            free_memory()
+            print(f"[train] CUDA out of memory at micro-batch {chunk}: continuing with {state['chunk']} "
+                  f"(gradient accumulation keeps the effective batch; this step starts again)")
 
     while state["epoch"] < cfg.epochs and not state["stopped_early"]:
         epoch = state["epoch"]
@@ -275,17 +332,18 @@ def train_fold(model, train_frame, val_frame, processor, fmt, cfg, hardware, fol
                              pixel_dtype=pixel_dtype)
         model.train()
         bar = tqdm(loader, desc=f"fold {fold} epoch {epoch + 1}/{cfg.epochs}", leave=False)
+        tick = time.perf_counter()
         for batch in bar:
             # The loader yields one optimizer step's samples; under DDP this rank keeps its slice of them.
             n_step = batch["input_ids"].shape[0]
             batch = rank_slice(batch)
             share = batch["input_ids"].shape[0]
             if feature_cache is not None and share:
-                with _autocast(hardware):  # misses are encoded with the same precision as the uncached forward
+                with compute_autocast(hardware):  # misses are encoded with the same precision as the uncached forward
                     batch = feature_cache.attach(model, batch)
-            # run_micro halves the batch down to micro-batches; the weight makes the summed gradient
+            # run_step splits the batch into micro-batches; the weight makes the summed gradient
             # over ranks the mean over all n_step samples (by samples, not ranks: last steps are short).
-            group_loss = run_micro(batch, share / n_step) if share else 0.0
+            group_loss = run_step(batch, share / n_step) if share else 0.0
             group_loss = all_reduce_grads(params, group_loss)  # one process: unchanged
             state["next_sample"] += n_step
             state["step"] += 1
@@ -313,9 +371,14 @@ def train_fold(model, train_frame, val_frame, processor, fmt, cfg, hardware, fol
             state["history"].append({"fold": fold, "step": state["step"], "epoch": epoch, "kind": "train",
                                      "loss": group_loss, "lr": lr, "accuracy": None})
             bar.set_postfix(loss=f"{group_loss:.4f}", lr=f"{lr:.2e}")
+            state["samples_trained"] = state.get("samples_trained", 0) + n_step
+            state["tokens_trained"] = state.get("tokens_trained", 0) + int(batch["attention_mask"].sum())  # this rank's
+            state["train_s"] = state.get("train_s", 0.0) + time.perf_counter() - tick  # data wait included
             if state["step"] % eval_every == 0 or state["next_sample"] >= len(views):
+                tick = time.perf_counter()
                 _evaluate_and_keep_best(model, ema, val_frame, processor, fmt, cfg, hardware, fold, fold_dir, state,
                                         feature_cache)
+                state["eval_s"] = state.get("eval_s", 0.0) + time.perf_counter() - tick
                 if cfg.early_stopping_patience and state["evals_without_gain"] >= cfg.early_stopping_patience:
                     print(f"[train] fold {fold}: no val-accuracy gain in {cfg.early_stopping_patience} evals, stopping")
                     state["stopped_early"] = True
@@ -325,11 +388,18 @@ def train_fold(model, train_frame, val_frame, processor, fmt, cfg, hardware, fol
                     or time.time() - last_save > 60 * cfg.checkpoint_every_minutes):
                 save_checkpoint()
                 last_save = time.time()
+            tick = time.perf_counter()
         else:
             state["epoch"] += 1
             state["next_sample"] = 0
+    samples, train_s, eval_s = state.get("samples_trained", 0), state.get("train_s", 0.0), state.get("eval_s", 0.0)
     result = {"fold": fold, "best_accuracy": state["best_acc"], "steps": state["step"],
-              "nonfinite_steps": state["nonfinite_total"], "final_micro_batch": state["chunk"]}
+              "nonfinite_steps": state["nonfinite_total"], "final_micro_batch": state["chunk"],
+              "samples_trained": samples, "train_s": round(train_s, 2), "eval_s": round(eval_s, 2)}
+    tokens = state.get("tokens_trained", 0)
+    result["tokens_trained"] = tokens
+    print(f"[train] fold {fold}: {samples} samples ({tokens} tokens) in {train_s:.1f} s of training steps "
+          f"({samples / max(train_s, 1e-9):.2f} samples/s, data loading included), {eval_s:.1f} s evaluating")
     if is_main():
         pd.DataFrame(state["history"]).to_csv(fold_dir / "history.csv", index=False)
         done.write_text(json.dumps(result))

@@ -55,3 +55,17 @@ def test_cli_is_deterministic_on_cpu(tmp_path):
     pa = pd.read_csv(tmp_path / "run_a" / "test_probs_ensemble.csv")
     pb = pd.read_csv(tmp_path / "run_b" / "test_probs_ensemble.csv")
     assert pa.equals(pb)
+
+
+def test_cli_demo_runs_with_qwen3_vl_warm_up_included(tmp_path):
+    """`--profile demo demo_family=qwen3_vl`: the tiny Qwen3-VL base is built and warmed up (its forward needs
+    mm_token_type_ids) and the run writes a valid submission (both families then run: the others use Qwen2.5-VL)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MCVQA_")}
+    done = subprocess.run([sys.executable, "-m", "mcvqa", "run", "--profile", "demo", "demo_family=qwen3_vl", "folds=0",
+                           "demo_warmup_rows=64", "demo_warmup_epochs=1", "epochs=1", f"data_dir={tmp_path / 'demo'}",
+                           f"output_dir={tmp_path / 'run'}", f"model_name_or_path={tmp_path / 'tiny' / 'qwen3_vl'}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Qwen3VL" in (tmp_path / "tiny" / "qwen3_vl" / "config.json").read_text()
+    assert "[check] the cached-feature forward = the stock forward" in done.stdout
+    _check_submission(tmp_path / "demo", tmp_path / "run" / "submission.csv")

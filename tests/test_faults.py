@@ -3,6 +3,7 @@ regression pin on the first losses of a tiny run (label alignment, loss, schedul
 feed into those numbers)."""
 
 import json
+import weakref
 
 import pytest
 import torch
@@ -23,8 +24,9 @@ def demo_rows(tmp_path_factory):
     return train.iloc[:16].reset_index(drop=True), train.iloc[16:].reset_index(drop=True)
 
 
-def _train(tiny_cfg, tiny_processor, tiny_fmt, hardware, demo_rows, out_dir, **changes):
-    """Train fold 0 of a fresh tiny 4-bit model for a few steps; returns (result, adapter, history)."""
+def _train(tiny_cfg, tiny_processor, tiny_fmt, hardware, demo_rows, out_dir, prepare=None, **changes):
+    """Train fold 0 of a fresh tiny 4-bit model for a few steps; returns (result, adapter, history).
+    prepare(model), if given, runs on the loaded model first (e.g. to add hooks)."""
     settings = dict(epochs=1, micro_batch_size=4, grad_accum_steps=1, evals_per_epoch=1, ema_decay=0.0,
                     shuffle_options=True, warmup_ratio=0.0, learning_rate=1e-3, infer_batch_size=8,
                     loss_over="vocab")
@@ -32,6 +34,8 @@ def _train(tiny_cfg, tiny_processor, tiny_fmt, hardware, demo_rows, out_dir, **c
     cfg = tiny_cfg("qwen2_5_vl", **settings)
     torch.manual_seed(0)
     model = load_model_for_training(cfg, hardware)
+    if prepare is not None:
+        prepare(model)
     train_part, val_part = demo_rows
     result = training.train_fold(model, train_part, val_part, tiny_processor("qwen2_5_vl"), tiny_fmt("qwen2_5_vl"),
                                  cfg, hardware, 0, out_dir)
@@ -65,6 +69,61 @@ def test_cuda_oom_halves_the_micro_batch_and_keeps_the_same_gradient(
     assert "CUDA out of memory at micro-batch 4: continuing with 2" in capsys.readouterr().out
     assert result["final_micro_batch"] == 2 and ref_result["final_micro_batch"] == 2
     assert calls[:3] == [4, 2, 2] and 4 not in calls[3:]  # halved once, then stays halved
+    assert [h["loss"] for h in hist] == pytest.approx([h["loss"] for h in ref_hist], rel=1e-5)
+    for name in ref_adapter:
+        assert torch.allclose(adapter[name], ref_adapter[name], atol=1e-6), name
+
+
+def test_cuda_oom_frees_the_failed_attempt_before_the_retry(
+        tiny_cfg, tiny_processor, tiny_fmt, hardware, demo_rows, tmp_path, monkeypatch):
+    """The retry after an OOM must not run while the failed attempt's tensors are still alive (a retry
+    inside the `except` block keeps them through the traceback: on a GPU it then fails again)."""
+    real_loss = training.answer_loss
+    held, alive_at_calls = [], []
+
+    def oom_above_two(model, batch, *args, **kwargs):
+        alive_at_calls.append(sum(ref() is not None for ref in held))
+        if batch["input_ids"].shape[0] > 2:
+            activations = torch.ones(256, 1024)  # only this frame holds it, like a failed forward's activations
+            held.append(weakref.ref(activations))
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_loss(model, batch, *args, **kwargs)
+
+    monkeypatch.setattr(training, "answer_loss", oom_above_two)
+    _train(tiny_cfg, tiny_processor, tiny_fmt, hardware, demo_rows, tmp_path / "oom")
+    assert len(held) == 1 and alive_at_calls[0] == 0
+    assert alive_at_calls[1:] == [0] * (len(alive_at_calls) - 1)  # gone when the retry starts, and after
+
+
+def test_cuda_oom_during_backward_redoes_the_step_from_zero_gradients(
+        tiny_cfg, tiny_processor, tiny_fmt, hardware, demo_rows, tmp_path):
+    """An OOM in the middle of backward() leaves part of that micro-batch's gradient in the LoRA weights;
+    the retry must not add it a second time: same adapter as micro-batch 2 from the start."""
+    from mcvqa.scoring import unwrap_vlm
+
+    _, ref_adapter, ref_hist = _train(tiny_cfg, tiny_processor, tiny_fmt, hardware, demo_rows, tmp_path / "ref",
+                                      micro_batch_size=2, grad_accum_steps=2)
+    partial = []
+
+    def oom_in_backward(model):
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        def raise_when_reached(grad):
+            # The later layers' LoRA gradients are already accumulated when backward reaches layer 0.
+            partial.append(sum(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in params))
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+        def hook(module, inputs, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            if module.training and hidden.shape[0] > 2:
+                hidden.register_hook(raise_when_reached)
+
+        unwrap_vlm(model).model.language_model.layers[0].register_forward_hook(hook)
+
+    result, adapter, hist = _train(tiny_cfg, tiny_processor, tiny_fmt, hardware, demo_rows, tmp_path / "oom",
+                                   prepare=oom_in_backward)
+    assert len(partial) == 1 and partial[0] > 0  # the OOM struck with some gradients already added
+    assert result["final_micro_batch"] == 2
     assert [h["loss"] for h in hist] == pytest.approx([h["loss"] for h in ref_hist], rel=1e-5)
     for name in ref_adapter:
         assert torch.allclose(adapter[name], ref_adapter[name], atol=1e-6), name

@@ -16,6 +16,7 @@ from PIL import Image
 
 from conftest import TINY_FAMILIES, randomise_lora
 from mcvqa.collate import VqaCollator
+from mcvqa.compat import image_features
 from mcvqa.fast_vision import (chunk_groups, compile_vision_choice, compile_vision_elementwise, grouped_attention,
                                patch_vision_attention, unpatch_vision_attention)
 from mcvqa.hardware import choose_hardware
@@ -24,7 +25,7 @@ from mcvqa.inference import predict_views
 from mcvqa.modeling import load_model_for_training
 from mcvqa.pipeline import run_feature_cache
 from mcvqa.scoring import answer_loss, letter_logits, unwrap_vlm
-from mcvqa.training import split_batch, train_fold
+from mcvqa.training import micro_batches, train_fold
 
 MIN_PIXELS, MAX_PIXELS = 28 * 28 * 4, 112 * 112
 
@@ -117,13 +118,13 @@ def test_training_loss_and_gradients_equal_uncached(family, tiny_model, tiny_cfg
         torch.testing.assert_close(gc, gp, atol=1e-6, rtol=1e-5)
 
 
-def test_split_batch_keeps_features_with_their_samples(tiny_model, tiny_cfg, tiny_processor, tiny_fmt, hardware):
+def test_micro_batches_keep_features_with_their_samples(tiny_model, tiny_cfg, tiny_processor, tiny_fmt, hardware):
     family = "qwen3_vl"
     model = tiny_model(family, False)
     cached = _cache(tiny_cfg, family, model, hardware).attach(model, _collate(family, tiny_processor, tiny_fmt, _items()))
-    first, second = split_batch(cached)
-    assert first["image_features"] == cached["image_features"][:1] and second["image_features"] == cached["image_features"][1:]
-    assert first["image_keys"] == cached["image_keys"][:1] and "pixel_values" not in first
+    first, second = micro_batches(cached, 2)
+    assert first["image_features"] == cached["image_features"][:2] and second["image_features"] == cached["image_features"][2:]
+    assert first["image_keys"] == cached["image_keys"][:2] and "pixel_values" not in first
 
 
 def _frame(tmp_path, n=3):
@@ -266,8 +267,8 @@ def test_disk_cache_survives_a_new_session_and_ram_budget(tiny_model, tiny_cfg, 
 # ---------------------------------------------------------------- fast vision attention (fast_vision.py)
 def _tower_outputs(model, batch):
     with torch.no_grad():
-        out = unwrap_vlm(model).model.get_image_features(batch["pixel_values"], batch["image_grid_thw"], return_dict=True)
-    return [torch.cat(out.pooler_output)] + [torch.cat(layer) for layer in (getattr(out, "deepstack_features", None) or [])]
+        embeds, deepstack = image_features(unwrap_vlm(model).model, batch["pixel_values"], batch["image_grid_thw"])
+    return [torch.cat(embeds)] + [torch.cat(layer) for layer in deepstack]
 
 
 def test_grouped_vision_attention_equals_stock(family, tiny_model, tiny_processor, tiny_fmt, monkeypatch):

@@ -4,6 +4,8 @@ The reference for every check is the model's own full forward (`model(**inputs).
 `generate`: the scorer must read the same numbers at the same position.
 """
 
+import weakref
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -14,7 +16,8 @@ from PIL import Image
 from conftest import TINY_FAMILIES
 from mcvqa.collate import VqaCollator, cyclic_views
 from mcvqa.inference import predict_views, softmax, to_original_order
-from mcvqa.scoring import MODEL_INPUT_KEYS, answer_loss, letter_logits
+from mcvqa.compat import model_input_names
+from mcvqa.scoring import MODEL_INPUT_KEYS, answer_loss, letter_logits, unwrap_vlm
 
 MIN_PIXELS, MAX_PIXELS = 28 * 28 * 4, 112 * 112
 
@@ -39,9 +42,14 @@ def _collate(processor, fmt, items):
     return VqaCollator(processor, fmt, MIN_PIXELS, MAX_PIXELS)(items)
 
 
+def _stock_inputs(model, batch):
+    """The batch keys the model's own forward takes (mm_token_type_ids only from transformers 5.4)."""
+    return {k: batch[k] for k in model_input_names(unwrap_vlm(model).model, MODEL_INPUT_KEYS)}
+
+
 def _full_logits(model, batch):
     with torch.no_grad():
-        return model(**{k: batch[k] for k in MODEL_INPUT_KEYS}, use_cache=False).logits
+        return model(**_stock_inputs(model, batch), use_cache=False).logits
 
 
 def _letters(model, batch, fmt):
@@ -110,7 +118,7 @@ def test_letter_probs_agree_with_generate(family, setup, tiny_model, load_in_4bi
         assert batch["attention_mask"].all()  # one sample: no padding
         ours = torch.softmax(_letters(model, batch, fmt)[0], -1)
         with torch.no_grad():
-            out = model.generate(**{k: batch[k] for k in MODEL_INPUT_KEYS}, max_new_tokens=1, output_scores=True,
+            out = model.generate(**_stock_inputs(model, batch), max_new_tokens=1, output_scores=True,
                                  return_dict_in_generate=True, do_sample=False)
         assert out.sequences.shape[1] == batch["input_ids"].shape[1] + 1
         theirs = torch.softmax(out.scores[0][0, fmt.letter_ids].float(), -1)
@@ -314,9 +322,14 @@ def test_predict_views_halves_the_batch_on_cuda_oom_with_the_same_predictions(
     real, sizes = getattr(training, name), []
     most = 4 if shared_prefix else 2  # one row's 4 orders / 2 views fit, anything larger "runs out of memory"
 
+    held, alive = [], []  # weak references to what each failed attempt's frame held
+
     def oom_above(model, batch, *args, **kwargs):
         sizes.append(batch["input_ids"].shape[0])
+        alive.append(sum(ref() is not None for ref in held))
         if batch["input_ids"].shape[0] > most:
+            activations = torch.ones(256, 1024)
+            held.append(weakref.ref(activations))
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(model, batch, *args, **kwargs)
 
@@ -327,6 +340,7 @@ def test_predict_views_halves_the_batch_on_cuda_oom_with_the_same_predictions(
     assert capsys.readouterr().out.count("[predict] CUDA out of memory") == halvings
     assert len([s for s in sizes if s > most]) == halvings  # then the smaller batch is kept, no retry per batch
     assert sum(s for s in sizes if s <= most) == 4 * len(frame)  # every view scored exactly once
+    assert held and alive == [0] * len(alive)  # a retry starts after the failed attempt's tensors are freed
     for key in reference:
         np.testing.assert_allclose(got[key], reference[key], atol=1e-6)
 
@@ -336,3 +350,75 @@ def test_predict_views_halves_the_batch_on_cuda_oom_with_the_same_predictions(
     monkeypatch.setattr(training, name, broken)
     with pytest.raises(RuntimeError, match="not a memory problem"):
         predict_views(model, frame, processor, fmt, cfg, hardware, feature_cache=FeatureCache())
+
+
+# ------------------------------------------------- run-time self-checks of the fast paths (compat.py)
+def _ignored_cache_argument(language_model):
+    """What transformers 5.18-5.23 did with `cache=`: a keyword the decoder swallows and ignores."""
+    return "kv_cache_nobody_reads"
+
+
+def test_shared_prefix_that_breaks_falls_back_to_exact_views_with_a_warning(
+        family, setup, tiny_model, tiny_cfg, hardware, tmp_path, monkeypatch, capsys):
+    """A pass whose shared-prefix scoring disagrees with view-by-view scoring on its first batch warns and
+    goes on view by view: the probabilities are the exact ones, not the broken path's."""
+    from mcvqa.feature_cache import FeatureCache
+    import mcvqa.scoring as scoring
+
+    processor, fmt = setup
+    model = tiny_model(family, True)
+    frame = _test_frame(tmp_path)
+    base = dict(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, tta_option_views=4, num_workers=0, infer_batch_size=2)
+    exact = predict_views(model, frame, processor, fmt, tiny_cfg(family, tta_shared_prefix=False, **base), hardware)
+    healthy = predict_views(model, frame, processor, fmt, tiny_cfg(family, **base), hardware, feature_cache=FeatureCache())
+    out = capsys.readouterr()
+    assert "WARNING" not in out.err and "shared prefix checked on the first batch (max |Δ logit|" in out.out
+    monkeypatch.setattr(scoring, "cache_argument", _ignored_cache_argument)
+    with torch.no_grad():  # the broken path really is broken (else the fallback could not be seen)
+        cache = FeatureCache()
+        batch = cache.attach(model, VqaCollator(processor, fmt, MIN_PIXELS, MAX_PIXELS, image_keys=True)(
+            [dict(it, perm=p, options=[it["options"][i] for i in p], answer=-1)
+             for it in _items() for p in [(0, 1, 2, 3), (1, 2, 3, 0)]]))
+        broken = scoring.shared_prefix_letter_logits(model, batch, fmt.letter_ids, "cpu", 2)
+        assert (broken - letter_logits(model, batch, fmt.letter_ids, "cpu", None)).abs().max() > 1e-2
+    got = predict_views(model, frame, processor, fmt, tiny_cfg(family, **base), hardware, feature_cache=FeatureCache())
+    out = capsys.readouterr()
+    assert out.err.count("WARNING: test x1: the shared-prefix option-order scoring disagrees") == 1
+    assert "failed: view by view" in out.out
+    for key in exact:
+        np.testing.assert_allclose(got[key], exact[key], atol=1e-5)
+        np.testing.assert_allclose(healthy[key], exact[key], atol=1e-5)
+
+
+def test_check_fast_paths_switches_off_what_disagrees_with_the_stock_forward(
+        family, setup, tiny_model, tiny_cfg, hardware, tmp_path, monkeypatch, capsys):
+    from mcvqa.feature_cache import FeatureCache
+    from mcvqa.inference import check_fast_paths
+    import mcvqa.scoring as scoring
+
+    processor, fmt = setup
+    model = tiny_model(family, True)
+    frame = _test_frame(tmp_path)
+    cfg = tiny_cfg(family, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, tta_option_views=4)
+    cache = FeatureCache()
+    assert check_fast_paths(model, frame, processor, fmt, cfg, hardware, cache) == (cache, cfg)  # healthy: kept
+    out = capsys.readouterr()
+    assert "WARNING" not in out.err and "[check] the cached-feature forward = the stock forward" in out.out
+    assert "the shared-prefix option-order scoring = scoring each view on its own" in out.out
+
+    monkeypatch.setattr(scoring, "cache_argument", _ignored_cache_argument)  # the 5.18-5.23 failure
+    got_cache, got_cfg = check_fast_paths(model, frame, processor, fmt, cfg, hardware, cache)
+    assert got_cache is cache and got_cfg.tta_shared_prefix is False
+    assert "WARNING: the shared-prefix option-order scoring gives other letter logits" in capsys.readouterr().err
+    monkeypatch.undo()
+
+    real_embed = scoring.embed_with_features
+
+    def features_one_token_off(vlm, input_ids, features, device):  # e.g. a changed placeholder rule
+        embeds, extra = real_embed(vlm, input_ids, features, device)
+        return (embeds.roll(1, dims=1) if features else embeds), extra
+
+    monkeypatch.setattr(scoring, "embed_with_features", features_one_token_off)
+    got_cache, got_cfg = check_fast_paths(model, frame, processor, fmt, cfg, hardware, cache)
+    assert got_cache is None and got_cfg.tta_shared_prefix is False
+    assert "WARNING: the cached-feature forward gives other letter logits than the stock forward" in capsys.readouterr().err

@@ -8,7 +8,7 @@ from PIL import Image
 
 from mcvqa.collate import VqaCollator
 from mcvqa.inference import apply_temperature, ensemble_folds, fit_temperature, fold_weights, softmax
-from mcvqa.training import LoraEma, split_batch
+from mcvqa.training import LoraEma, micro_batches
 
 
 def _items():
@@ -17,12 +17,12 @@ def _items():
              "options": ["빨간색", "파란색", "초록색", "노란색"], "answer": i} for i, s in enumerate(sizes)]
 
 
-def test_split_batch_halves_equal_collating_the_halves(tiny_processor, tiny_fmt):
-    """OOM back-off splits a collated batch; each half must be exactly the batch of its samples."""
+def test_micro_batches_equal_collating_their_samples(tiny_processor, tiny_fmt):
+    """Accumulation (and the OOM back-off) splits a collated batch; each chunk must be exactly the batch of its samples."""
     collator = VqaCollator(tiny_processor("qwen2_5_vl"), tiny_fmt("qwen2_5_vl"), 28 * 28 * 4, 112 * 112)
     items = _items()
-    first, second = split_batch(collator(items))
-    for half, expected in ((first, collator(items[:1])), (second, collator(items[1:]))):
+    first, second = micro_batches(collator(items), 2)
+    for half, expected in ((first, collator(items[:2])), (second, collator(items[2:]))):
         assert torch.equal(half["pixel_values"], expected["pixel_values"])
         assert torch.equal(half["image_grid_thw"], expected["image_grid_thw"])
         width = expected["input_ids"].shape[1]
@@ -31,7 +31,7 @@ def test_split_batch_halves_equal_collating_the_halves(tiny_processor, tiny_fmt)
         assert torch.equal(half["answer_positions"], expected["answer_positions"])
 
 
-def test_split_batch_keeps_shipped_pixels_with_their_samples(tiny_processor, tiny_fmt):
+def test_micro_batches_keep_shipped_pixels_with_their_samples(tiny_processor, tiny_fmt):
     """Feature-cache batches ship pixels only for pixel_rows; a split keeps each shipped image with its sample."""
     processor, fmt = tiny_processor("qwen2_5_vl"), tiny_fmt("qwen2_5_vl")
     items = _items()
@@ -39,9 +39,9 @@ def test_split_batch_keeps_shipped_pixels_with_their_samples(tiny_processor, tin
     keys = VqaCollator(processor, fmt, 28 * 28 * 4, 112 * 112, image_keys=True)(items)["image_keys"]
     batch = VqaCollator(processor, fmt, 28 * 28 * 4, 112 * 112, image_keys=True, known_keys=[keys[1]])(items)
     assert batch["pixel_rows"].tolist() == [0, 2]
-    first, second = split_batch(batch)
+    first, second = micro_batches(batch, 2)
     sizes = plain["image_grid_thw"].prod(1).tolist()
-    assert first["pixel_rows"].tolist() == [0] and second["pixel_rows"].tolist() == [1]  # sample 2 is row 1 of its half
+    assert first["pixel_rows"].tolist() == [0] and second["pixel_rows"].tolist() == [0]  # sample 2 is row 0 of its chunk
     assert torch.equal(first["pixel_values"], plain["pixel_values"][:sizes[0]])
     assert torch.equal(second["pixel_values"], plain["pixel_values"][sizes[0] + sizes[1]:])
 

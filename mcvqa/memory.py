@@ -1,0 +1,156 @@
+"""## Memory plan: gradient checkpointing, micro-batch and inference batch from the card's memory
+
+A profile names one model and pixel budget, but the card decides what fits: Qwen2.5-VL-7B at 768x768
+trains at micro-batch 8 on an 80 GB card without gradient checkpointing and not at all on a 40 GB one.
+Before the first fold the plan estimates, from the checkpoint's config alone (no weights loaded), the
+memory of the 4-bit weights with everything k-bit training keeps in fp32, and the activations of one
+training sample with and without gradient checkpointing. Then, on the GPU:
+
+- `gradient_checkpointing=auto` turns checkpointing on only when the micro-batch's activations would
+  not fit without it (it costs ~30 % speed);
+- `fit_micro_batch` lowers the micro-batch (more accumulation: the same effective batch) until the
+  estimate fits, and lowers `infer_batch_size` until one batch's KV cache of all its option views fits.
+
+Every choice is printed with its numbers. The estimate is deliberately generous (ACTIVATION_MARGIN);
+the out-of-memory back-off in training and prediction still catches what it misses.
+"""
+
+import dataclasses
+import math
+import os
+import re
+
+import torch
+from transformers import AutoConfig, AutoModelForImageTextToText
+
+TEXT_TOKENS = 160  # template + Korean question + instruction + four options, typical (the image dominates)
+# Measured peak over estimated activations (Qwen2.5-VL-3B, fp16, 4-bit, 384x384, checkpointing, micro-batch 32,
+# 15 GiB cap, BENCHMARKS.md "T4 budget"): 0.22 GiB per sample against 0.12 estimated.
+ACTIVATION_MARGIN = 2.0
+HEADROOM_GIB = 1.0  # CUDA context, cuBLAS workspace, allocator fragmentation
+LORA_COPIES = 5  # weight, gradient, two AdamW moments, EMA shadow: fp32 each
+
+
+def _meta_model(cfg):
+    """The model's modules without weights (sizes only), from its config.json."""
+    config = AutoConfig.from_pretrained(cfg.model_name_or_path, local_files_only=os.path.isdir(cfg.model_name_or_path))
+    with torch.device("meta"):
+        return AutoModelForImageTextToText.from_config(config), config
+
+
+def weight_gib(model, cfg, hardware):
+    """Memory of the loaded, LoRA-wrapped model: NF4 language-model linears (0.5 byte + ~4 % for the
+    quantisation constants per weight), fp32 for every other weight k-bit training upcasts (embeddings,
+    untied LM head, norms, biases), the vision tower in fp32 on fp16 cards else in the compute dtype,
+    and the LoRA weights with their gradient, AdamW moments and EMA."""
+    compute = 4 if hardware.dtype == "float32" else 2
+    other = 4 if cfg.load_in_4bit else compute  # k-bit preparation upcasts what it does not quantise
+    quantised, lora = set(), 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".visual." not in f".{name}." and not name.endswith("lm_head"):
+            quantised.add(id(module.weight))
+            if re.fullmatch(cfg.lora_target_modules, name):
+                lora += cfg.lora_r * (module.in_features + module.out_features)
+    total, seen = 0.0, set()
+    for name, param in model.named_parameters():
+        if id(param) in seen:  # tied embeddings count once
+            continue
+        seen.add(id(param))
+        if ".visual." in f".{name}":
+            total += param.numel() * (4 if hardware.dtype == "float16" else compute)
+        elif id(param) in quantised and cfg.load_in_4bit:
+            total += param.numel() * 0.52
+        else:
+            total += param.numel() * other
+    return (total + lora * 4 * LORA_COPIES) / 2**30
+
+
+def tokens_per_sample(config, cfg):
+    vision = config.vision_config
+    return cfg.max_pixels // (vision.patch_size * vision.spatial_merge_size) ** 2 + TEXT_TOKENS
+
+
+def activation_gib(config, tokens, checkpointing, bytes_per_value):
+    """One training sample's activations: with checkpointing each decoder layer keeps its input and one
+    layer at a time is recomputed (and back-propagated); without, every layer keeps ~14 hidden-size and
+    5 intermediate-size values per token (attention, norms, MLP, LoRA inputs)."""
+    text = config.text_config
+    layers, hidden, inner = text.num_hidden_layers, text.hidden_size, text.intermediate_size
+    one_layer = tokens * (14 * hidden + 5 * inner) * bytes_per_value
+    kept = layers * tokens * hidden * bytes_per_value + 2 * one_layer if checkpointing else layers * one_layer
+    return ACTIVATION_MARGIN * kept / 2**30
+
+
+def kv_cache_gib_per_row(config, tokens, views, bytes_per_value):
+    """Shared-prefix prediction: a row's prefix KV cache, repeated once per option view, plus one layer's activations."""
+    text = config.text_config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * tokens * bytes_per_value
+    one_layer = tokens * (4 * text.hidden_size + 2 * text.intermediate_size) * bytes_per_value
+    return (kv * (1 + views) + ACTIVATION_MARGIN * one_layer) / 2**30  # (the KV cache's size is exact)
+
+
+def _largest_fitting(limit, fits):
+    """limit if it fits, else the largest power of two below it that does (at least 1)."""
+    if fits(limit):
+        return limit
+    size = 2 ** int(math.log2(max(1, limit - 1)))
+    while size > 1 and not fits(size):
+        size //= 2
+    return size
+
+
+def plan_memory(cfg, hardware, verbose=True):
+    """cfg with gradient_checkpointing on/off, and micro_batch_size / grad_accum_steps / infer_batch_size
+    fitted to the GPU's memory (hardware.gpu_memory_gib, a cap included). Returns (cfg, plan dict)."""
+    say = print if verbose else (lambda *_: None)
+    if hardware.device != "cuda":
+        choice = "off" if cfg.gradient_checkpointing == "auto" else cfg.gradient_checkpointing
+        say(f"[memory] on the CPU: gradient checkpointing {choice} (RAM, not GPU memory, holds the activations)")
+        return dataclasses.replace(cfg, gradient_checkpointing=choice), {"device": "cpu", "gradient_checkpointing": choice}
+    model, config = _meta_model(cfg)
+    bytes_per_value = 4 if hardware.dtype == "float32" else 2
+    weights = weight_gib(model, cfg, hardware)
+    free = hardware.gpu_memory_gib - weights - HEADROOM_GIB
+    tokens = tokens_per_sample(config, cfg)
+    with_ckpt = activation_gib(config, tokens, True, bytes_per_value)
+    without = activation_gib(config, tokens, False, bytes_per_value)
+    micro = cfg.micro_batch_size
+    say(f"[memory] {hardware.gpu_memory_gib:g} GiB per GPU; estimated {weights:.1f} GiB for the model (4-bit weights, "
+        f"fp32 copies, LoRA + optimizer), {free:.1f} GiB left; a {tokens}-token sample ({cfg.max_pixels} pixels + "
+        f"~{TEXT_TOKENS} text) needs ~{without:.2f} GiB of activations without gradient checkpointing, "
+        f"~{with_ckpt:.2f} GiB with it")
+    if free <= 0:
+        raise ValueError(f"config: {cfg.model_name_or_path} needs ~{weights:.1f} GiB for its weights alone, more than "
+                         f"this GPU's {hardware.gpu_memory_gib:g} GiB. Fix: a smaller model (e.g. Qwen2.5-VL-3B-Instruct), "
+                         "or load_in_4bit=true")
+    checkpointing = cfg.gradient_checkpointing
+    if checkpointing == "auto":
+        checkpointing = "off" if micro * without <= free else "on"
+        say(f"[memory]   gradient checkpointing {checkpointing}: micro-batch {micro} needs ~{micro * without:.1f} GiB "
+            f"without it, {'within' if checkpointing == 'off' else 'over'} the {free:.1f} GiB left")
+    per_sample = with_ckpt if checkpointing == "on" else without
+    accum = cfg.grad_accum_steps
+    if cfg.fit_micro_batch:
+        fitted = _largest_fitting(micro, lambda m: m * per_sample <= free)
+        if fitted < micro:
+            accum = math.ceil(micro * cfg.grad_accum_steps / fitted)
+            say(f"[memory]   micro-batch {micro} -> {fitted} (x {accum} accumulation, same effective batch of "
+                f"{micro * cfg.grad_accum_steps}): {micro} x {per_sample:.2f} GiB would exceed {free:.1f} GiB")
+            micro = fitted
+    infer = cfg.infer_batch_size
+    if cfg.fit_micro_batch:
+        views = cfg.tta_option_views if cfg.tta_shared_prefix else 1
+        row = kv_cache_gib_per_row(config, tokens, views, bytes_per_value)
+        fitted = _largest_fitting(infer, lambda b: b * row <= free)
+        if fitted < infer:
+            say(f"[memory]   infer_batch_size {infer} -> {fitted}: a row with {views} option views needs ~{row:.2f} GiB")
+            infer = fitted
+    say(f"[memory]   plan: gradient checkpointing {checkpointing}, micro-batch {micro} x {accum} accumulation, "
+        f"infer_batch_size {infer} (~{weights + micro * per_sample + HEADROOM_GIB:.1f} GiB in training)")
+    plan = {"gpu_memory_gib": hardware.gpu_memory_gib, "weights_gib": round(weights, 2), "free_gib": round(free, 2),
+            "tokens_per_sample": tokens, "activation_gib_per_sample": round(per_sample, 3),
+            "gradient_checkpointing": checkpointing, "micro_batch_size": micro, "grad_accum_steps": accum,
+            "infer_batch_size": infer}
+    return dataclasses.replace(cfg, gradient_checkpointing=checkpointing, micro_batch_size=micro,
+                               grad_accum_steps=accum, infer_batch_size=infer), plan
