@@ -195,7 +195,7 @@ def build_tiny_qwen_vl(out_dir, texts, family="qwen2_5_vl", seed=0, max_pixels=1
     marker = out_dir / "TINY_MODEL.json"
     spec = {"family": family, "seed": seed, "max_pixels": max_pixels, "hidden_size": hidden_size,
             "n_texts": len(texts), "n_warmup": len(warmup_examples), "warmup_epochs": warmup_epochs,
-            "builder_version": 4}
+            "builder_version": 5}
     if marker.exists() and json.loads(marker.read_text()) == spec:
         return out_dir
     tokenizer = train_tiny_tokenizer(texts)
