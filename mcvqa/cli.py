@@ -8,7 +8,7 @@
 import argparse
 import sys
 
-from .config import resolve_config
+from .config import UserError, resolve_config
 from .hardware import detect_hardware
 from .parallel import run_worker_payload
 from .pipeline import run_pipeline
@@ -29,13 +29,17 @@ def main(argv=None):
     work = sub.add_parser("worker", help="run one pickled worker job (started by parallel.py, one per GPU)")
     work.add_argument("payload", help="the job file: (function, args, result path), pickled")
     args = parser.parse_args(argv)
-    if args.command == "worker":
-        run_worker_payload(args.payload)
-    elif args.command == "run":
-        cfg = resolve_config(args.profile, args.overrides)
-        run_pipeline(cfg, detect_hardware(cfg))
-    else:
-        print(snapshot_experiment(args.run, args.name, notebook_path=args.notebook))
+    try:
+        if args.command == "worker":
+            run_worker_payload(args.payload)
+        elif args.command == "run":
+            cfg = resolve_config(args.profile, args.overrides)
+            run_pipeline(cfg, detect_hardware(cfg))
+        else:
+            print(snapshot_experiment(args.run, args.name, notebook_path=args.notebook))
+    except UserError as error:  # a known user error: its message says what and how to fix; no traceback
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

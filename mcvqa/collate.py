@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
-from .data import load_image
+from .data import DEFAULT_BOMB_LIMIT_PIXELS, load_image
 from .feature_cache import image_key
 from .prompts import OPTION_LETTERS, render_prompt
 
@@ -44,11 +44,12 @@ def cyclic_views(n_rows, n_shifts):
 class VqaDataset(torch.utils.data.Dataset):
     """Loads the image and arranges the options of one view; the collator does the rest."""
 
-    def __init__(self, frame, views, max_pixels, blank_images=False):
+    def __init__(self, frame, views, max_pixels, blank_images=False, bomb_limit_pixels=DEFAULT_BOMB_LIMIT_PIXELS):
         self.records = frame.to_dict("records")
         self.views = list(views)
         self.max_pixels = max_pixels
         self.blank_images = blank_images
+        self.bomb_limit_pixels = bomb_limit_pixels
         self._last = (None, None)  # (row, image): a row's option views come one after another (TTA)
 
     def __len__(self):
@@ -63,7 +64,7 @@ class VqaDataset(torch.utils.data.Dataset):
         elif self._last[0] == row:
             image = self._last[1]  # the same decoded image for the row's next option view
         else:
-            image = load_image(record["image_path"], max_pixels=self.max_pixels)
+            image = load_image(record["image_path"], max_pixels=self.max_pixels, bomb_limit_pixels=self.bomb_limit_pixels)
             self._last = (row, image)
         options = [record[letter] for letter in OPTION_LETTERS]
         answer = record.get("answer")

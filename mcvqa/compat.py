@@ -30,7 +30,13 @@ import torch
 import transformers
 from packaging.version import Version
 
+from .config import UserError
+
 SUPPORTED_TRANSFORMERS = (Version("5.0.0"), Version("6.0.0"))  # [floor, ceiling)
+
+
+class SetupError(UserError, RuntimeError):
+    """A package missing or at a version the pipeline does not support: names it and how to install it."""
 
 
 def transformers_version():
@@ -95,7 +101,7 @@ def check_versions(verbose=True):
         print("[versions] " + ", ".join(f"{k} {v}" for k, v in found.items()))
     problem = version_problem()
     if problem:
-        raise RuntimeError(problem)
+        raise SetupError(problem)
     return found
 
 

@@ -21,6 +21,19 @@ import typing
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+class UserError(Exception):
+    """A known user error: a setting, a data file, a folder or a package. Its message names what is wrong
+    (file, row, column or setting) and the fix, so the CLI prints just the message, and so does a notebook
+    (IPython shows what `_render_traceback_` returns instead of the traceback). Unexpected errors keep theirs."""
+
+    def _render_traceback_(self):
+        return [f"\x1b[31m{type(self).__name__}\x1b[0m: {self}"]
+
+
+class ConfigError(UserError, ValueError):
+    """A bad setting: names the setting and the values it takes."""
+
+
 @dataclasses.dataclass
 class Config:
     # --- where things are -------------------------------------------------------------------
@@ -39,6 +52,7 @@ class Config:
     min_pixels: int = 256 * 28 * 28  # Qwen's processor upsizes smaller images to this many pixels
     max_pixels: int = 448 * 448  # ~256 image tokens; winners gained +4.75 pp from higher resolution
     on_bad_image: str = "error"  # error: stop listing every bad row | blank: counted blank fallback
+    bomb_limit_pixels: int = 200_000_000  # larger decoded images are refused as possible decompression bombs
     blank_images: bool = False  # control experiment: every image blank (accuracy should fall to chance)
     # --- prompt -------------------------------------------------------------------------------
     system_prompt: str = ""  # empty: the chat template's own default (Qwen2.5-VL adds one)
@@ -108,7 +122,7 @@ class Config:
         value = str(self.gradient_checkpointing).strip().lower()
         value = {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}.get(value, value)
         if value not in ("auto", "on", "off"):
-            raise ValueError(f"config: gradient_checkpointing must be auto, on or off, got {self.gradient_checkpointing!r}")
+            raise ConfigError(f"config: gradient_checkpointing must be auto, on or off, got {self.gradient_checkpointing!r}")
         self.gradient_checkpointing = value
 
 
@@ -169,11 +183,11 @@ def _parse_value(field, text):
             return True
         if lowered in ("0", "false", "no", "off"):
             return False
-        raise ValueError(f"config: {field.name} expects true/false, got {text!r}")
+        raise ConfigError(f"config: {field.name} expects true/false, got {text!r}")
     try:
         return kind(text)
     except ValueError as err:
-        raise ValueError(f"config: {field.name} expects {kind.__name__}, got {text!r}") from err
+        raise ConfigError(f"config: {field.name} expects {kind.__name__}, got {text!r}") from err
 
 
 def parse_overrides(overrides):
@@ -188,7 +202,7 @@ def parse_overrides(overrides):
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"config: override {item!r} is not key=value")
+            raise ConfigError(f"config: override {item!r} is not key=value")
         parsed[key.strip()] = value.strip()
     return parsed
 
@@ -200,7 +214,7 @@ def resolve_config(profile="auto", overrides=None, env=None, verbose=True):
     if profile == "auto":
         profile, reason = detect_environment(env)
     if profile not in PROFILES:
-        raise ValueError(f"config: unknown profile {profile!r}; choose one of {sorted(PROFILES)} or 'auto'")
+        raise ConfigError(f"config: unknown profile {profile!r}; choose one of {sorted(PROFILES)} or 'auto'")
     fields = {f.name: f for f in dataclasses.fields(Config)}
     values = dict(PROFILES[profile], profile=profile)
     layers = [{k[len("MCVQA_"):].lower(): v for k, v in env.items() if k.startswith("MCVQA_")},
@@ -208,7 +222,7 @@ def resolve_config(profile="auto", overrides=None, env=None, verbose=True):
     for layer in layers:
         for key, value in layer.items():
             if key not in fields:
-                raise ValueError(f"config: unknown setting {key!r}; known: {', '.join(fields)}")
+                raise ConfigError(f"config: unknown setting {key!r}; known: {', '.join(fields)}")
             values[key] = _parse_value(fields[key], value) if isinstance(value, str) else value
     cfg = Config(**values)
     if verbose:
@@ -240,7 +254,7 @@ def check_resume(cfg, out_dir):
             changed[name] = (before, getattr(cfg, name))
     if changed:
         listed = ", ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in changed.items())
-        raise ValueError(f"{path}: this run folder already has folds made with other prompt/image settings ({listed}). "
+        raise ConfigError(f"{path}: this run folder already has folds made with other prompt/image settings ({listed}). "
                          f"Resuming would ensemble folds that saw different prompts. Use a new output_dir, or set "
                          f"them back, e.g. " + " ".join(f"{k}={a}" for k, (a, _) in changed.items()))
 

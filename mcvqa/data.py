@@ -23,19 +23,21 @@ from PIL import Image, ImageFile, ImageOps
 from sklearn.model_selection import StratifiedGroupKFold
 from tqdm.auto import tqdm
 
+from .config import Config, UserError
+
 logger = logging.getLogger("mcvqa")
 
 ANSWER_LETTERS = ("a", "b", "c", "d")
 TEXT_COLUMNS = ("question",) + ANSWER_LETTERS
 IMAGE_COLUMN_CANDIDATES = ("path", "image")  # first one present wins
-DEFAULT_BOMB_LIMIT_PIXELS = 200_000_000
+DEFAULT_BOMB_LIMIT_PIXELS = Config.bomb_limit_pixels  # the setting's default
 QWEN_MIN_IMAGE_SIDE = 28  # Qwen-VL's processor rejects images with a side below one 28 px patch
 QWEN_MAX_ASPECT_RATIO = 200  # ... and images longer than 200x their width
 MAX_LISTED_DATA_PROBLEMS = 50
 IMAGE_CHECK_PROGRESS_MIN_ROWS = 200
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A problem in the competition files, with file, line, id and column in the message."""
 
 
@@ -213,8 +215,9 @@ def load_image(path, max_pixels=None, bomb_limit_pixels=DEFAULT_BOMB_LIMIT_PIXEL
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise DataError(f"{path}: image exceeds {bomb_limit_pixels} pixels (possible "
-                        f"decompression bomb; raise bomb_limit_pixels if genuine): {exc}") from None
+        raise DataError(f"{path}: image exceeds {bomb_limit_pixels} pixels (a possible decompression bomb: a small "
+                        f"file that decodes to a huge image). If the image is genuine, set the setting "
+                        f"bomb_limit_pixels above its size: {exc}") from None
     except MemoryError:
         raise
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for broken files
@@ -224,7 +227,7 @@ def load_image(path, max_pixels=None, bomb_limit_pixels=DEFAULT_BOMB_LIMIT_PIXEL
     return _fit_qwen_side_limits(rgb)
 
 
-def check_images(df, csv_path, on_bad_image="error", max_pixels=None):
+def check_images(df, csv_path, on_bad_image="error", max_pixels=None, bomb_limit_pixels=DEFAULT_BOMB_LIMIT_PIXELS):
     """Decode every image; raise one DataError listing all bad rows, or flag them (image_ok)."""
     if on_bad_image not in ("error", "blank"):
         raise ValueError(f"on_bad_image must be 'error' or 'blank', got {on_bad_image!r}")
@@ -234,7 +237,7 @@ def check_images(df, csv_path, on_bad_image="error", max_pixels=None):
                 disable=len(df) < IMAGE_CHECK_PROGRESS_MIN_ROWS)
     for row in rows:
         try:
-            load_image(row.image_path, max_pixels=max_pixels)
+            load_image(row.image_path, max_pixels=max_pixels, bomb_limit_pixels=bomb_limit_pixels)
             image_ok.append(True)
         except DataError as exc:
             image_ok.append(False)
@@ -256,6 +259,12 @@ def image_content_hash(path):
         return hashlib.file_digest(handle, "sha1").hexdigest()
 
 
+def add_image_hashes(df):
+    """df with `image_hash`: the image file's content hash (folds group by it; resume signs the rows with it)."""
+    cache = {}
+    return df.assign(image_hash=[_fold_group_key(path, cache) for path in df["image_path"]])
+
+
 def _fold_group_key(path, cache):
     if path not in cache:
         try:
@@ -265,16 +274,19 @@ def _fold_group_key(path, cache):
     return cache[path]
 
 
-def make_folds(df, n_folds=3, seed=42):
+def make_folds(df, n_folds=3, seed=42, source="train.csv"):
     """Fold id per row: stratified by answer, grouped by identical image bytes."""
     if len(df) < n_folds:
-        raise DataError(f"cannot make {n_folds} folds from {len(df)} rows")
+        raise DataError(f"{source}: cannot make {n_folds} folds from {len(df)} rows. Fix: add rows, or set n_folds "
+                        f"to at most {len(df)}")
     if "answer" not in df.columns:
         raise DataError("make_folds needs an 'answer' column (train data)")
-    cache = {}
-    groups = np.array([_fold_group_key(path, cache) for path in df["image_path"]])
+    groups = np.asarray(df["image_hash"] if "image_hash" in df else add_image_hashes(df)["image_hash"])
     if len(set(groups)) < n_folds:
-        raise DataError(f"cannot make {n_folds} folds from {len(set(groups))} distinct images")
+        raise DataError(f"{source}: cannot make {n_folds} folds: its {len(df)} rows have only {len(set(groups))} distinct "
+                        f"image file(s). Rows are grouped by the bytes of their image (identical files, under any name, "
+                        f"stay in one fold so that no image is in both training and validation). Fix: check that the "
+                        f"image paths point to different pictures, or set n_folds to at most {len(set(groups))} (>= 2)")
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     fold_ids = np.full(len(df), -1, dtype=int)
     for fold, (_, held_out) in enumerate(splitter.split(groups, df["answer"], groups)):

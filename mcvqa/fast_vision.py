@@ -30,6 +30,8 @@ import types
 import torch
 import torch.nn.functional as F
 
+from .config import ConfigError
+
 
 def chunk_groups(cu_seqlens):
     """[(length, index [n_chunks, length])] of the token positions of each chunk, grouped by length."""
@@ -103,7 +105,7 @@ def unpatch_vision_attention(model):
 def compile_vision_choice(setting, hardware):
     """(compile?, why) for the `compile_vision` setting (auto | on | off) on this hardware."""
     if setting not in ("auto", "on", "off"):
-        raise ValueError(f"config: compile_vision must be auto, on or off, got {setting!r}")
+        raise ConfigError(f"config: compile_vision must be auto, on or off, got {setting!r}")
     if setting != "auto":
         return setting == "on", f"compile_vision={setting} set in the config"
     if hardware.device != "cuda":

@@ -28,6 +28,7 @@ import torch
 from peft import PeftModel
 
 from .compat import image_features
+from .config import ConfigError
 
 
 @dataclasses.dataclass
@@ -263,9 +264,9 @@ def feature_cache_place(cfg, hardware):
     in CPU RAM."""
     choice = cfg.feature_cache_device
     if choice not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"config: feature_cache_device must be auto, cpu or cuda, got {choice!r}")
+        raise ConfigError(f"config: feature_cache_device must be auto, cpu or cuda, got {choice!r}")
     if choice == "auto":
         return "cuda" if hardware.device == "cuda" and hardware.gpu_memory_gib >= 60 else "cpu"
     if choice == "cuda" and hardware.device != "cuda":
-        raise ValueError("config: feature_cache_device=cuda but no CUDA GPU was detected")
+        raise ConfigError("config: feature_cache_device=cuda but no CUDA GPU was detected")
     return choice

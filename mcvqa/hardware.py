@@ -11,6 +11,8 @@ import importlib.util
 
 import torch
 
+from .config import ConfigError
+
 
 @dataclasses.dataclass
 class Hardware:
@@ -64,7 +66,7 @@ def choose_hardware(gpus, dtype="auto", attn_implementation="auto", flash_attn_i
     else:
         reasons.append(f"dtype={dtype} forced by config")
     if dtype == "bfloat16" and device == "cuda" and capability < (8, 0):
-        raise ValueError(f"config: dtype=bfloat16 but {name} (sm{capability[0]}{capability[1]}) has no bf16 support")
+        raise ConfigError(f"config: dtype=bfloat16 but {name} (sm{capability[0]}{capability[1]}) has no bf16 support")
 
     if attn_implementation == "auto":
         if device == "cuda" and capability >= (8, 0) and flash_attn_installed and dtype != "float32":

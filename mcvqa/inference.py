@@ -20,6 +20,7 @@ from scipy.optimize import minimize_scalar
 
 from .collate import VqaCollator, VqaDataset, cyclic_perms, cyclic_views
 from .compat import transformers_version, warn
+from .config import ConfigError
 from .prompts import OPTION_LETTERS
 from .scoring import letter_logits, logits_agree, shared_prefix_letter_logits
 from .training import compute_autocast, make_loader, predict_letter_logits, tower_dtype
@@ -45,7 +46,7 @@ def average_views(view_probs, how="prob"):
         return stack.mean(0)
     if how == "logprob":
         return softmax(np.log(np.clip(stack, 1e-12, None)).mean(0))
-    raise ValueError(f"config: tta_average must be 'prob' or 'logprob', got {how!r}")
+    raise ConfigError(f"config: tta_average must be 'prob' or 'logprob', got {how!r}")
 
 
 def image_scales(cfg):
@@ -152,7 +153,8 @@ def check_fast_paths(model, frame, processor, fmt, cfg, hardware, feature_cache,
         return feature_cache, cfg
     k = min(4, max(2, cfg.tta_option_views))
     views = [(row, perm) for row in range(min(n_rows, len(frame))) for perm in cyclic_perms(k)]
-    dataset = VqaDataset(frame, views, cfg.max_pixels, blank_images=cfg.blank_images)
+    dataset = VqaDataset(frame, views, cfg.max_pixels, blank_images=cfg.blank_images,
+                         bomb_limit_pixels=cfg.bomb_limit_pixels)
     collator = VqaCollator(processor, fmt, cfg.min_pixels, cfg.max_pixels, image_keys=True, pixel_dtype=tower_dtype(model))
     batch = collator([dataset[i] for i in range(len(dataset))])  # pixels for every view: no keys known
     device, ids = next(model.parameters()).device, fmt.letter_ids
@@ -197,7 +199,7 @@ def fold_weights(cfg, oof_accuracies):
     if cfg.ensemble_weights == "oof_acc":
         acc = np.asarray(oof_accuracies, dtype=float)
         return acc / acc.sum()
-    raise ValueError(f"config: ensemble_weights must be 'equal' or 'oof_acc', got {cfg.ensemble_weights!r}")
+    raise ConfigError(f"config: ensemble_weights must be 'equal' or 'oof_acc', got {cfg.ensemble_weights!r}")
 
 
 def ensemble_folds(fold_probs, weights):

@@ -23,6 +23,8 @@ import re
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText
 
+from .config import ConfigError
+
 TEXT_TOKENS = 160  # template + Korean question + instruction + four options, typical (the image dominates)
 # Measured peak over estimated activations (Qwen2.5-VL-3B, fp16, 4-bit, 384x384, checkpointing, micro-batch 32,
 # 15 GiB cap, BENCHMARKS.md "T4 budget"): 0.22 GiB per sample against 0.12 estimated.
@@ -121,7 +123,7 @@ def plan_memory(cfg, hardware, verbose=True):
         f"~{TEXT_TOKENS} text) needs ~{without:.2f} GiB of activations without gradient checkpointing, "
         f"~{with_ckpt:.2f} GiB with it")
     if free <= 0:
-        raise ValueError(f"config: {cfg.model_name_or_path} needs ~{weights:.1f} GiB for its weights alone, more than "
+        raise ConfigError(f"config: {cfg.model_name_or_path} needs ~{weights:.1f} GiB for its weights alone, more than "
                          f"this GPU's {hardware.gpu_memory_gib:g} GiB. Fix: a smaller model (e.g. Qwen2.5-VL-3B-Instruct), "
                          "or load_in_4bit=true")
     checkpointing = cfg.gradient_checkpointing

@@ -44,6 +44,7 @@ FLOW_MODULES = (
     "submission",
     "reporting",
     "parallel",
+    "resume",
     "pipeline",
 )
 

@@ -34,6 +34,7 @@ import time
 import numpy as np
 import torch
 
+from .config import ConfigError
 from .distributed import distributed_active, is_main, world_size
 from .inference import predict_views
 from .modeling import load_model_for_training, load_processor, load_trainable_state
@@ -117,7 +118,7 @@ def parallel_workers(cfg, hardware, n_jobs, verbose=True):
         try:
             wanted = int(setting)
         except ValueError:
-            raise ValueError(f"config: parallel_folds must be auto, off or a number, got {cfg.parallel_folds!r}") from None
+            raise ConfigError(f"config: parallel_folds must be auto, off or a number, got {cfg.parallel_folds!r}") from None
         why = f"parallel_folds={wanted}"
         if hardware.device == "cuda" and wanted > hardware.gpu_count:
             wanted, why = hardware.gpu_count, f"{why}, but only {hardware.gpu_count} GPU(s)"

@@ -20,7 +20,7 @@ import torch
 
 from .compat import check_versions
 from .config import check_resume, save_config
-from .data import check_images, load_image, make_folds, read_competition_csv
+from .data import DataError, add_image_hashes, check_images, load_image, make_folds, read_competition_csv
 from .demo_data import generate_demo_dataset
 from .demo_model import build_tiny_qwen_vl
 from .distributed import (barrier, finish_distributed, from_main, init_distributed, is_main, local_device,
@@ -35,6 +35,7 @@ from .modeling import load_model_for_training, load_processor, load_trainable_st
 from .parallel import gather_views, run_folds
 from .prompts import make_prompt_format
 from .reporting import make_run_plots
+from .resume import fold_manifest, prepare_fold
 from .submission import write_submission
 from .training import train_fold
 
@@ -46,8 +47,8 @@ def resolve_data_dir(data_dir, search_root="/kaggle/input"):
     found = sorted({pathlib.Path(p).parent for p in glob.glob(f"{search_root}/**/train.csv", recursive=True)
                     if (pathlib.Path(p).parent / "test.csv").exists()})
     if len(found) != 1:
-        raise FileNotFoundError(f"data_dir=auto: expected one folder with train.csv and test.csv under "
-                                f"{search_root}, found {[str(f) for f in found]}; set data_dir explicitly")
+        raise DataError(f"data_dir=auto: expected one folder with train.csv and test.csv under "
+                        f"{search_root}, found {[str(f) for f in found]}; set data_dir explicitly")
     print(f"[data] data_dir=auto -> {found[0]}")
     return found[0]
 
@@ -82,8 +83,9 @@ def load_competition(cfg):
     data_dir = resolve_data_dir(cfg.data_dir)
     train = read_competition_csv(data_dir / "train.csv", "train")
     test = read_competition_csv(data_dir / "test.csv", "test")
-    train, bad_train = check_images(train, data_dir / "train.csv", cfg.on_bad_image, cfg.max_pixels)
-    test, bad_test = check_images(test, data_dir / "test.csv", cfg.on_bad_image, cfg.max_pixels)
+    train, bad_train = check_images(train, data_dir / "train.csv", cfg.on_bad_image, cfg.max_pixels, cfg.bomb_limit_pixels)
+    test, bad_test = check_images(test, data_dir / "test.csv", cfg.on_bad_image, cfg.max_pixels, cfg.bomb_limit_pixels)
+    train, test = add_image_hashes(train), add_image_hashes(test)  # folds group by them, resume checks them
     if cfg.max_train_rows:
         train = train.iloc[: cfg.max_train_rows].reset_index(drop=True)
     sample = data_dir / "sample_submission.csv"
@@ -121,8 +123,13 @@ def run_fold(fold, train, test, folds, processor, fmt, cfg, hardware, out_dir, s
     `shared_cache`: the run's feature-cache holder (see run_feature_cache); None = this fold alone."""
     fold_dir = out_dir / f"fold{fold}"
     apply_memory_cap(hardware)  # (again in a fold worker: a new process)
-    if from_main(lambda: (fold_dir / "test_probs.csv").exists()):
-        print(f"[fold {fold}] predictions exist, skipping")
+    train_part = train[folds != fold].reset_index(drop=True)
+    val_part = train[folds == fold].reset_index(drop=True)
+    zero_shot = cfg.epochs == 0
+    # Reuse only what belongs to the current rows (resume.py): stale predictions are made again.
+    manifest = fold_manifest(train_part, val_part, test, zero_shot)
+    if from_main(lambda: prepare_fold(fold_dir, fold, manifest, test["id"])):
+        print(f"[fold {fold}] predictions exist and match the current rows, skipping")
         return
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -136,19 +143,27 @@ def run_fold(fold, train, test, folds, processor, fmt, cfg, hardware, out_dir, s
               f"{compile_vision_elementwise(model)} blocks: {why}")
     else:
         print(f"[model] vision tower not compiled: {why}")
-    cache = run_feature_cache(cfg, model, hardware, {} if shared_cache is None else shared_cache)
-    train_part = train[folds != fold].reset_index(drop=True)
-    val_part = train[folds == fold].reset_index(drop=True)
+    shared_cache = {} if shared_cache is None else shared_cache
+    cache = run_feature_cache(cfg, model, hardware, shared_cache)
     # The fast paths are checked against the stock forward on this transformers version before they are used.
     cache, cfg = check_fast_paths(model, train_part, processor, fmt, cfg, hardware, cache)
-    train_fold(model, train_part, val_part, processor, fmt, cfg, hardware, fold, fold_dir, feature_cache=cache)
-    load_trainable_state(model, from_main(lambda: torch.load(fold_dir / "best_adapter.pt", map_location="cpu")))
+    if zero_shot:
+        # epochs=0: the base model answers (LoRA starts as the identity); every fold scores the same test set.
+        print(f"[fold {fold}] epochs=0: zero-shot, the base model scores its out-of-fold rows and the test set")
+    else:
+        train_fold(model, train_part, val_part, processor, fmt, cfg, hardware, fold, fold_dir, feature_cache=cache)
+        load_trainable_state(model, from_main(lambda: torch.load(fold_dir / "best_adapter.pt", map_location="cpu")))
     for name, frame in (("oof", val_part), ("test", test)):
         # Under DDP each rank predicts one contiguous row shard; all shards come back in row order.
         # The test pass is the same in every fold: its batches are kept for the next fold (feature cache on).
-        views = gather_views(map_shards(frame, lambda part: predict_views(
-            model, part, processor, fmt, cfg, hardware, desc=f"fold {fold} {name}", feature_cache=cache,
-            reuse_batches=name == "test")))
+        if zero_shot and name == "test" and "zero_shot_test" in shared_cache:
+            views = shared_cache["zero_shot_test"]  # the same untrained model: the same probabilities
+        else:
+            views = gather_views(map_shards(frame, lambda part: predict_views(
+                model, part, processor, fmt, cfg, hardware, desc=f"fold {fold} {name}", feature_cache=cache,
+                reuse_batches=name == "test")))
+        if zero_shot and name == "test":
+            shared_cache["zero_shot_test"] = views
         if not is_main():
             continue
         probs_frame(frame["id"], views[(1.0, 0)]).to_csv(fold_dir / f"{name}_probs_view0.csv", index=False)
@@ -169,6 +184,15 @@ def _accuracy(probs, letters):
     return float(np.mean(np.asarray(letters_from_probs(probs)) == np.asarray(letters)))
 
 
+def _test_probs(path, test):
+    """A fold's test probabilities, in test order; never matched to the rows by position alone."""
+    saved = pd.read_csv(path)
+    if saved["id"].astype(str).tolist() != test["id"].astype(str).tolist():
+        raise RuntimeError(f"{path}: its ids are not the current test.csv's, in order (resume.prepare_fold should "
+                           "have predicted it again); delete the fold's *_probs.csv files and re-run")
+    return saved[PROB_COLUMNS].to_numpy()
+
+
 def collect_results(cfg, train, test, folds, out_dir):
     """Read the fold outputs back, ensemble them, and compute the metrics and ablations."""
     run = folds_to_run(cfg)
@@ -177,11 +201,11 @@ def collect_results(cfg, train, test, folds, out_dir):
     oof.to_csv(out_dir / "oof_probs.csv", index=False)
     oof_view0 = pd.concat([pd.read_csv(out_dir / f"fold{k}" / "oof_probs_view0.csv") for k in run])
     fold_acc = [_accuracy(g[PROB_COLUMNS].to_numpy(), g["answer"]) for _, g in oof.groupby("fold")]
-    test_tta = [pd.read_csv(out_dir / f"fold{k}" / "test_probs.csv")[PROB_COLUMNS].to_numpy() for k in run]
-    test_view0 = [pd.read_csv(out_dir / f"fold{k}" / "test_probs_view0.csv")[PROB_COLUMNS].to_numpy() for k in run]
+    test_tta = [_test_probs(out_dir / f"fold{k}" / "test_probs.csv", test) for k in run]
+    test_view0 = [_test_probs(out_dir / f"fold{k}" / "test_probs_view0.csv", test) for k in run]
     weights = fold_weights(cfg, fold_acc)
     ensemble = ensemble_folds(test_tta, weights)
-    metrics = {"profile": cfg.profile, "fold_accuracy": fold_acc,
+    metrics = {"profile": cfg.profile, "zero_shot": cfg.epochs == 0, "fold_accuracy": fold_acc,
                "cv_accuracy": _accuracy(oof[PROB_COLUMNS].to_numpy(), oof["answer"]),
                "cv_accuracy_single_view": _accuracy(oof_view0[PROB_COLUMNS].to_numpy(),
                                                     oof["answer"].to_numpy()),
@@ -256,7 +280,8 @@ def finish_run(cfg, hardware, train, test, folds, sample_submission, bad_rows, o
                    submission=str(submission))
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False, default=str))
     make_run_plots(out_dir, train)
-    print(f"[done] CV accuracy {metrics['cv_accuracy']:.4f} (folds {[round(a, 4) for a in metrics['fold_accuracy']]})")
+    print(f"[done] {'zero-shot (epochs=0: the base model, nothing trained) ' if metrics['zero_shot'] else ''}"
+          f"CV accuracy {metrics['cv_accuracy']:.4f} (folds {[round(a, 4) for a in metrics['fold_accuracy']]})")
     for name, value in metrics.get("ablation", {}).items():
         print(f"[done] hold-out accuracy, {name}: {value:.4f}")
     print(f"[done] submission: {submission} ({len(test)} rows) in {metrics['runtime_s']} s")

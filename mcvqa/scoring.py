@@ -14,6 +14,7 @@ from peft import PeftModel
 from transformers import DynamicCache
 
 from .compat import cache_argument, model_input_names, rope_index
+from .config import ConfigError
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
 
@@ -101,7 +102,7 @@ def answer_loss(model, batch, letter_ids, device, pixel_dtype, loss_over="vocab"
     if (target < 0).any():
         raise ValueError("answer_loss: batch has rows without an answer (answer_index -1)")
     if loss_over not in ("vocab", "letters"):
-        raise ValueError(f"config: loss_over must be 'vocab' or 'letters', got {loss_over!r}")
+        raise ConfigError(f"config: loss_over must be 'vocab' or 'letters', got {loss_over!r}")
     if loss_over == "letters":
         logits4 = head_logits(model, hidden, letters)
         return F.cross_entropy(logits4, target), logits4.detach()

@@ -12,11 +12,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from .config import UserError
+
 SUBMISSION_COLUMNS = ("id", "answer")
 MAX_LISTED_SUBMISSION_ROWS = 5
 
 
-class SubmissionError(ValueError):
+class SubmissionError(UserError, ValueError):
     """The submission does not match the test set or the answer alphabet."""
 
 

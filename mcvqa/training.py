@@ -130,7 +130,7 @@ def make_loader(frame, views, processor, fmt, cfg, batch_size, max_pixels=None, 
     or shipped by the workers, and with dedupe_images the views of one image in a batch share one copy
     of its pixels (not for training batches: DDP splits those by sample)."""
     max_pixels = max_pixels or cfg.max_pixels
-    dataset = VqaDataset(frame, views, max_pixels, blank_images=cfg.blank_images)
+    dataset = VqaDataset(frame, views, max_pixels, blank_images=cfg.blank_images, bomb_limit_pixels=cfg.bomb_limit_pixels)
     collator = VqaCollator(processor, fmt, cfg.min_pixels, max_pixels, image_keys=feature_cache is not None,
                            known_keys=feature_cache.known_keys() if feature_cache is not None else (),
                            dedupe_images=dedupe_images, pixel_dtype=pixel_dtype)

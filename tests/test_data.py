@@ -407,3 +407,25 @@ def test_folds_need_enough_rows(tmp_path):
     frame = fold_frame(tmp_path, 2, 1, ["a", "b"])
     with pytest.raises(DataError, match="3 folds from 2 rows"):
         make_folds(frame, n_folds=3)
+
+
+def test_folds_from_identical_images_name_the_file_the_grouping_and_the_fix(tmp_path):
+    frame = fold_frame(tmp_path, 1, 12, ["abcd"[i % 4] for i in range(12)])  # one picture for every row
+    with pytest.raises(DataError) as caught:
+        make_folds(frame, n_folds=3)
+    message = str(caught.value)
+    assert message.startswith("train.csv: cannot make 3 folds")
+    assert "only 1 distinct image" in message and "grouped by the bytes of their image" in message
+    assert "Fix:" in message and "n_folds" in message
+
+
+def test_bomb_message_names_a_setting_that_exists_and_is_honoured(tmp_path):
+    from mcvqa.config import resolve_config
+
+    path = save_image(tmp_path / "big.png", size=(100, 100))
+    frame = pd.DataFrame({"id": ["q1"], "image_path": [str(path)]})
+    with pytest.raises(DataError, match=r"set the setting bomb_limit_pixels above its size"):
+        check_images(frame, tmp_path / "train.csv", bomb_limit_pixels=1000)
+    cfg = resolve_config("demo", ["bomb_limit_pixels=20000"], env={}, verbose=False)
+    checked, bad = check_images(frame, tmp_path / "train.csv", bomb_limit_pixels=cfg.bomb_limit_pixels)
+    assert checked["image_ok"].tolist() == [True] and bad == []

@@ -69,3 +69,24 @@ def test_cli_demo_runs_with_qwen3_vl_warm_up_included(tmp_path):
     assert "Qwen3VL" in (tmp_path / "tiny" / "qwen3_vl" / "config.json").read_text()
     assert "[check] the cached-feature forward = the stock forward" in done.stdout
     _check_submission(tmp_path / "demo", tmp_path / "run" / "submission.csv")
+
+
+def test_notebook_shows_a_known_user_error_without_a_traceback(tmp_path):
+    """A bad setting in OVERRIDES: the cell's error output is the one message, not ~20 lines of Python frames."""
+    import nbformat
+
+    out = tmp_path / "executed.ipynb"
+    try:
+        papermill.execute_notebook(str(ROOT / "Kaggle_AllInOne_Pro.ipynb"), str(out), cwd=str(ROOT),
+                                   kernel_name="python3", parameters={"PROFILE": "demo", "OVERRIDES": "epochs=two"},
+                                   progress_bar=False)
+    except papermill.PapermillExecutionError:
+        pass
+    else:
+        raise AssertionError("the notebook ran with epochs=two")
+    errors = [o for cell in nbformat.read(out, as_version=4).cells if cell.cell_type == "code"
+              for o in cell.get("outputs", []) if o.get("output_type") == "error"]
+    assert len(errors) == 1 and errors[0]["ename"] == "ConfigError"
+    text = "\n".join(errors[0]["traceback"])
+    assert "config: epochs expects int, got 'two'" in text
+    assert "Traceback" not in text and "File " not in text and len(errors[0]["traceback"]) == 1

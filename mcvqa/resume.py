@@ -1,0 +1,106 @@
+"""## Resuming a run folder: reuse only what belongs to the current data
+
+A re-run into an existing `output_dir` skips finished folds and resumes an interrupted one. That is only
+right while the folds' rows are the ones they were made from: a fold trained on other training rows
+does not belong to this data, and saved test probabilities of another `test.csv` (other ids, another
+order, other questions or images) would be ensembled with the current rows by position. Each fold
+therefore keeps `rows.json`, a signature of its training, validation and test rows (ids in order and a
+hash of their text and image bytes). On a re-run:
+
+- test rows changed: the fold's predictions are made again with its saved adapter (no retraining);
+- training rows changed: the run stops and says which fold and how to go on (new `output_dir`, or delete
+  the fold's folder);
+- a zero-shot fold (`epochs=0`, nothing trained) is trained by a later run with `epochs` > 0; a trained
+  fold is never overwritten by a zero-shot run.
+"""
+
+import hashlib
+import json
+import pathlib
+
+import pandas as pd
+
+from .config import ConfigError
+from .data import ANSWER_LETTERS
+
+SIGNED_COLUMNS = ("id", "question", *ANSWER_LETTERS, "answer", "image_hash")
+PREDICTION_FILES = ("oof_probs.csv", "oof_probs_view0.csv", "test_probs.csv", "test_probs_view0.csv")
+
+
+def _digest(values):
+    return hashlib.blake2b(pd.util.hash_pandas_object(values, index=False).to_numpy().tobytes(),
+                           digest_size=12).hexdigest()
+
+
+def rows_signature(frame):
+    """What identifies a set of rows: their count, their ids in order, the id set, and everything the model
+    sees of them (text and the image file's bytes: `image_hash`, see data.add_image_hashes)."""
+    columns = [c for c in SIGNED_COLUMNS if c in frame]
+    ids = frame["id"].astype(str)
+    return {"rows": len(frame), "ids": _digest(ids), "id_set": _digest(ids.sort_values()),
+            "content": _digest(frame[columns].astype(str))}
+
+
+def describe_change(before, now):
+    """In words, how two row signatures differ (None when they do not)."""
+    if before == now:
+        return None
+    if before["rows"] != now["rows"]:
+        return f"{before['rows']} rows then, {now['rows']} now"
+    if before["id_set"] != now["id_set"]:
+        return "other ids"
+    if before["ids"] != now["ids"]:
+        return "the same ids in another order"
+    return "the same ids in the same order, but other questions, options, answers or images"
+
+
+def fold_manifest(train_part, val_part, test, zero_shot):
+    return {"train": rows_signature(train_part), "val": rows_signature(val_part), "test": rows_signature(test),
+            "zero_shot": bool(zero_shot)}
+
+
+def _remove(fold_dir, names):
+    for name in names:
+        (fold_dir / name).unlink(missing_ok=True)
+
+
+def prepare_fold(fold_dir, fold, manifest, test_ids):
+    """Decide what a (re-)run of this fold may reuse; returns True when its predictions are complete and
+    current (skip the fold). Removes what is stale, stops (ConfigError) when the training is, and writes
+    the current manifest."""
+    fold_dir = pathlib.Path(fold_dir)
+    path = fold_dir / "rows.json"
+    saved = json.loads(path.read_text()) if path.exists() else None
+    trained = any((fold_dir / name).exists() for name in ("DONE.json", "checkpoint.pt", "best_adapter.pt"))
+    if saved is None and (fold_dir / "test_probs.csv").exists():
+        # A fold from before rows.json existed: only the ids can be checked.
+        saved_ids = pd.read_csv(fold_dir / "test_probs.csv", usecols=["id"])["id"].astype(str).tolist()
+        if saved_ids != [str(i) for i in test_ids]:
+            print(f"[fold {fold}] its saved test predictions are for other test ids or another order: predicting again")
+            _remove(fold_dir, PREDICTION_FILES)
+        else:
+            print(f"[fold {fold}] predictions from an earlier version (same test ids, contents not recorded), skipping")
+            return True
+    if saved is not None:
+        if saved.get("zero_shot") and not manifest["zero_shot"]:
+            print(f"[fold {fold}] was a zero-shot fold (epochs=0): training it now")
+            _remove(fold_dir, PREDICTION_FILES + ("DONE.json", "checkpoint.pt", "best_adapter.pt"))
+            trained = False
+        elif manifest["zero_shot"] and not saved.get("zero_shot") and trained:
+            raise ConfigError(f"{fold_dir}: fold {fold} is trained, and epochs=0 asks for the untrained base model. "
+                              f"Fix: use a new output_dir for the zero-shot run (this folder's folds stay as they are)")
+        for part in ("train", "val"):
+            change = describe_change(saved[part], manifest[part])
+            if change and trained:
+                raise ConfigError(
+                    f"{fold_dir}: fold {fold} was trained on other rows of train.csv than now ({part} rows: {change}). "
+                    f"Its adapter and predictions do not belong to this data. Fix: use a new output_dir, or delete "
+                    f"{fold_dir} to train this fold again")
+        change = describe_change(saved["test"], manifest["test"])
+        if change and (fold_dir / "test_probs.csv").exists():
+            print(f"[fold {fold}] test.csv changed since this fold predicted it ({change}): predicting it again "
+                  "with the fold's saved adapter")
+            _remove(fold_dir, PREDICTION_FILES)
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(manifest, indent=1) + "\n")
+    return (fold_dir / "test_probs.csv").exists()

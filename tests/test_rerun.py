@@ -1,0 +1,106 @@
+"""Re-running into a run folder reuses only what belongs to the current data (resume.py), and epochs=0
+is a zero-shot run: through the CLI on the demo, one fold."""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FAST = ["demo_warmup_rows=200", "demo_warmup_epochs=1", "max_train_rows=90", "epochs=1", "folds=0",
+        "tta_option_views=1", "evals_per_epoch=1"]
+
+
+def _cli(tmp, data_dir, run_dir, *extra, expect=0):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MCVQA_")}
+    done = subprocess.run([sys.executable, "-m", "mcvqa", "run", "--profile", "demo", *FAST, f"data_dir={data_dir}",
+                           f"model_name_or_path={tmp / 'tiny'}", f"output_dir={run_dir}", *extra], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == expect, (done.stdout[-2000:], done.stderr[-3000:])
+    return done
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("rerun")
+    _cli(tmp, tmp / "demo", tmp / "run")
+    return tmp
+
+
+def _variant(first_run, tmp_path, edit_test=None, edit_train=None):
+    """A copy of the demo data with test.csv / train.csv edited, and a copy of the finished run folder."""
+    data, run = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(first_run / "demo", data)
+    shutil.copytree(first_run / "run", run)
+    for name, edit in (("test.csv", edit_test), ("train.csv", edit_train)):
+        if edit is not None:
+            edit(pd.read_csv(data / name)).to_csv(data / name, index=False)
+    # A competition's sample submission lists the test ids in test.csv's order.
+    pd.read_csv(data / "test.csv")[["id"]].assign(answer="a").to_csv(data / "sample_submission.csv", index=False)
+    return data, run
+
+
+def _probs_by_id(path):
+    return pd.read_csv(path).set_index("id").sort_index()
+
+
+def test_same_test_ids_in_another_order_are_predicted_again_not_matched_by_position(first_run, tmp_path):
+    data, run = _variant(first_run, tmp_path, edit_test=lambda t: t.sample(frac=1.0, random_state=3))
+    done = _cli(first_run, data, run)
+    assert "test.csv changed since this fold predicted it (the same ids in another order)" in done.stdout
+    assert "predictions exist" not in done.stdout
+    new_order = pd.read_csv(data / "test.csv")["id"].tolist()
+    assert pd.read_csv(run / "submission.csv")["id"].tolist() == new_order
+    # The same model on the same rows: each id keeps its probabilities (up to another batch composition).
+    pd.testing.assert_frame_equal(_probs_by_id(run / "test_probs_ensemble.csv"),
+                                  _probs_by_id(first_run / "run" / "test_probs_ensemble.csv"), atol=1e-5)
+
+
+def test_fewer_test_rows_are_predicted_again(first_run, tmp_path):
+    data, run = _variant(first_run, tmp_path, edit_test=lambda t: t.iloc[:60])
+    done = _cli(first_run, data, run)
+    assert "(100 rows then, 60 now)" in done.stdout
+    assert len(pd.read_csv(run / "submission.csv")) == 60
+
+
+def test_an_unchanged_rerun_skips_the_fold(first_run, tmp_path):
+    data, run = _variant(first_run, tmp_path)
+    done = _cli(first_run, data, run)
+    assert "[fold 0] predictions exist and match the current rows, skipping" in done.stdout
+
+
+def test_changed_training_rows_stop_with_the_fold_and_the_fix_and_no_traceback(first_run, tmp_path):
+    def edit(train):
+        train.loc[5, "question"] = train.loc[5, "question"] + " (수정됨)"
+        return train
+
+    data, run = _variant(first_run, tmp_path, edit_train=edit)
+    done = _cli(first_run, data, run, expect=2)
+    assert "fold 0 was trained on other rows of train.csv than now" in done.stderr
+    assert "other questions, options, answers or images" in done.stderr and "Fix: use a new output_dir" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_epochs_0_is_zero_shot_and_a_later_run_trains(first_run, tmp_path):
+    run = tmp_path / "zero"
+    done = _cli(first_run, first_run / "demo", run, "epochs=0")
+    assert "[done] zero-shot (epochs=0" in done.stdout
+    assert json.loads((run / "metrics.json").read_text())["zero_shot"] is True
+    assert len(pd.read_csv(run / "submission.csv")) == 100 and not (run / "fold0" / "DONE.json").exists()
+    done = _cli(first_run, first_run / "demo", run)  # epochs=1 into the same folder: the fold is trained now
+    assert "[fold 0] was a zero-shot fold (epochs=0): training it now" in done.stdout
+    assert (run / "fold0" / "DONE.json").exists() and json.loads((run / "metrics.json").read_text())["zero_shot"] is False
+    # ...and a zero-shot run never overwrites a trained fold.
+    done = _cli(first_run, first_run / "demo", run, "epochs=0", expect=2)
+    assert "fold 0 is trained, and epochs=0 asks for the untrained base model" in done.stderr
+
+
+def test_a_bad_setting_is_one_line_without_traceback(first_run, tmp_path):
+    done = _cli(first_run, first_run / "demo", tmp_path / "run", "epochs=two", expect=2)
+    assert done.stderr.strip().splitlines()[-1] == "error: config: epochs expects int, got 'two'"
+    assert "Traceback" not in done.stderr
