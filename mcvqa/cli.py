@@ -1,6 +1,8 @@
 """Command line: the same flow as the notebook.
 
     python -m mcvqa run --profile demo [key=value ...]
+    python -m mcvqa setup [--wheels DIR]      # check the packages a run needs, install only what is missing
+    python -m mcvqa bundle --out kaggle_bundle  # wheels of those packages for an offline Kaggle notebook
     python -m mcvqa snapshot --run runs/demo --name first_try
     python -m mcvqa worker PAYLOAD      # one saved worker job (what each GPU's worker process runs)
 """
@@ -8,35 +10,64 @@
 import argparse
 import sys
 
-from .config import UserError, resolve_config
-from .hardware import detect_hardware
-from .parallel import run_worker_payload
-from .pipeline import run_pipeline
-from .reporting import snapshot_experiment
+from .errors import UserError
+from .packages import SetupError, ensure_packages, package_problems
 
 
-def main(argv=None):
+def _parser():
     parser = argparse.ArgumentParser(prog="python -m mcvqa", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train the folds and write submission.csv")
-    run.add_argument("--profile", default="auto", help="demo | kaggle_t4x2 | colab_a100 | local_gpu | auto")
+    run.add_argument("--profile", default="auto", help="demo | kaggle_t4x2 | colab_a100 | colab_t4 | local_gpu | auto")
     run.add_argument("overrides", nargs="*", help="settings as key=value (see mcvqa/config.py)")
+    setup = sub.add_parser("setup", help="check the packages a run needs; install only what is missing")
+    setup.add_argument("--wheels", default="auto", help="a folder of .whl files (auto: any under /kaggle/input)")
+    setup.add_argument("--offline", action="store_true", help="never use the package index")
+    bundle = sub.add_parser("bundle", help="download the wheels an offline Kaggle notebook needs into a dataset folder")
+    bundle.add_argument("--out", default="kaggle_bundle")
+    bundle.add_argument("--python-version", default="3.12", help="Kaggle's Python (major.minor)")
+    bundle.add_argument("--packages", default="", help="comma-separated; default: the run's packages Kaggle lacks")
+    bundle.add_argument("--title", default="mcvqa wheels")
     snap = sub.add_parser("snapshot", help="copy a finished run into experiments/<YYMMDD>_<name>/")
     snap.add_argument("--run", required=True, help="the run's output_dir")
     snap.add_argument("--name", required=True)
     snap.add_argument("--notebook", default=None, help="the executed notebook to keep with it")
     work = sub.add_parser("worker", help="run one pickled worker job (started by parallel.py, one per GPU)")
     work.add_argument("payload", help="the job file: (function, args, result path), pickled")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _command(args):
+    if args.command == "setup":
+        return ensure_packages(wheels=args.wheels, online=False if args.offline else "auto")
+    if args.command == "bundle":
+        from .bundle import make_bundle
+
+        return make_bundle(args.out, args.python_version, [p for p in args.packages.split(",") if p], args.title)
+    problems = package_problems()
+    if problems:  # before importing them: one message instead of an ImportError deep in the flow
+        raise SetupError("missing or unsupported packages: " + ", ".join(
+            f"{name}{spec} ({version or 'missing'})" for name, spec, version in problems)
+            + ". Fix: python -m mcvqa setup (it installs them from --wheels DIR or the package index)")
+    from .config import resolve_config
+    from .hardware import detect_hardware
+    from .parallel import run_worker_payload
+    from .pipeline import run_pipeline
+    from .reporting import snapshot_experiment
+
+    if args.command == "worker":
+        return run_worker_payload(args.payload)
+    if args.command == "run":
+        cfg = resolve_config(args.profile, args.overrides)
+        return run_pipeline(cfg, detect_hardware(cfg))
+    return print(snapshot_experiment(args.run, args.name, notebook_path=args.notebook))
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
     try:
-        if args.command == "worker":
-            run_worker_payload(args.payload)
-        elif args.command == "run":
-            cfg = resolve_config(args.profile, args.overrides)
-            run_pipeline(cfg, detect_hardware(cfg))
-        else:
-            print(snapshot_experiment(args.run, args.name, notebook_path=args.notebook))
+        _command(args)
     except UserError as error:  # a known user error: its message says what and how to fix; no traceback
         print(f"error: {error}", file=sys.stderr)
         return 2

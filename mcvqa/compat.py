@@ -28,15 +28,13 @@ import sys
 
 import torch
 import transformers
+from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from .config import UserError
+from .packages import RUN_PACKAGES, SetupError
 
-SUPPORTED_TRANSFORMERS = (Version("5.0.0"), Version("6.0.0"))  # [floor, ceiling)
-
-
-class SetupError(UserError, RuntimeError):
-    """A package missing or at a version the pipeline does not support: names it and how to install it."""
+_TRANSFORMERS_SPEC = {s.operator: Version(s.version) for s in SpecifierSet(RUN_PACKAGES["transformers"])}
+SUPPORTED_TRANSFORMERS = (_TRANSFORMERS_SPEC[">="], _TRANSFORMERS_SPEC["<"])  # [floor, ceiling): packages.py's
 
 
 def transformers_version():

@@ -15,19 +15,12 @@ import os
 import pathlib
 import typing
 
+from .errors import UserError
+
 # Before torch starts its OpenMP threads: idle threads sleep instead of spinning. On a small CPU shared
 # with another torch process, spinning threads made two demo runs 10x slower (211 s vs 29 s for both,
 # measured on 2 cores); alone the demo runs as fast or faster. A value the user set wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
-class UserError(Exception):
-    """A known user error: a setting, a data file, a folder or a package. Its message names what is wrong
-    (file, row, column or setting) and the fix, so the CLI prints just the message, and so does a notebook
-    (IPython shows what `_render_traceback_` returns instead of the traceback). Unexpected errors keep theirs."""
-
-    def _render_traceback_(self):
-        return [f"\x1b[31m{type(self).__name__}\x1b[0m: {self}"]
 
 
 class ConfigError(UserError, ValueError):
@@ -144,7 +137,8 @@ PROFILES = {
         # LoRA), so bigger micro-batches are faster for the same effective batch of 16: 3B 6.0 -> 15.6
         # samples/s (BENCHMARKS.md, run 21). The memory plan (memory.py) lowers it where the card's memory
         # does not hold it (Qwen3-VL-8B on a T4: 4 x 4), and an OOM still halves it.
-        model_name_or_path="Qwen/Qwen2.5-VL-3B-Instruct", micro_batch_size=16, grad_accum_steps=1,
+        # auto: the one Qwen-VL model folder attached under /kaggle/input (locate.py; no hub on Kaggle).
+        model_name_or_path="auto", micro_batch_size=16, grad_accum_steps=1,
         infer_batch_size=16, num_workers=2, checkpoint_every_minutes=15.0,
         # Two fold workers (one per T4) each keep their own feature cache; Kaggle gives ~29 GiB of RAM.
         feature_cache_max_gib=6.0,
@@ -156,20 +150,48 @@ PROFILES = {
         model_name_or_path="Qwen/Qwen2.5-VL-7B-Instruct", micro_batch_size=16, grad_accum_steps=1,
         max_pixels=768 * 768, num_workers=8, infer_batch_size=16,
     ),
+    # A Colab GPU below 30 GiB (the free tier's T4, an L4): the T4 recipe with Colab's Drive folders.
+    "colab_t4": dict(
+        data_dir="/content/drive/MyDrive/mcvqa/data", output_dir="/content/drive/MyDrive/mcvqa/runs/latest",
+        model_name_or_path="Qwen/Qwen2.5-VL-3B-Instruct", micro_batch_size=16, grad_accum_steps=1,
+        infer_batch_size=16, num_workers=2, feature_cache_max_gib=6.0,
+    ),
     "local_gpu": dict(data_dir="data", output_dir="runs/latest", micro_batch_size=4, grad_accum_steps=4),
 }
+COLAB_BIG_GPU_GIB = 30  # at or above: colab_a100 (7B at 768x768); below: colab_t4 (3B at 448x448)
 
 
-def detect_environment(env=None):
-    """Name the profile `auto` stands for, and why."""
+def _module_exists(name):
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # its parent package ("google") is missing
+        return False
+
+
+def _first_gpu():
+    """(name, GiB) of GPU 0, or None."""
+    import torch  # late: config must stay importable and cheap
+
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    return props.name, props.total_memory / 2**30
+
+
+def detect_environment(env=None, gpu="detect"):
+    """Name the profile `auto` stands for, and why. gpu: (name, GiB) of GPU 0, None for none (tests fake it)."""
     env = os.environ if env is None else env
     if env.get("KAGGLE_KERNEL_RUN_TYPE") or env.get("KAGGLE_URL_BASE"):
         return "kaggle_t4x2", "KAGGLE_KERNEL_RUN_TYPE is set"
-    if env.get("COLAB_RELEASE_TAG") or importlib.util.find_spec("google.colab") is not None:
-        return "colab_a100", "running inside Google Colab"
-    import torch  # late: config must stay importable and cheap
-
-    if torch.cuda.is_available():
+    gpu = _first_gpu() if gpu == "detect" else gpu
+    if env.get("COLAB_RELEASE_TAG") or _module_exists("google.colab"):
+        if gpu is None:
+            return "demo", "running inside Google Colab without a GPU (Runtime -> Change runtime type): the CPU demo"
+        name, memory = gpu
+        if memory >= COLAB_BIG_GPU_GIB:
+            return "colab_a100", f"running inside Google Colab on a {name} ({memory:.0f} GiB): 7B at 768x768"
+        return "colab_t4", f"running inside Google Colab on a {name} ({memory:.0f} GiB < {COLAB_BIG_GPU_GIB}): 3B at 448x448"
+    if gpu is not None:
         return "local_gpu", "CUDA is available outside Kaggle and Colab"
     return "demo", "no GPU found: the CPU demo is what can run here"
 
@@ -207,12 +229,12 @@ def parse_overrides(overrides):
     return parsed
 
 
-def resolve_config(profile="auto", overrides=None, env=None, verbose=True):
+def resolve_config(profile="auto", overrides=None, env=None, verbose=True, gpu="detect"):
     """Defaults < profile < MCVQA_* environment < explicit overrides. Prints what it chose."""
     env = os.environ if env is None else env
     reason = "asked for explicitly"
     if profile == "auto":
-        profile, reason = detect_environment(env)
+        profile, reason = detect_environment(env, gpu)
     if profile not in PROFILES:
         raise ConfigError(f"config: unknown profile {profile!r}; choose one of {sorted(PROFILES)} or 'auto'")
     fields = {f.name: f for f in dataclasses.fields(Config)}

@@ -25,6 +25,8 @@ NOTEBOOK_PATH = PACKAGE_DIR.parent / "Kaggle_AllInOne_Pro.ipynb"
 
 # Flow order: a module may only use names defined by modules before it (or by itself).
 FLOW_MODULES = (
+    "errors",
+    "packages",
     "config",
     "compat",
     "hardware",
@@ -45,6 +47,7 @@ FLOW_MODULES = (
     "reporting",
     "parallel",
     "resume",
+    "locate",
     "pipeline",
 )
 
@@ -53,24 +56,36 @@ INTRO_MARKDOWN = """\
 
 This notebook fine-tunes a Qwen vision-language model with 4-bit QLoRA on a multiple-choice visual
 question answering competition, cross-validates it over folds, and writes `submission.csv`.
-It is self-contained: every stage's code is in the cells below, so nothing has to be installed.
+It is self-contained: every stage's code is in the cells below. The setup cell right after the
+parameters installs only what the image lacks (peft, bitsandbytes, ...), from an attached wheel dataset
+when there is no internet.
 
 It is **generated** from the `mcvqa` package by `python -m mcvqa.notebook`; do not edit it by hand,
 change the package and regenerate it instead.
 
-- **Kaggle** (2x T4, often no internet): attach the competition data, a Qwen-VL model (set
-  `model_name_or_path=/kaggle/input/...` in `OVERRIDES`) and a dataset of wheels for `bitsandbytes` and
-  `transformers>=5.0` if the image's is older (install them with `pip install --no-index --find-links /kaggle/input/<wheels> ...`
-  in a cell above this one), leave `PROFILE = "auto"`, then *Run All*.
-- **Colab**: upload or mount the data, set `PROFILE = "colab_a100"` (or `"auto"`), then *Run all*.
+- **Kaggle** (2x T4, often no internet): attach the competition data and a Qwen-VL model (Kaggle
+  Models); both are found under `/kaggle/input` by themselves. Without internet, also attach the wheel
+  dataset that `python -m mcvqa bundle --out kaggle_bundle` makes on any machine with internet. Leave
+  `PROFILE = "auto"`, then *Run All*.
+- **Colab**: mount Google Drive (`from google.colab import drive; drive.mount('/content/drive')`) and put
+  the competition files in `MyDrive/mcvqa/data`; `PROFILE = "auto"` picks `colab_a100` (7B at 768x768) on
+  a GPU of 30 GiB or more and `colab_t4` (3B at 448x448) below, then *Run all*.
 - **Local**: `PROFILE = "demo"` runs the whole flow on a CPU with a tiny synthetic dataset and model;
-  papermill can set `PROFILE` and `OVERRIDES` as parameters."""
+  papermill can set `PROFILE` and `OVERRIDES` as parameters.
+- A setting that is wrong stops with one message naming it and the fix, not a traceback."""
 
 PARAMETERS_CELL = """\
 # One flag switches the environment: "auto" picks kaggle_t4x2 on Kaggle, colab_a100 on Colab, demo on a CPU.
 PROFILE = "auto"
 # Extra settings as "key=value" lines, e.g. "epochs=2\\nmax_pixels=602112"; they win over the profile.
 OVERRIDES = \"\""""
+
+# Cells that run right after a module's definitions: module -> (markdown, code).
+CALL_CELLS = {
+    "packages": ("### Setup: check the packages, install only what is missing\n\nNothing below imports "
+                 "transformers, peft or bitsandbytes before this cell has run.",
+                 "installed_now = ensure_packages()  # wheels: any folder of .whl files under /kaggle/input"),
+}
 
 # The short cells at the end that run the stages defined above: (markdown, code) pairs.
 STAGE_CELLS = [
@@ -235,6 +250,9 @@ def build_notebook(package_dir=None, modules=None):
     cells = [nbformat.v4.new_markdown_cell(INTRO_MARKDOWN), parameters]
     for name in modules:
         cells.extend(module_cells(name, package_dir))
+        if name in CALL_CELLS:
+            markdown, code = CALL_CELLS[name]
+            cells += [nbformat.v4.new_markdown_cell(markdown), nbformat.v4.new_code_cell(code)]
     for markdown, code in STAGE_CELLS:
         cells += [nbformat.v4.new_markdown_cell(markdown), nbformat.v4.new_code_cell(code)]
     for i, cell in enumerate(cells):

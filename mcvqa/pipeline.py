@@ -9,7 +9,6 @@ per fold `foldK/` (checkpoint, best adapter, history), `oof_probs.csv`, `test_pr
 
 import dataclasses
 import gc
-import glob
 import json
 import pathlib
 import time
@@ -20,7 +19,7 @@ import torch
 
 from .compat import check_versions
 from .config import check_resume, save_config
-from .data import DataError, add_image_hashes, check_images, load_image, make_folds, read_competition_csv
+from .data import add_image_hashes, check_images, load_image, make_folds, read_competition_csv
 from .demo_data import generate_demo_dataset
 from .demo_model import build_tiny_qwen_vl
 from .distributed import (barrier, finish_distributed, from_main, init_distributed, is_main, local_device,
@@ -30,6 +29,7 @@ from .feature_cache import make_feature_cache
 from .hardware import apply_memory_cap
 from .inference import (PROB_COLUMNS, apply_temperature, check_fast_paths, ensemble_folds, fit_temperature, fold_weights,
                         letters_from_probs, predict_views, probs_frame, tta_probs)
+from .locate import resolve_inputs
 from .memory import plan_memory
 from .modeling import load_model_for_training, load_processor, load_trainable_state
 from .parallel import gather_views, run_folds
@@ -38,19 +38,6 @@ from .reporting import make_run_plots
 from .resume import fold_manifest, prepare_fold
 from .submission import write_submission
 from .training import train_fold
-
-
-def resolve_data_dir(data_dir, search_root="/kaggle/input"):
-    """`auto` finds the one folder under /kaggle/input holding train.csv and test.csv."""
-    if data_dir != "auto":
-        return pathlib.Path(data_dir)
-    found = sorted({pathlib.Path(p).parent for p in glob.glob(f"{search_root}/**/train.csv", recursive=True)
-                    if (pathlib.Path(p).parent / "test.csv").exists()})
-    if len(found) != 1:
-        raise DataError(f"data_dir=auto: expected one folder with train.csv and test.csv under "
-                        f"{search_root}, found {[str(f) for f in found]}; set data_dir explicitly")
-    print(f"[data] data_dir=auto -> {found[0]}")
-    return found[0]
 
 
 def prepare_demo(cfg):
@@ -80,7 +67,7 @@ def prepare_demo(cfg):
 
 def load_competition(cfg):
     """Read and validate train/test CSVs and images; returns (train, test, sample_submission, bad rows)."""
-    data_dir = resolve_data_dir(cfg.data_dir)
+    data_dir = pathlib.Path(cfg.data_dir)  # (auto resolved by locate.resolve_inputs)
     train = read_competition_csv(data_dir / "train.csv", "train")
     test = read_competition_csv(data_dir / "test.csv", "test")
     train, bad_train = check_images(train, data_dir / "train.csv", cfg.on_bad_image, cfg.max_pixels, cfg.bomb_limit_pixels)
@@ -95,7 +82,7 @@ def load_competition(cfg):
 
 def test_labels(cfg, test):
     """Hold-out answers when known (the demo ships them; a labelled test.csv works too)."""
-    path = resolve_data_dir(cfg.data_dir) / "test_answers.csv"
+    path = pathlib.Path(cfg.data_dir) / "test_answers.csv"
     if path.exists():
         answers = pd.read_csv(path).set_index("id")["answer"]
         return test["id"].map(answers).to_numpy()
@@ -240,6 +227,7 @@ def run_pipeline(cfg, hardware):
         barrier()
         if not is_main():  # rank 0 built them; the others find them ready (several nodes: a shared folder)
             cfg = prepare_demo(cfg)
+    cfg = resolve_inputs(cfg)  # data_dir / model_name_or_path "auto", a hub id, Colab's Drive: before any write
     out_dir = pathlib.Path(cfg.output_dir)
     if is_main():
         check_resume(cfg, out_dir)

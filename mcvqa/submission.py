@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import UserError
+from .errors import UserError
 
 SUBMISSION_COLUMNS = ("id", "answer")
 MAX_LISTED_SUBMISSION_ROWS = 5

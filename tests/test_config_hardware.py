@@ -23,7 +23,8 @@ def test_kaggle_profile_on_two_t4s_uses_fp16_sdpa_and_kaggle_paths():
 
 
 def test_colab_profile_on_a100_uses_bf16_and_drive_paths():
-    cfg = resolve_config("auto", env={"COLAB_RELEASE_TAG": "release-colab"}, verbose=False)
+    cfg = resolve_config("auto", env={"COLAB_RELEASE_TAG": "release-colab"}, verbose=False,
+                         gpu=("NVIDIA A100-SXM4-40GB", 39.4))
     assert cfg.profile == "colab_a100" and cfg.output_dir.startswith("/content/drive/")
     hw = choose_hardware([A100], cfg.dtype, cfg.attn_implementation, flash_attn_installed=False)
     assert (hw.dtype, hw.attn_implementation, hw.use_grad_scaler) == ("bfloat16", "sdpa", False)
@@ -88,3 +89,14 @@ def test_resume_refuses_a_folder_whose_folds_saw_other_prompts(tmp_path):
     check_resume(old, tmp_path)
     with pytest.raises(ValueError, match="instruction_first"):
         check_resume(cfg, tmp_path)
+
+
+def test_colab_picks_the_profile_from_the_card_it_finds(capsys):
+    colab = {"COLAB_RELEASE_TAG": "release-colab"}
+    t4 = resolve_config("auto", env=colab, gpu=("Tesla T4", 14.7))
+    assert t4.profile == "colab_t4" and "3B" in t4.model_name_or_path and t4.max_pixels == Config().max_pixels
+    assert "Tesla T4 (15 GiB < 30): 3B at 448x448" in capsys.readouterr().out
+    a100 = resolve_config("auto", env=colab, gpu=("NVIDIA A100-SXM4-80GB", 79.2), verbose=False)
+    assert a100.profile == "colab_a100" and "7B" in a100.model_name_or_path and a100.max_pixels == 768 * 768
+    assert resolve_config("auto", env=colab, gpu=None, verbose=False).profile == "demo"  # no GPU runtime
+    assert resolve_config("auto", env={}, gpu=("NVIDIA H100", 79.6), verbose=False).profile == "local_gpu"

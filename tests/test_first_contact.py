@@ -1,0 +1,142 @@
+"""First contact on Kaggle, rehearsed: only the notebook copied into a working folder, the competition data
+and a Qwen-VL model folder (nested as Kaggle Models nest it) under a stand-in for /kaggle/input, no
+internet, peft / bitsandbytes / accelerate / cloudpickle missing. The notebook first stops with the one
+message naming what is missing and the two fixes; with the wheel bundle (`python -m mcvqa bundle`)
+attached it installs them from that folder alone and runs top to bottom, no path typed by hand."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import sysconfig
+
+import nbformat
+import pandas as pd
+import papermill
+import pytest
+
+from conftest import TINY_TEXTS
+from mcvqa.demo_data import generate_demo_dataset
+from mcvqa.demo_model import build_tiny_qwen_vl
+from mcvqa.packages import RUN_PACKAGES
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+KAGGLE_LACKS = ("peft", "bitsandbytes", "accelerate", "cloudpickle")
+
+
+def test_requirements_txt_lists_the_run_packages_at_the_same_versions():
+    lines = [line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
+    listed = {}
+    for line in filter(None, lines):
+        name = line.split(">")[0].split("<")[0].split("=")[0].strip()
+        listed[name] = line[len(name):].replace(" ", "")
+    for name, spec in RUN_PACKAGES.items():
+        assert listed.get(name) == spec, (name, listed.get(name), spec)
+
+
+def _kaggle_like_env(tmp):
+    """A virtualenv that sees the test environment's packages except those Kaggle's image lacks."""
+    base = tmp / "kaggle_base"
+    base.mkdir()
+    site = pathlib.Path(sysconfig.get_paths()["purelib"])
+    for entry in site.iterdir():
+        name = entry.name.lower().replace("-", "_")
+        if name.startswith(KAGGLE_LACKS) or name.startswith(("pip", "_distutils_hack", "distutils-precedence")):
+            continue
+        (base / entry.name).symlink_to(entry)
+    env = tmp / "kaggle_env"
+    subprocess.run([sys.executable, "-m", "venv", str(env)], check=True)
+    python = env / "bin" / "python"
+    own_site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                              check=True, capture_output=True, text=True).stdout.strip()
+    pathlib.Path(own_site, "kaggle_base.pth").write_text(str(base) + "\n")
+    return python
+
+
+@pytest.fixture(scope="module")
+def kaggle(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("kaggle")
+    inputs = tmp / "input"
+    generate_demo_dataset(inputs / "vqa-competition", n_train=90, n_test=30, image_size=64)
+    build_tiny_qwen_vl(inputs / "qwen2.5-vl" / "transformers" / "tiny" / "1", TINY_TEXTS, family="qwen2_5_vl",
+                       max_pixels=56 * 56)
+    python = _kaggle_like_env(tmp)
+    kernels = tmp / "jupyter" / "kernels" / "kaggle"
+    kernels.mkdir(parents=True)
+    env = {"KAGGLE_KERNEL_RUN_TYPE": "Batch", "KAGGLE_INPUT_DIR": str(inputs), "PIP_NO_INDEX": "1",
+           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    (kernels / "kernel.json").write_text(json.dumps({"argv": [str(python), "-m", "ipykernel_launcher", "-f",
+                                                              "{connection_file}"],
+                                                     "display_name": "kaggle", "language": "python", "env": env}))
+    working = tmp / "working"
+    working.mkdir()
+    (working / "notebook.ipynb").write_bytes((ROOT / "Kaggle_AllInOne_Pro.ipynb").read_bytes())
+    return {"tmp": tmp, "inputs": inputs, "python": python, "working": working, "env": env}
+
+
+# Only speed, no paths to data or model (auto finds them); outputs go to the stand-in working folder.
+def _overrides(working):
+    return "\n".join([f"output_dir={working / 'run'}", f"submission_path={working / 'submission.csv'}", "epochs=1",
+                      "folds=0", "num_workers=0", "min_pixels=3136", "max_pixels=3136", "tta_option_views=2",
+                      "micro_batch_size=16", "evals_per_epoch=1", "max_question_tokens=64", "max_option_tokens=16"])
+
+
+def _run_notebook(kaggle, name):
+    os.environ["JUPYTER_PATH"] = str(kaggle["tmp"] / "jupyter")
+    out = kaggle["working"] / name
+    try:
+        papermill.execute_notebook(str(kaggle["working"] / "notebook.ipynb"), str(out), cwd=str(kaggle["working"]),
+                                   kernel_name="kaggle", parameters={"PROFILE": "auto", "OVERRIDES": _overrides(kaggle["working"])},
+                                   progress_bar=False)
+        error = None
+    except papermill.PapermillExecutionError as raised:
+        error = raised
+    return nbformat.read(out, as_version=4), error
+
+
+def _cli(kaggle, *args):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MCVQA_")} | kaggle["env"]
+    return subprocess.run([str(kaggle["python"]), "-m", "mcvqa", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_kaggle_first_contact_without_then_with_the_wheel_bundle(kaggle):
+    # The CLI in the same environment names what is missing before importing it.
+    done = _cli(kaggle, "run", "--profile", "kaggle_t4x2")
+    assert done.returncode == 2 and "missing or unsupported packages: " in done.stderr
+    assert "peft" in done.stderr and "Fix: python -m mcvqa setup" in done.stderr and "Traceback" not in done.stderr
+
+    notebook, error = _run_notebook(kaggle, "first_try.ipynb")
+    assert error is not None and error.ename == "SetupError"
+    message = str(error.evalue)
+    for name in KAGGLE_LACKS:
+        assert name in message
+    assert "python -m mcvqa bundle" in message and "Internet" in message  # the two fixes
+
+    # Made where there is internet (here: this test's own environment and package index), then attached.
+    bundle = subprocess.run([sys.executable, "-m", "mcvqa", "bundle", "--out", str(kaggle["inputs"] / "mcvqa-wheels"),
+                             "--python-version", f"{sys.version_info.major}.{sys.version_info.minor}"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert bundle.returncode == 0, bundle.stderr[-2000:]
+    assert (kaggle["inputs"] / "mcvqa-wheels" / "dataset-metadata.json").exists()
+
+    notebook, error = _run_notebook(kaggle, "second_try.ipynb")
+    assert error is None, error
+    outputs = "\n".join(o.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
+                        for o in cell.get("outputs", []) if o.get("output_type") == "stream")
+    assert "installing " in outputs and "from the wheel folder(s)" in outputs
+    assert "profile=kaggle_t4x2 (KAGGLE_KERNEL_RUN_TYPE is set)" in outputs
+    assert f"data_dir=auto -> {kaggle['inputs'] / 'vqa-competition'}" in outputs
+    assert f"model_name_or_path=auto -> {kaggle['inputs'] / 'qwen2.5-vl' / 'transformers' / 'tiny' / '1'}" in outputs
+    submission = pd.read_csv(kaggle["working"] / "submission.csv")
+    assert submission["id"].tolist() == pd.read_csv(kaggle["inputs"] / "vqa-competition" / "test.csv")["id"].tolist()
+    assert set(submission["answer"]) <= set("abcd")
+    # Installed from the bundle, and nothing it already had was replaced (torch above all).
+    check = _cli(kaggle, "setup", "--offline")
+    assert check.returncode == 0 and "every package is there" in check.stdout
+    wheels = kaggle["inputs"] / "mcvqa-wheels"
+    assert not list(wheels.glob("torch-*")) and not list(wheels.glob("nvidia_*"))
+    where = subprocess.run([str(kaggle["python"]), "-c", "import torch, peft; print(torch.__file__); print(peft.__file__)"],
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert "kaggle_base" in where[0] and "kaggle_env" in where[1]  # torch is the image's, peft came from the bundle
