@@ -33,6 +33,7 @@ class Config:
     profile: str = "auto"
     data_dir: str = "data/demo"  # folder with train.csv, test.csv, sample_submission.csv, images
     output_dir: str = "runs/latest"  # checkpoints, probabilities, metrics, submission.csv
+    adapters_from: str = ""  # an earlier run folder (read-only is fine): predict with its folds' adapters, no training
     submission_path: str = ""  # empty: <output_dir>/submission.csv
     model_name_or_path: str = "Qwen/Qwen2.5-VL-3B-Instruct"  # local folder (no network) or hub id
     demo: bool = False  # build the embedded demo data and tiny model before running
@@ -91,6 +92,7 @@ class Config:
     num_workers: int = 2  # data-loader processes (image decoding + processor)
     seed: int = 42
     max_train_rows: int = 0  # 0 = all; a small number makes a quick smoke run
+    time_budget_hours: float = 0.0  # 0 = none; else training stops early so that predictions and the submission fit (budget.py)
     # --- inference -------------------------------------------------------------------------------
     infer_batch_size: int = 8  # test rows per batch (with the shared-prefix TTA each row brings its option views)
     pin_memory: bool = False  # pinned data-loader batches: no faster on an H200 (BENCHMARKS.md), an extra copy per batch
@@ -140,6 +142,7 @@ PROFILES = {
         # auto: the one Qwen-VL model folder attached under /kaggle/input (locate.py; no hub on Kaggle).
         model_name_or_path="auto", micro_batch_size=16, grad_accum_steps=1,
         infer_batch_size=16, num_workers=2, checkpoint_every_minutes=15.0,
+        time_budget_hours=11.5,  # a Kaggle session ends at 12 h and takes /kaggle/working with it
         # Two fold workers (one per T4) each keep their own feature cache; Kaggle gives ~29 GiB of RAM.
         feature_cache_max_gib=6.0,
     ),
@@ -261,6 +264,45 @@ PROMPT_AND_IMAGE_SETTINGS = ("model_name_or_path", "system_prompt", "instruction
 EARLIER_DEFAULTS = {"instruction_first": False}
 
 
+def changed_settings(saved, cfg, names=PROMPT_AND_IMAGE_SETTINGS):
+    """{setting: (saved value, current value)} for the prompt/image settings a saved config.json differs in."""
+    changed = {}
+    for name in names:
+        before = saved.get(name, EARLIER_DEFAULTS.get(name, getattr(cfg, name)))
+        if before != getattr(cfg, name):
+            changed[name] = (before, getattr(cfg, name))
+    return changed
+
+
+def check_adapter_source(cfg, folds_frame):
+    """adapters_from: the earlier run must have built the same prompts and images, and split train.csv into the
+    same folds (else its out-of-fold rows were training rows); it is only read, never written."""
+    source = pathlib.Path(cfg.adapters_from)
+    if source.resolve() == pathlib.Path(cfg.output_dir).resolve():
+        raise ConfigError(f"config: adapters_from={source} is the output_dir; set output_dir to a new folder "
+                          "(the earlier run is only read)")
+    if not (source / "config.json").exists() or not (source / "folds.csv").exists():
+        raise ConfigError(f"config: adapters_from={source}: no config.json and folds.csv there; point it at an "
+                          "earlier run's output_dir (the folder holding fold0/, fold1/, ...)")
+    saved = json.loads((source / "config.json").read_text(encoding="utf-8"))
+    # The model's path may differ between sessions (another mount); its adapter's shapes are checked on loading.
+    changed = changed_settings(saved, cfg, [n for n in PROMPT_AND_IMAGE_SETTINGS if n != "model_name_or_path"])
+    if changed:
+        listed = ", ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in changed.items())
+        raise ConfigError(f"config: adapters_from={source} was trained with other prompt/image settings ({listed}). "
+                          "Fix: set them as that run had them: " + " ".join(f"{k}={a}" for k, (a, _) in changed.items()))
+    import pandas as pd  # late: config must stay cheap to import
+
+    before = pd.read_csv(source / "folds.csv").astype({"id": str})
+    now = folds_frame.astype({"id": str})
+    if not before.reset_index(drop=True).equals(now.reset_index(drop=True)):
+        raise ConfigError(f"config: adapters_from={source} split train.csv into other folds than this run would "
+                          "(another train.csv, seed or n_folds): its out-of-fold rows would include rows its "
+                          f"adapters were trained on. Fix: the same train.csv with seed={saved.get('seed')} "
+                          f"n_folds={saved.get('n_folds')}")
+    print(f"[resume] adapters_from={source}: same prompts, images and folds; predicting with its adapters, no training")
+
+
 def check_resume(cfg, out_dir):
     """A re-run into a folder that already has folds must build the same prompts and images: otherwise the
     finished folds and the resumed ones would be ensembled across two prompt formats (e.g. after
@@ -268,12 +310,7 @@ def check_resume(cfg, out_dir):
     path = pathlib.Path(out_dir) / "config.json"
     if not path.exists() or not any(p.is_dir() for p in pathlib.Path(out_dir).glob("fold*")):
         return
-    saved = json.loads(path.read_text(encoding="utf-8"))
-    changed = {}
-    for name in PROMPT_AND_IMAGE_SETTINGS:
-        before = saved.get(name, EARLIER_DEFAULTS.get(name, getattr(cfg, name)))
-        if before != getattr(cfg, name):
-            changed[name] = (before, getattr(cfg, name))
+    changed = changed_settings(json.loads(path.read_text(encoding="utf-8")), cfg)
     if changed:
         listed = ", ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in changed.items())
         raise ConfigError(f"{path}: this run folder already has folds made with other prompt/image settings ({listed}). "

@@ -40,6 +40,7 @@ FLOW_MODULES = (
     "distributed",
     "modeling",
     "memory",
+    "budget",
     "scoring",
     "training",
     "inference",

@@ -17,8 +17,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .budget import RunClock
 from .compat import check_versions
-from .config import check_resume, save_config
+from .config import check_adapter_source, check_resume, save_config
 from .data import add_image_hashes, check_images, load_image, make_folds, read_competition_csv
 from .demo_data import generate_demo_dataset
 from .demo_model import build_tiny_qwen_vl
@@ -28,8 +29,8 @@ from .fast_vision import compile_vision_choice, compile_vision_elementwise, patc
 from .feature_cache import make_feature_cache
 from .hardware import apply_memory_cap
 from .inference import (PROB_COLUMNS, apply_temperature, check_fast_paths, ensemble_folds, fit_temperature, fold_weights,
-                        letters_from_probs, predict_views, probs_frame, tta_probs)
-from .locate import resolve_inputs
+                        image_scales, letters_from_probs, predict_views, probs_frame, tta_probs)
+from .locate import InputNotFoundError, resolve_inputs
 from .memory import plan_memory
 from .modeling import load_model_for_training, load_processor, load_trainable_state
 from .parallel import gather_views, run_folds
@@ -38,6 +39,8 @@ from .reporting import make_run_plots
 from .resume import fold_manifest, prepare_fold
 from .submission import write_submission
 from .training import train_fold
+
+SKIPPED_FOR_TIME = "SKIPPED_FOR_TIME"  # marks a fold the time budget left out (collect_results ensembles the others)
 
 
 def prepare_demo(cfg):
@@ -104,10 +107,11 @@ def run_feature_cache(cfg, model, hardware, shared):
     return cache
 
 
-def run_fold(fold, train, test, folds, processor, fmt, cfg, hardware, out_dir, shared_cache=None):
+def run_fold(fold, train, test, folds, processor, fmt, cfg, hardware, out_dir, shared_cache=None, clock=None):
     """Train one fold (or resume / skip it) and write its out-of-fold and test probabilities.
 
-    `shared_cache`: the run's feature-cache holder (see run_feature_cache); None = this fold alone."""
+    `shared_cache`: the run's feature-cache holder (see run_feature_cache); None = this fold alone.
+    `clock`: the run's RunClock (budget.py); None = no time budget."""
     fold_dir = out_dir / f"fold{fold}"
     apply_memory_cap(hardware)  # (again in a fold worker: a new process)
     train_part = train[folds != fold].reset_index(drop=True)
@@ -118,6 +122,13 @@ def run_fold(fold, train, test, folds, processor, fmt, cfg, hardware, out_dir, s
     if from_main(lambda: prepare_fold(fold_dir, fold, manifest, test["id"])):
         print(f"[fold {fold}] predictions exist and match the current rows, skipping")
         return
+    if clock is not None and clock.out_of_time() and list(out_dir.glob("fold*/test_probs.csv")):
+        print(f"[time] fold {fold} skipped ({clock.describe()}): no time left for it; the submission comes from the "
+              "folds with predictions")
+        if is_main():
+            (fold_dir / SKIPPED_FOR_TIME).write_text(clock.describe() + "\n")
+        return
+    (fold_dir / SKIPPED_FOR_TIME).unlink(missing_ok=True)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(cfg.seed + fold)  # same LoRA initialisation on every (re-)run of this fold
@@ -134,11 +145,24 @@ def run_fold(fold, train, test, folds, processor, fmt, cfg, hardware, out_dir, s
     cache = run_feature_cache(cfg, model, hardware, shared_cache)
     # The fast paths are checked against the stock forward on this transformers version before they are used.
     cache, cfg = check_fast_paths(model, train_part, processor, fmt, cfg, hardware, cache)
-    if zero_shot:
+    if cfg.adapters_from:
+        # Inference only: the earlier run's adapter for this fold, copied here so this run folder stands alone.
+        source = pathlib.Path(cfg.adapters_from) / f"fold{fold}" / "best_adapter.pt"
+        if not source.exists():
+            raise InputNotFoundError(f"adapters_from={cfg.adapters_from}: fold{fold}/best_adapter.pt not found (that "
+                                     f"run did not finish fold {fold}). Fix: folds=<the folds it has>, or finish it")
+        state = torch.load(source, map_location="cpu")
+        load_trainable_state(model, state)
+        if is_main():
+            torch.save(state, fold_dir / "best_adapter.pt")
+        print(f"[fold {fold}] adapters_from: predicting with {source}, no training")
+    elif zero_shot:
         # epochs=0: the base model answers (LoRA starts as the identity); every fold scores the same test set.
         print(f"[fold {fold}] epochs=0: zero-shot, the base model scores its out-of-fold rows and the test set")
     else:
-        train_fold(model, train_part, val_part, processor, fmt, cfg, hardware, fold, fold_dir, feature_cache=cache)
+        views = max(1, cfg.tta_option_views) * len(image_scales(cfg)) * (len(val_part) + len(test))
+        train_fold(model, train_part, val_part, processor, fmt, cfg, hardware, fold, fold_dir, feature_cache=cache,
+                   clock=clock, reserve_views=views)
         load_trainable_state(model, from_main(lambda: torch.load(fold_dir / "best_adapter.pt", map_location="cpu")))
     for name, frame in (("oof", val_part), ("test", test)):
         # Under DDP each rank predicts one contiguous row shard; all shards come back in row order.
@@ -158,6 +182,11 @@ def run_fold(fold, train, test, folds, processor, fmt, cfg, hardware, out_dir, s
         probs_frame(frame["id"], tta_probs(views, cfg.tta_average)).to_csv(fold_dir / f"{name}_probs.csv", index=False)
     if cache is not None:
         print(f"[cache] after fold {fold}: {cache.summary()}")
+    if clock is not None:
+        done, total = len(list(out_dir.glob("fold*/test_probs.csv"))), len(folds_to_run(cfg))
+        eta = clock.elapsed() / max(done, 1) * (total - done) / 3600  # (workers in parallel: an upper bound)
+        print(f"[time] fold {fold} done: {clock.describe()}; {done} of {total} folds have predictions, "
+              f"~{eta:.2f} h more at this pace")
     if hardware.device == "cuda":
         print(f"[memory] fold {fold}: peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated, "
               f"{torch.cuda.max_memory_reserved() / 2**30:.2f} GiB reserved, of {hardware.gpu_memory_gib:g} GiB")
@@ -182,7 +211,10 @@ def _test_probs(path, test):
 
 def collect_results(cfg, train, test, folds, out_dir):
     """Read the fold outputs back, ensemble them, and compute the metrics and ablations."""
-    run = folds_to_run(cfg)
+    skipped = [k for k in folds_to_run(cfg) if (out_dir / f"fold{k}" / SKIPPED_FOR_TIME).exists()]
+    run = [k for k in folds_to_run(cfg) if k not in skipped]
+    if skipped:
+        print(f"[time] folds {skipped} were skipped for the time budget: the ensemble has folds {run}")
     oof = pd.concat([pd.read_csv(out_dir / f"fold{k}" / "oof_probs.csv").assign(fold=k) for k in run])
     oof = oof.merge(train[["id", "answer"]], on="id", how="left")
     oof.to_csv(out_dir / "oof_probs.csv", index=False)
@@ -192,7 +224,8 @@ def collect_results(cfg, train, test, folds, out_dir):
     test_view0 = [_test_probs(out_dir / f"fold{k}" / "test_probs_view0.csv", test) for k in run]
     weights = fold_weights(cfg, fold_acc)
     ensemble = ensemble_folds(test_tta, weights)
-    metrics = {"profile": cfg.profile, "zero_shot": cfg.epochs == 0, "fold_accuracy": fold_acc,
+    metrics = {"profile": cfg.profile, "zero_shot": cfg.epochs == 0, "folds_skipped_for_time": skipped,
+               "fold_accuracy": fold_acc,
                "cv_accuracy": _accuracy(oof[PROB_COLUMNS].to_numpy(), oof["answer"]),
                "cv_accuracy_single_view": _accuracy(oof_view0[PROB_COLUMNS].to_numpy(),
                                                     oof["answer"].to_numpy()),
@@ -218,7 +251,8 @@ def collect_results(cfg, train, test, folds, out_dir):
 
 def run_pipeline(cfg, hardware):
     """Everything, end to end. Returns the metrics dict (also saved as metrics.json)."""
-    started = time.time()
+    clock = RunClock.start(cfg.time_budget_hours)
+    started = clock.started
     check_versions(verbose=is_main())
     owns_process_group = init_distributed()  # under torchrun / accelerate launch; else nothing
     if cfg.demo:
@@ -240,12 +274,15 @@ def run_pipeline(cfg, hardware):
     processor = load_processor(cfg)
     fmt = make_prompt_format(processor, cfg)
     folds = make_folds(train, cfg.n_folds, cfg.seed)
+    folds_frame = pd.DataFrame({"id": train["id"], "fold": folds})
+    if cfg.adapters_from:
+        check_adapter_source(cfg, folds_frame)  # the same prompts, images and folds as that run, before any work
     if is_main():
-        pd.DataFrame({"id": train["id"], "fold": folds}).to_csv(out_dir / "folds.csv", index=False)
+        folds_frame.to_csv(out_dir / "folds.csv", index=False)
     # One fold after another here (under DDP each across all ranks), or with 2+ GPUs one worker process
     # per GPU (parallel.py).
     shared_cache = {}  # the folds of this run share one image-feature cache
-    run_folds(run_fold, {fold: (fold, train, test, folds, processor, fmt, cfg, hardware, out_dir, shared_cache)
+    run_folds(run_fold, {fold: (fold, train, test, folds, processor, fmt, cfg, hardware, out_dir, shared_cache, clock)
                          for fold in folds_to_run(cfg)}, cfg, hardware, out_dir / "workers")
     shared_cache.clear()  # the folds are done: free their image features (GPU memory too) and kept batches
     metrics = from_main(lambda: finish_run(cfg, hardware, train, test, folds, sample_submission, bad_rows, out_dir,

@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from .budget import prediction_reserve_s
 from .collate import VqaCollator, VqaDataset, identity_views, shuffled_views
 from .compat import transformers_version, warn
 from .distributed import all_reduce_grads, broadcast_params, from_main, is_main, map_shards, rank_slice, slice_rows
@@ -242,11 +243,13 @@ def evaluate(model, frame, processor, fmt, cfg, hardware, feature_cache=None):
     return float((logits.argmax(1) == target).mean()), loss
 
 
-def train_fold(model, train_frame, val_frame, processor, fmt, cfg, hardware, fold, fold_dir, feature_cache=None):
+def train_fold(model, train_frame, val_frame, processor, fmt, cfg, hardware, fold, fold_dir, feature_cache=None,
+               clock=None, reserve_views=0):
     """Train one fold (resuming if a checkpoint exists); returns its history rows and best accuracy.
 
     The best EMA adapter is saved as `best_adapter.pt`; `DONE.json` marks the fold finished.
-    feature_cache (feature_cache.py; None = off) reuses the frozen tower's image features."""
+    feature_cache (feature_cache.py; None = off) reuses the frozen tower's image features. clock (budget.py):
+    training stops early, after an evaluation, when the time left would not cover `reserve_views` scored views."""
     fold_dir = pathlib.Path(fold_dir)
     fold_dir.mkdir(parents=True, exist_ok=True)
     done = fold_dir / "DONE.json"
@@ -374,11 +377,18 @@ def train_fold(model, train_frame, val_frame, processor, fmt, cfg, hardware, fol
             state["samples_trained"] = state.get("samples_trained", 0) + n_step
             state["tokens_trained"] = state.get("tokens_trained", 0) + int(batch["attention_mask"].sum())  # this rank's
             state["train_s"] = state.get("train_s", 0.0) + time.perf_counter() - tick  # data wait included
-            if state["step"] % eval_every == 0 or state["next_sample"] >= len(views):
+            out_of_time = clock is not None and clock.out_of_time(
+                prediction_reserve_s(reserve_views, state["train_s"] / state["samples_trained"]))
+            if out_of_time or state["step"] % eval_every == 0 or state["next_sample"] >= len(views):
                 tick = time.perf_counter()
                 _evaluate_and_keep_best(model, ema, val_frame, processor, fmt, cfg, hardware, fold, fold_dir, state,
                                         feature_cache)
                 state["eval_s"] = state.get("eval_s", 0.0) + time.perf_counter() - tick
+                if out_of_time:
+                    print(f"[time] fold {fold}: training stops at step {state['step']} ({clock.describe()}): the time "
+                          "left is needed for this fold's predictions and the submission (best adapter kept)")
+                    state["stopped_early"] = state["stopped_for_time"] = True
+                    break
                 if cfg.early_stopping_patience and state["evals_without_gain"] >= cfg.early_stopping_patience:
                     print(f"[train] fold {fold}: no val-accuracy gain in {cfg.early_stopping_patience} evals, stopping")
                     state["stopped_early"] = True
@@ -395,7 +405,8 @@ def train_fold(model, train_frame, val_frame, processor, fmt, cfg, hardware, fol
     samples, train_s, eval_s = state.get("samples_trained", 0), state.get("train_s", 0.0), state.get("eval_s", 0.0)
     result = {"fold": fold, "best_accuracy": state["best_acc"], "steps": state["step"],
               "nonfinite_steps": state["nonfinite_total"], "final_micro_batch": state["chunk"],
-              "samples_trained": samples, "train_s": round(train_s, 2), "eval_s": round(eval_s, 2)}
+              "samples_trained": samples, "train_s": round(train_s, 2), "eval_s": round(eval_s, 2),
+              "stopped_for_time": state.get("stopped_for_time", False)}
     tokens = state.get("tokens_trained", 0)
     result["tokens_trained"] = tokens
     print(f"[train] fold {fold}: {samples} samples ({tokens} tokens) in {train_s:.1f} s of training steps "

@@ -104,3 +104,42 @@ def test_a_bad_setting_is_one_line_without_traceback(first_run, tmp_path):
     done = _cli(first_run, first_run / "demo", tmp_path / "run", "epochs=two", expect=2)
     assert done.stderr.strip().splitlines()[-1] == "error: config: epochs expects int, got 'two'"
     assert "Traceback" not in done.stderr
+
+
+def _tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_inference_only_from_an_earlier_runs_adapters_into_a_new_folder(first_run, tmp_path):
+    source = first_run / "run"
+    before = _tree(source)
+    run = tmp_path / "reuse"
+    done = _cli(first_run, first_run / "demo", run, f"adapters_from={source}")
+    assert "predicting with its adapters, no training" in done.stdout and "[train]" not in done.stdout
+    assert _tree(source) == before  # the earlier run is only read
+    pd.testing.assert_frame_equal(_probs_by_id(run / "test_probs_ensemble.csv"),
+                                  _probs_by_id(source / "test_probs_ensemble.csv"), atol=1e-6)
+    assert (run / "fold0" / "best_adapter.pt").exists() and (run / "submission.csv").exists()
+    # Other prompts, or other folds (its out-of-fold rows would be training rows), stop with the fix.
+    done = _cli(first_run, first_run / "demo", tmp_path / "other_prompt", f"adapters_from={source}",
+                "instruction_first=false", expect=2)
+    assert "was trained with other prompt/image settings (instruction_first: True then, False now)" in done.stderr
+    done = _cli(first_run, first_run / "demo", tmp_path / "other_folds", f"adapters_from={source}", "seed=7", expect=2)
+    assert "split train.csv into other folds than this run would" in done.stderr
+
+
+def test_a_tiny_time_budget_still_writes_a_valid_submission(first_run, tmp_path):
+    """time_budget_hours far too small: fold 0 trains one step (its best adapter kept), predicts and writes the
+    submission; folds 1 and 2 are skipped and said to be; the metrics record it."""
+    run = tmp_path / "budget"
+    done = _cli(first_run, first_run / "demo", run, "folds=all", "time_budget_hours=0.0001")
+    assert "[time] fold 0: training stops at step 1" in done.stdout
+    assert "[time] fold 1 skipped" in done.stdout and "[time] fold 2 skipped" in done.stdout
+    assert json.loads((run / "fold0" / "DONE.json").read_text())["stopped_for_time"] is True
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["folds_skipped_for_time"] == [1, 2] and len(metrics["fold_accuracy"]) == 1
+    submission = pd.read_csv(run / "submission.csv")
+    assert submission["id"].tolist() == pd.read_csv(first_run / "demo" / "test.csv")["id"].tolist()
+    # Given time, a re-run trains the skipped folds.
+    done = _cli(first_run, first_run / "demo", run, "folds=all")
+    assert json.loads((run / "metrics.json").read_text())["folds_skipped_for_time"] == []
