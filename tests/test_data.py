@@ -9,6 +9,8 @@ import pytest
 from PIL import Image, ImageFile
 
 from mcvqa.data import (
+    ANSWER_LETTERS,
+    IMAGE_COLUMN_CANDIDATES,
     DataError,
     check_images,
     image_content_hash,
@@ -429,3 +431,14 @@ def test_bomb_message_names_a_setting_that_exists_and_is_honoured(tmp_path):
     cfg = resolve_config("demo", ["bomb_limit_pixels=20000"], env={}, verbose=False)
     checked, bad = check_images(frame, tmp_path / "train.csv", bomb_limit_pixels=cfg.bomb_limit_pixels)
     assert checked["image_ok"].tolist() == [True] and bad == []
+
+
+def test_data_readme_describes_the_layout_the_code_reads_and_what_git_ignores():
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "data" / "README.md").read_text(encoding="utf-8")
+    for column in ("id", "question", *ANSWER_LETTERS, "answer") + IMAGE_COLUMN_CANDIDATES:
+        assert column in readme
+    for name in ("train.csv", "test.csv", "sample_submission.csv", "data/demo/", "data/tiny_models/"):
+        assert name in readme, name
+    ignored = (root / ".gitignore").read_text()
+    assert "data/demo/" in ignored and "data/tiny_models/" in ignored and "data/README.md" not in ignored
