@@ -31,7 +31,7 @@ import transformers
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from .packages import RUN_PACKAGES, SetupError
+from .packages import RUN_PACKAGES, SetupError, installed_version
 
 _TRANSFORMERS_SPEC = {s.operator: Version(s.version) for s in SpecifierSet(RUN_PACKAGES["transformers"])}
 SUPPORTED_TRANSFORMERS = (_TRANSFORMERS_SPEC[">="], _TRANSFORMERS_SPEC["<"])  # [floor, ceiling): packages.py's
@@ -87,14 +87,8 @@ def image_features(vlm_model, pixel_values, grid_thw):
 
 def check_versions(verbose=True):
     """Print the versions a run depends on; stop with the fix when transformers is outside the supported range."""
-    import importlib.metadata as metadata
-
-    found = {}
-    for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate"):
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = "not installed"
+    found = {name: installed_version(name) or "not installed"
+             for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate")}
     if verbose:
         print("[versions] " + ", ".join(f"{k} {v}" for k, v in found.items()))
     problem = version_problem()

@@ -111,7 +111,6 @@ class Config:
     fast_vision_attention: bool = True  # SDPA vision tower: one attention call per window length, not per window (2.4x 3B forward, BENCHMARKS.md; equal to stock, tested)
     compile_vision: str = "auto"  # auto | on | off: torch.compile the tower's norms, MLP, rotary (auto: sm80+ GPU with triton)
 
-
     def __post_init__(self):
         # gradient_checkpointing also takes booleans (profiles, older config.json files): normalised to auto | on | off.
         value = str(self.gradient_checkpointing).strip().lower()

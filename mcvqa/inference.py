@@ -166,6 +166,7 @@ def check_fast_paths(model, frame, processor, fmt, cfg, hardware, feature_cache,
         cached = letter_logits(model, cached_batch, ids, device, None)
         shared = shared_prefix_letter_logits(model, cached_batch, ids, device, k) if cfg.tta_shared_prefix else None
     model.train(was_training)
+
     def agrees(fast, exact, what, reference, cost):
         ok, error, tolerance = logits_agree(fast, exact, hardware)
         if not ok:
@@ -183,8 +184,10 @@ def check_fast_paths(model, frame, processor, fmt, cfg, hardware, feature_cache,
         ok, shared_line = agrees(shared, cached, "the shared-prefix option-order scoring", "scoring each view on its own",
                                  "tta_shared_prefix off for this fold: each option order runs the whole prompt "
                                  "(test-time augmentation ~2-3x longer).")
-        cfg = cfg if ok else dataclasses.replace(cfg, tta_shared_prefix=False)
-        line += f"; {shared_line}" if ok else ""
+        if ok:
+            line += f"; {shared_line}"
+        else:
+            cfg = dataclasses.replace(cfg, tta_shared_prefix=False)
     print(f"[check] {line}")
     return feature_cache, cfg
 

@@ -10,6 +10,7 @@ the model loading. On Colab, the profiles keep data and runs on Google Drive: a 
 stops the run before anything is written.
 """
 
+import dataclasses
 import glob
 import json
 import os
@@ -92,8 +93,6 @@ def check_drive(cfg):
 
 def resolve_inputs(cfg, search_root=None):
     """cfg with data_dir and model_name_or_path resolved (auto -> the folder found), checked before any write."""
-    import dataclasses
-
     check_drive(cfg)
     data_dir = find_data_dir(search_root) if cfg.data_dir == "auto" else cfg.data_dir
     if not cfg.demo and not os.path.isdir(data_dir):

@@ -99,11 +99,10 @@ def _pip_install(requirements, folders):
             version = installed_version(name)
             if version:
                 constraints.write(f"{name}=={version}\n")
-    command = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+    source = ["--no-index", *[arg for folder in folders for arg in ("--find-links", folder)]] if folders else []
+    command = [sys.executable, "-m", "pip", "install", *source, "--quiet", "--disable-pip-version-check",
                "-c", constraints.name, *requirements]
-    if folders:
-        command[4:4] = ["--no-index", *[arg for folder in folders for arg in ("--find-links", folder)]]
-    print("[setup] " + " ".join(command[3:]))
+    print("[setup] pip install " + " ".join(command[4:]))
     done = subprocess.run(command, capture_output=True, text=True)
     os.unlink(constraints.name)
     if done.returncode:
