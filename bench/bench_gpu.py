@@ -31,15 +31,17 @@ from transformers import (AutoProcessor, Qwen2_5_VLConfig, Qwen2_5_VLForConditio
                           Qwen3VLForConditionalGeneration)
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from mcvqa.collate import VqaCollator  # noqa: E402
-from mcvqa.config import resolve_config  # noqa: E402
-from mcvqa.fast_vision import compile_vision_elementwise, patch_vision_attention, unpatch_vision_attention  # noqa: E402
-from mcvqa.feature_cache import FeatureCache  # noqa: E402
-from mcvqa.hardware import choose_hardware, describe_gpus  # noqa: E402
-from mcvqa.inference import predict_views  # noqa: E402
-from mcvqa.modeling import load_model_for_training  # noqa: E402
-from mcvqa.prompts import build_messages, format_user_text, make_prompt_format  # noqa: E402
-from mcvqa.scoring import answer_loss, letter_logits, unwrap_vlm  # noqa: E402
+from mcvqa.speed.feature_cache import CachedImageEncoding  # noqa: E402
+from mcvqa.core.collate import VqaCollator  # noqa: E402
+from mcvqa.core.config import resolve_config  # noqa: E402
+from mcvqa.speed.fast_vision import compile_vision_elementwise, patch_vision_attention, unpatch_vision_attention  # noqa: E402
+from mcvqa.speed.feature_cache import FeatureCache  # noqa: E402
+from mcvqa.core.hardware import choose_hardware, describe_gpus  # noqa: E402
+from mcvqa.core.inference import predict_views  # noqa: E402
+from mcvqa.core.modeling import load_model_for_training  # noqa: E402
+from mcvqa.core.prompts import build_messages, format_user_text, make_prompt_format  # noqa: E402
+from mcvqa.core.modeling import unwrap_vlm  # noqa: E402
+from mcvqa.core.scoring import answer_loss, letter_logits  # noqa: E402
 
 SPECIAL = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
 # Published sizes: Qwen/Qwen2.5-VL-3B-Instruct and Qwen/Qwen3-VL-8B-Instruct config.json.
@@ -250,7 +252,7 @@ def inference_rows(bench, name, processor, peak, with_pipeline=True):
         seed_rate = args.n_seed / seed_s
         bench.row(section, "seed: 1 sample, processor + generate(max_new_tokens=1)", seed_rate)
 
-        collator = VqaCollator(processor, fmt, cfg.min_pixels, cfg.max_pixels, image_keys=True)
+        collator = VqaCollator(processor, fmt, cfg.min_pixels, cfg.max_pixels, encoding=CachedImageEncoding())
         batches = [collator(data[i:i + args.batch]) for i in range(0, args.n, args.batch)]
         tokens = sum(int(b["attention_mask"].sum()) for b in batches) / args.n
         lm_f, vis_f = lm_flops(model, batches), vision_flops(model, batches)
@@ -441,7 +443,7 @@ def training_rows(bench, model, processor):
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
-    collator = VqaCollator(processor, fmt, cfg.min_pixels, cfg.max_pixels, image_keys=True)
+    collator = VqaCollator(processor, fmt, cfg.min_pixels, cfg.max_pixels, encoding=CachedImageEncoding())
     data = items(args.n_train, args.size, seed=1, answers=True)
     section = "(c) training Qwen2.5-VL-3B"
 
@@ -514,7 +516,7 @@ def t4_budget(bench, name, processor_dir):
     loaded = torch.cuda.memory_allocated() / 2**30 if bench.device == "cuda" else 0.0
     processor = AutoProcessor.from_pretrained(processor_dir)
     fmt = make_prompt_format(processor, cfg)
-    collator = VqaCollator(processor, fmt, cfg.min_pixels, cfg.max_pixels, image_keys=True)
+    collator = VqaCollator(processor, fmt, cfg.min_pixels, cfg.max_pixels, encoding=CachedImageEncoding())
     autocast = (torch.autocast("cuda", dtype=torch.float16) if bench.device == "cuda"
                 else torch.autocast("cpu", enabled=False))
     out = {"loaded_gib": loaded}

@@ -22,11 +22,11 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from bench_gpu import frame_on_disk  # noqa: E402
-from mcvqa.collate import cyclic_perms  # noqa: E402
-from mcvqa.config import resolve_config  # noqa: E402
-from mcvqa.feature_cache import FeatureCache  # noqa: E402
-from mcvqa.prompts import make_prompt_format  # noqa: E402
-from mcvqa.training import make_loader  # noqa: E402
+from mcvqa.core.collate import cyclic_perms  # noqa: E402
+from mcvqa.core.config import resolve_config  # noqa: E402
+from mcvqa.speed.feature_cache import FeatureCache  # noqa: E402
+from mcvqa.core.prompts import make_prompt_format  # noqa: E402
+from mcvqa.core.collate import loader_encoding, make_loader  # noqa: E402
 from transformers import AutoProcessor  # noqa: E402
 
 
@@ -62,7 +62,8 @@ def main():
         four = [(row, perm) for row in range(args.n) for perm in cyclic_perms(4)]
         # A cache that knows every image: what folds 2 and 3 see (the keys are all the loader asks for).
         warm = FeatureCache()
-        for batch in make_loader(frame, single, processor, fmt, cfg, args.batch, workers=0, feature_cache=FeatureCache()):
+        for batch in make_loader(frame, single, processor, fmt, cfg, args.batch, workers=0,
+                                 encoding=FeatureCache().encoding()):
             warm.store.update({key: None for key in batch["image_keys"]})
         cases = [("1 view, no cache", single, args.batch, None), ("4 views, all cached", four, 4 * args.batch, warm)]
         print("| loader | workers | start method | first batch | whole pass | per row |")
@@ -71,7 +72,7 @@ def main():
             for workers in [int(w) for w in args.workers.split(",")]:
                 for context in args.contexts.split(",") if workers else ["-"]:
                     loader = make_loader(frame, views, processor, fmt, cfg, batch_size, workers=workers,
-                                         feature_cache=cache, pixel_dtype=torch.bfloat16, dedupe_images=True)
+                                         encoding=loader_encoding(cache, dedupe_images=True), pixel_dtype=torch.bfloat16)
                     if context not in ("default", "-"):
                         loader.multiprocessing_context = context
                     first, total, _ = time_pass(loader)

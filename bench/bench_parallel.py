@@ -22,14 +22,15 @@ import numpy as np
 import torch
 
 sys.path.insert(0, ".")
-from mcvqa.config import Config  # noqa: E402
-from mcvqa.demo_data import generate_demo_dataset  # noqa: E402
-from mcvqa.hardware import detect_hardware  # noqa: E402
-from mcvqa.inference import predict_views  # noqa: E402
-from mcvqa.modeling import load_model_for_training, load_processor, load_trainable_state  # noqa: E402
-from mcvqa.parallel import predict_views_sharded, worker_slots  # noqa: E402
+from mcvqa.core.config import Config  # noqa: E402
+from mcvqa.demo.demo_data import generate_demo_dataset  # noqa: E402
+from mcvqa.core.hardware import detect_hardware  # noqa: E402
+from mcvqa.core.inference import predict_views  # noqa: E402
+from mcvqa.core.modeling import load_model_for_training, load_processor, load_trainable_state  # noqa: E402
+from mcvqa.scale.parallel import worker_slots  # noqa: E402
+from mcvqa.scale.sharded import predict_views_sharded  # noqa: E402
 from mcvqa.pipeline import load_competition  # noqa: E402
-from mcvqa.prompts import make_prompt_format  # noqa: E402
+from mcvqa.core.prompts import make_prompt_format  # noqa: E402
 
 # A mid-size Qwen2.5-VL: the 3B's widths with fewer layers (about 1.4 B parameters), random weights.
 MID_QWEN25_VL = dict(

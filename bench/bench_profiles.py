@@ -157,12 +157,12 @@ def run_cli(label, profile, overrides, log_path):
 
 def load_like_the_product(profile, overrides):
     """(cfg, hardware, train, processor, fmt, model) as a run of the profile gets them: memory cap and plan included."""
-    from mcvqa.config import resolve_config
-    from mcvqa.hardware import apply_memory_cap, detect_hardware
-    from mcvqa.memory import plan_memory
-    from mcvqa.modeling import load_model_for_training, load_processor
+    from mcvqa.core.config import resolve_config
+    from mcvqa.core.hardware import apply_memory_cap, detect_hardware
+    from mcvqa.core.memory import plan_memory
+    from mcvqa.core.modeling import load_model_for_training, load_processor
     from mcvqa.pipeline import load_competition
-    from mcvqa.prompts import make_prompt_format
+    from mcvqa.core.prompts import make_prompt_format
 
     cfg = resolve_config(profile, overrides, env={}, verbose=False)
     hardware = detect_hardware(cfg, verbose=False)
@@ -176,10 +176,11 @@ def load_like_the_product(profile, overrides):
 def seed_baseline(profile, overrides, name, n):
     """The seed notebook's loop on the product's own 4-bit model and precision: batch 1 x accumulation 4, the
     causal-LM loss over the whole sequence; and its inference, one sample through `generate`."""
-    from mcvqa.collate import VqaCollator, VqaDataset, identity_views
-    from mcvqa.compat import model_input_names
-    from mcvqa.scoring import MODEL_INPUT_KEYS, unwrap_vlm
-    from mcvqa.training import compute_autocast
+    from mcvqa.core.collate import VqaCollator, VqaDataset, identity_views
+    from mcvqa.core.compat import model_input_names
+    from mcvqa.core.hardware import compute_autocast
+    from mcvqa.core.modeling import unwrap_vlm
+    from mcvqa.core.scoring import MODEL_INPUT_KEYS
 
     cfg, hardware, train, processor, fmt, model = load_like_the_product(profile, overrides)
     collator = VqaCollator(processor, fmt, cfg.min_pixels, cfg.max_pixels)

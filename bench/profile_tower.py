@@ -22,12 +22,14 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from bench_gpu import MODELS, Bench, bench_cfg, build_model, frame_on_disk, items, uncompile_vision  # noqa: E402
-from mcvqa.collate import VqaCollator, cyclic_views  # noqa: E402
-from mcvqa.fast_vision import compile_vision_elementwise, patch_vision_attention  # noqa: E402
-from mcvqa.feature_cache import FeatureCache  # noqa: E402
-from mcvqa.prompts import make_prompt_format  # noqa: E402
-from mcvqa.scoring import letter_logits, unwrap_vlm  # noqa: E402
-from mcvqa.training import make_loader  # noqa: E402
+from mcvqa.speed.feature_cache import CachedImageEncoding  # noqa: E402
+from mcvqa.core.collate import VqaCollator, cyclic_views  # noqa: E402
+from mcvqa.speed.fast_vision import compile_vision_elementwise, patch_vision_attention  # noqa: E402
+from mcvqa.speed.feature_cache import FeatureCache  # noqa: E402
+from mcvqa.core.prompts import make_prompt_format  # noqa: E402
+from mcvqa.core.collate import make_loader  # noqa: E402
+from mcvqa.core.modeling import unwrap_vlm  # noqa: E402
+from mcvqa.core.scoring import letter_logits  # noqa: E402
 from transformers import AutoProcessor  # noqa: E402
 
 
@@ -63,7 +65,7 @@ def main():
     patch_vision_attention(model)
     cfg = bench_cfg(bench, tta_option_views=1)
     fmt = make_prompt_format(processor, cfg)
-    collator = VqaCollator(processor, fmt, cfg.min_pixels, cfg.max_pixels, image_keys=True)
+    collator = VqaCollator(processor, fmt, cfg.min_pixels, cfg.max_pixels, encoding=CachedImageEncoding())
     data = items(args.n, args.size)
     batches = [collator(data[i:i + args.batch]) for i in range(0, args.n, args.batch)]
 
@@ -79,7 +81,7 @@ def sync_profile(bench, model, processor, fmt, args):
     """Where the main thread waits in an ensemble fold whose features are cached: the top CPU-side
     ops, and the Python frames that force a GPU sync (.item(), .tolist(), nonzero, device-to-host copies)."""
     import dataclasses
-    from mcvqa.inference import predict_views
+    from mcvqa.core.inference import predict_views
 
     n = args.batch * 4
     cfg4 = dataclasses.replace(bench_cfg(bench, tta_option_views=4))
@@ -138,7 +140,7 @@ def pipeline_variants(bench, model, processor, fmt, args):
     """The pipeline's single-view pass and 3-fold x 4-order ensemble under loader/batch variants."""
     import dataclasses
     from bench_gpu import seed_inference
-    from mcvqa.inference import predict_views
+    from mcvqa.core.inference import predict_views
 
     compile_vision_elementwise(model)  # the default on sm80+
     n = args.pipeline_n

@@ -19,9 +19,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from bench_profiles import CARD, build_model_folder, load_like_the_product, make_competition  # noqa: E402
-from mcvqa.collate import identity_views  # noqa: E402
-from mcvqa.feature_cache import make_feature_cache  # noqa: E402
-from mcvqa.training import compute_autocast, make_loader, train_fold, tower_dtype  # noqa: E402
+from mcvqa.core.collate import identity_views  # noqa: E402
+from mcvqa.speed.feature_cache import make_feature_cache  # noqa: E402
+from mcvqa.core.collate import loader_encoding, make_loader  # noqa: E402
+from mcvqa.core.hardware import compute_autocast  # noqa: E402
+from mcvqa.core.modeling import tower_dtype  # noqa: E402
+from mcvqa.core.training import train_fold  # noqa: E402
 
 
 def main():
@@ -48,7 +51,7 @@ def main():
         cache = make_feature_cache(cfg, model, hardware, verbose=False)
         part, val = train.iloc[:args.rows].reset_index(drop=True), train.iloc[args.rows:].reset_index(drop=True)
         with torch.no_grad(), compute_autocast(hardware):  # every image encoded once, as folds 1-2 find them
-            for batch in make_loader(part, identity_views(len(part)), processor, fmt, cfg, 16, feature_cache=cache,
+            for batch in make_loader(part, identity_views(len(part)), processor, fmt, cfg, 16, encoding=loader_encoding(cache),
                                      pixel_dtype=tower_dtype(model)):
                 cache.attach(model, batch)
         if torch.cuda.is_available():

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 
-from .packages import RUN_PACKAGES, SetupError
+from .core.packages import RUN_PACKAGES, SetupError
 
 # What Kaggle's image lacks (it ships transformers and the scientific stack): the default bundle.
 KAGGLE_LACKS = ("peft", "bitsandbytes", "accelerate", "transformers", "cloudpickle")

@@ -1,10 +1,11 @@
 """Build `Kaggle_AllInOne_Pro.ipynb` from the package modules.
 
 The notebook is the product's face: users run it top to bottom on Kaggle with nothing installed, so
-it must carry every stage's code. It is generated, never hand-edited: each module in `FLOW_MODULES`
-becomes a markdown cell (its docstring) and one code cell (the rest, minus the intra-package imports,
-which a single flat notebook namespace makes unnecessary). Short stage cells at the end call the
-stages.
+it must carry every stage's code. It is generated, never hand-edited, in the order of `LAYOUT`: each
+module becomes a markdown cell (its docstring) and code cells (the rest, minus the intra-package imports,
+which a single flat notebook namespace makes unnecessary, cut at `# %% ` lines), each naming its source
+file; short call cells (`CALL_CELLS`) run a stage right after its definitions. What only the command
+line needs (DDP, sharded prediction, snapshots, bundles) is not in `LAYOUT` and stays out.
 
     python -m mcvqa.notebook           # write the notebook
     python -m mcvqa.notebook --check   # exit 1 when the committed notebook is stale
@@ -23,34 +24,35 @@ PACKAGE_NAME = "mcvqa"
 PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
 NOTEBOOK_PATH = PACKAGE_DIR.parent / "Kaggle_AllInOne_Pro.ipynb"
 
-# Flow order: a module may only use names defined by modules before it (or by itself).
-FLOW_MODULES = (
-    "errors",
-    "packages",
-    "config",
-    "compat",
-    "hardware",
-    "demo_data",
-    "demo_model",
-    "data",
-    "prompts",
-    "feature_cache",
-    "fast_vision",
-    "collate",
-    "distributed",
-    "modeling",
-    "memory",
-    "budget",
-    "scoring",
-    "training",
-    "inference",
-    "submission",
-    "reporting",
-    "parallel",
-    "resume",
-    "locate",
-    "pipeline",
+# The notebook in the user's order: (part heading, [(stage title, modules)]). Part I is the pipeline stage
+# by stage; Part II the engine room (speed, fold workers, demo builders), definitions only; Part III runs it,
+# a call cell after each stage of the run with its result right under it. Numbering is generated.
+LAYOUT = (
+    ("Part I: the pipeline, stage by stage", (
+        ("Configuration", ("core.files", "core.config")),
+        ("Hardware and versions", ("core.compat", "core.hardware", "core.memory")),
+        ("Model: Qwen-VL in 4 bits with LoRA adapters (QLoRA)", ("core.modeling",)),
+        ("Data: read, check, find, resume", ("core.data", "core.locate", "core.resume")),
+        ("Dataset: the chat template, labels on the answer letter only", ("core.prompts", "core.collate")),
+        ("Scoring: four letter logits at one position", ("core.scoring",)),
+        ("Training: the explicit loop per fold", ("core.process", "core.budget", "core.training")),
+        ("Inference: direct-logit scoring with option-order TTA", ("core.inference",)),
+        ("Ensemble, submission, plots", ("core.ensemble", "core.submission", "core.reporting")),
+    )),
+    ("Part II: the engine room (safe to skip: definitions only, nothing runs here)", (
+        ("Speed: each image through the vision tower once", ("speed.feature_cache", "speed.replay")),
+        ("Speed: shared-prefix option orders, checked at run time", ("speed.shared_prefix", "speed.self_check")),
+        ("Speed: fast vision attention", ("speed.fast_vision",)),
+        ("Scale: one fold worker per GPU", ("scale.parallel",)),
+        ("Demo: tiny data and a tiny Qwen-VL for a CPU run", ("demo.demo_data", "demo.demo_model")),
+    )),
+    ("Part III: the run", (
+        ("Run the pipeline", ("pipeline",)),
+    )),
 )
+SETUP_MODULES = ("core.errors", "core.packages")  # right after the parameters: nothing else may need a package
+FLOW_MODULES = SETUP_MODULES + tuple(m for _, stages in LAYOUT for _, modules in stages for m in modules)
+CELL_MARKER = "# %% "  # a module's code is cut into cells at these lines; the text is the next cell's heading
 
 INTRO_MARKDOWN = """\
 # Kaggle All-in-One Pro: Qwen-VL QLoRA for multiple-choice VQA
@@ -81,32 +83,30 @@ PROFILE = "auto"
 # Extra settings as "key=value" lines, e.g. "epochs=2\\nmax_pixels=602112"; they win over the profile.
 OVERRIDES = \"\""""
 
-# Cells that run right after a module's definitions: module -> (markdown, code).
+# Call cells: after a module's definitions (key "module") or after one of its marked cells ("module: heading").
 CALL_CELLS = {
-    "packages": ("### Setup: check the packages, install only what is missing\n\nNothing below imports "
-                 "transformers, peft or bitsandbytes before this cell has run.",
-                 "installed_now = ensure_packages()  # wheels: any folder of .whl files under /kaggle/input"),
-}
-
-# The short cells at the end that run the stages defined above: (markdown, code) pairs.
-STAGE_CELLS = [
-    (
-        "## Run: resolve the configuration and detect the hardware",
-        "cfg = resolve_config(PROFILE, OVERRIDES)\nhardware = detect_hardware(cfg)",
-    ),
-    (
-        "## Run: train the folds, predict with option-order TTA, ensemble, write the submission\n\n"
+    "core.packages": ("Check the packages, install only what is missing. Nothing below imports transformers, "
+                      "peft or bitsandbytes before this cell has run.",
+                      "installed_now = ensure_packages()  # wheels: any folder of .whl files under /kaggle/input"),
+    "core.config": ("The profile for this environment, your overrides on top, printed and kept.",
+                    "cfg = resolve_config(PROFILE, OVERRIDES)"),
+    "core.memory": ("The GPU, its precision and attention kernel, and why; the package versions.",
+                    "check_versions()\nhardware = detect_hardware(cfg)"),
+    "pipeline": ("Inputs found and checked, data read, the memory plan, the folds; then one training view as the "
+                 "model sees it, with its label mask.",
+                 "run = start_run(cfg, hardware)\nexample = show_example(run.train, run.processor, run.fmt, run.cfg)"),
+    "pipeline: Each fold: load the model, train, predict the out-of-fold and test rows with TTA": (
+        "Every fold: the 4-bit model with its trainable LoRA parameters, the training curve, the predictions. "
         "Safe to re-run after an interruption: finished folds are skipped, an unfinished one resumes.",
-        "metrics = run_pipeline(cfg, hardware)",
-    ),
-    (
-        "## Results: answer distribution, training curves, confusion matrix, calibration",
+        "run_all_folds(run)"),
+    "pipeline: After the folds: the ensemble, the submission, the report": (
+        "The fold ensemble, `submission.csv`, `metrics.json`; then the plots and the first rows of the submission.",
+        "metrics = finish_run(run)\n"
         "from IPython.display import Image as ShowImage, display\n"
         "for png in sorted(pathlib.Path(cfg.output_dir, \"plots\").glob(\"*.png\")):\n"
         "    display(ShowImage(filename=str(png)))\n"
-        "pd.read_csv(metrics[\"submission\"]).head()",
-    ),
-]
+        "pd.read_csv(metrics[\"submission\"]).head()"),
+}
 
 # Names every module may define, provided all definitions are identical.
 SHARED_NAMES = frozenset({"logger"})
@@ -119,7 +119,7 @@ class NotebookBuildError(ValueError):
 
 
 def _module_path(name, package_dir=None):
-    return pathlib.Path(package_dir or PACKAGE_DIR) / f"{name}.py"
+    return pathlib.Path(package_dir or PACKAGE_DIR) / f"{name.replace('.', '/')}.py"
 
 
 def _read_module(name, package_dir=None):
@@ -237,25 +237,71 @@ def module_sources(name, package_dir=None):
     return markdown, _strip_lines(source, _removed_line_ranges(tree, path))
 
 
+def _relative_path(name):
+    return f"{PACKAGE_NAME}/{name.replace('.', '/')}.py"
+
+
+def _chunks(code):
+    """[(heading or None, code)]: the module's code cut at its CELL_MARKER lines (the marker line itself goes)."""
+    chunks, heading, lines = [], None, []
+    for line in code.split("\n"):
+        if line.startswith(CELL_MARKER):
+            chunks.append((heading, "\n".join(lines).strip("\n")))
+            heading, lines = line[len(CELL_MARKER):].strip(), []
+        else:
+            lines.append(line)
+    chunks.append((heading, "\n".join(lines).strip("\n")))
+    return chunks
+
+
+def _demote(markdown, level="###"):
+    """The docstring's title one heading level down (the builder's stage headings sit above it)."""
+    first, _, rest = markdown.partition("\n")
+    return f"{level} {first.lstrip('#').strip()}" + (f"\n{rest}" if rest else "")
+
+
+def _call_cells(key):
+    if key not in CALL_CELLS:
+        return []
+    markdown, code = CALL_CELLS[key]
+    return [nbformat.v4.new_markdown_cell(f"**Run:** {markdown}"), nbformat.v4.new_code_cell(code)]
+
+
 def module_cells(name, package_dir=None):
-    """The notebook cells of module `name`: a markdown cell and one code cell."""
+    """The notebook cells of module `name`: its docstring as markdown, its code as one cell per marked part
+    (each first line names the source file), and the call cells that follow it."""
     markdown, code = module_sources(name, package_dir)
-    return [nbformat.v4.new_markdown_cell(markdown), nbformat.v4.new_code_cell(code)]
+    cells = [nbformat.v4.new_markdown_cell(_demote(markdown))]
+    for heading, chunk in _chunks(code):
+        if heading is not None:
+            cells += [nbformat.v4.new_markdown_cell(f"#### {heading}")]
+        source = f"# {_relative_path(name)}" + ("" if heading is None else f" ({heading.lower()})")
+        cells += [nbformat.v4.new_code_cell(f"{source}\n{chunk}")]
+        cells += _call_cells(name if heading is None else f"{name}: {heading}")
+    return cells
 
 
 def build_notebook(package_dir=None, modules=None):
-    """The whole notebook: intro, parameters, each module in flow order, then the stage cells."""
-    modules = FLOW_MODULES if modules is None else modules
+    """The whole notebook: intro, parameters, setup, then LAYOUT's parts and stages (numbered here), each
+    module's cells followed by its call cells. `modules` (tests): just those modules, in order, no headings."""
     parameters = nbformat.v4.new_code_cell(PARAMETERS_CELL)
     parameters.metadata["tags"] = ["parameters"]  # papermill injects its overrides after this cell
     cells = [nbformat.v4.new_markdown_cell(INTRO_MARKDOWN), parameters]
-    for name in modules:
-        cells.extend(module_cells(name, package_dir))
-        if name in CALL_CELLS:
-            markdown, code = CALL_CELLS[name]
-            cells += [nbformat.v4.new_markdown_cell(markdown), nbformat.v4.new_code_cell(code)]
-    for markdown, code in STAGE_CELLS:
-        cells += [nbformat.v4.new_markdown_cell(markdown), nbformat.v4.new_code_cell(code)]
+    if modules is not None:
+        for name in modules:
+            cells.extend(module_cells(name, package_dir))
+    else:
+        cells.append(nbformat.v4.new_markdown_cell("## Setup"))
+        for name in SETUP_MODULES:
+            cells.extend(module_cells(name, package_dir))
+        number = 0
+        for part, stages in LAYOUT:
+            cells.append(nbformat.v4.new_markdown_cell(f"# {part}"))
+            for title, names in stages:
+                number += 1
+                cells.append(nbformat.v4.new_markdown_cell(f"## {number}. {title}"))
+                for name in names:
+                    cells.extend(module_cells(name, package_dir))
     for i, cell in enumerate(cells):
         cell.id = f"cell-{i:03d}"  # nbformat makes random ids; fixed ones keep the diff stable
     nb = nbformat.v4.new_notebook(cells=cells)

@@ -1,14 +1,16 @@
-"""## 10. The whole flow: data, folds, training, TTA predictions, ensemble, submission, report
+"""## The run: the stages above, in order, with the engine room plugged in
 
-`run_pipeline` runs every stage above in order and is safe to re-run: finished folds are skipped,
-an interrupted fold resumes from its checkpoint. Outputs in `output_dir`: `config.json`, `folds.csv`,
-per fold `foldK/` (checkpoint, best adapter, history), `oof_probs.csv`, `test_probs_foldK.csv`,
-`test_probs_ensemble.csv`, `history.csv`, `metrics.json`, `plots/` and `submission.csv`. Under
-`torchrun` (distributed.py) every rank runs this flow and trains each fold together; rank 0 writes.
+`run_pipeline` = `start_run` (inputs, data, folds) -> `run_all_folds` (each fold trained, then its
+out-of-fold and test rows predicted with TTA) -> `finish_run` (ensemble, submission, report). It is safe to
+re-run: finished folds are skipped, an interrupted fold resumes from its checkpoint. Outputs in
+`output_dir`: `config.json`, `folds.csv`, per fold `foldK/` (checkpoint, best adapter, history),
+`oof_probs.csv`, `test_probs_foldK.csv`, `test_probs_ensemble.csv`, `history.csv`, `metrics.json`,
+`plots/` and `submission.csv`. Under `torchrun` (scale/distributed.py) every rank runs this flow and
+trains each fold together; rank 0 writes. This is the one module that joins the core stages to the
+speed, scale and demo wings.
 """
 
 import dataclasses
-import gc
 import json
 import pathlib
 import time
@@ -17,28 +19,29 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .budget import RunClock
-from .compat import check_versions
-from .config import check_adapter_source, check_resume, save_config
-from .data import add_image_hashes, check_images, load_image, make_folds, read_competition_csv
-from .demo_data import generate_demo_dataset
-from .demo_model import build_tiny_qwen_vl
-from .distributed import (barrier, finish_distributed, from_main, init_distributed, is_main, local_device,
-                          map_shards)
-from .fast_vision import compile_vision_choice, compile_vision_elementwise, patch_vision_attention
-from .feature_cache import make_feature_cache
-from .hardware import apply_memory_cap
-from .inference import (PROB_COLUMNS, apply_temperature, check_fast_paths, ensemble_folds, fit_temperature, fold_weights,
-                        image_scales, letters_from_probs, predict_views, probs_frame, tta_probs)
-from .locate import InputNotFoundError, resolve_inputs
-from .memory import plan_memory
-from .modeling import load_model_for_training, load_processor, load_trainable_state
-from .parallel import gather_views, run_folds
-from .prompts import make_prompt_format
-from .reporting import make_run_plots
-from .resume import fold_manifest, prepare_fold
-from .submission import write_submission
-from .training import train_fold
+from .core.budget import RunClock
+from .core.compat import check_versions
+from .core.config import check_adapter_source, check_resume, save_config
+from .core.data import (PROB_COLUMNS, add_image_hashes, check_images, letter_indices, letters_from_probs, load_image,
+                        make_folds, probs_frame, read_competition_csv)
+from .core.ensemble import apply_temperature, ensemble_folds, fit_temperature, fold_weights
+from .core.hardware import apply_memory_cap
+from .core.inference import gather_views, image_scales, predict_views, tta_probs
+from .core.locate import InputNotFoundError, resolve_inputs
+from .core.memory import free_memory, plan_memory
+from .core.modeling import load_model_for_training, load_processor, load_trainable_state
+from .core.process import process_group
+from .core.prompts import make_prompt_format
+from .core.reporting import make_run_plots
+from .core.resume import fold_manifest, prepare_fold
+from .core.submission import write_submission
+from .core.training import train_fold
+from .demo.demo_data import generate_demo_dataset
+from .demo.demo_model import build_tiny_qwen_vl
+from .scale.parallel import run_folds
+from .speed.fast_vision import compile_vision_choice, compile_vision_elementwise, patch_vision_attention
+from .speed.feature_cache import make_feature_cache
+from .speed.self_check import check_fast_paths
 
 SKIPPED_FOR_TIME = "SKIPPED_FOR_TIME"  # marks a fold the time budget left out (collect_results ensembles the others)
 
@@ -96,6 +99,59 @@ def folds_to_run(cfg):
     return list(range(cfg.n_folds)) if cfg.folds == "all" else [int(f) for f in cfg.folds.split(",")]
 
 
+@dataclasses.dataclass
+class Run:
+    """What the stages of one run share: the settings, the checked data, the prompt format, the folds."""
+
+    cfg: object
+    hardware: object
+    out_dir: pathlib.Path
+    clock: RunClock
+    train: pd.DataFrame
+    test: pd.DataFrame
+    folds: np.ndarray
+    processor: object
+    fmt: object
+    sample_submission: object  # path of sample_submission.csv, or None
+    bad_rows: list
+
+
+def start_run(cfg, hardware):
+    """Inputs found and checked, the run folder started, the data read, the memory plan, the prompt
+    format and the folds: everything before the first fold, with nothing expensive loaded yet."""
+    group = process_group()
+    clock = RunClock.start(cfg.time_budget_hours)
+    check_versions(verbose=group.is_main())
+    if cfg.demo:
+        if group.is_main():
+            cfg = prepare_demo(cfg)
+        group.barrier()
+        if not group.is_main():  # rank 0 built them; the others find them ready (several nodes: a shared folder)
+            cfg = prepare_demo(cfg)
+    cfg = resolve_inputs(cfg)  # data_dir / model_name_or_path "auto", a hub id, Colab's Drive: before any write
+    out_dir = pathlib.Path(cfg.output_dir)
+    if group.is_main():
+        check_resume(cfg, out_dir)
+        save_config(cfg, out_dir)
+    train, test, sample_submission, bad_rows = load_competition(cfg)
+    apply_memory_cap(hardware)
+    cfg, plan = plan_memory(cfg, hardware, verbose=group.is_main())  # checkpointing and batch sizes for this card
+    if group.is_main():
+        (out_dir / "memory_plan.json").write_text(json.dumps(plan, indent=2) + "\n")
+    processor = load_processor(cfg)
+    fmt = make_prompt_format(processor, cfg)
+    folds = make_folds(train, cfg.n_folds, cfg.seed)
+    folds_frame = pd.DataFrame({"id": train["id"], "fold": folds})
+    if cfg.adapters_from:
+        check_adapter_source(cfg, folds_frame)  # the same prompts, images and folds as that run, before any work
+    if group.is_main():
+        folds_frame.to_csv(out_dir / "folds.csv", index=False)
+    print(f"[folds] {cfg.n_folds} folds of {np.bincount(folds).tolist()} rows (stratified by answer, grouped by image)")
+    return Run(cfg, hardware, out_dir, clock, train, test, folds, processor, fmt, sample_submission, bad_rows)
+
+
+# %% Each fold: load the model, train, predict the out-of-fold and test rows with TTA
+
 def run_feature_cache(cfg, model, hardware, shared):
     """The image-feature cache of this run, made once and shared by its folds (None where it is off).
 
@@ -119,20 +175,20 @@ def run_fold(fold, train, test, folds, processor, fmt, cfg, hardware, out_dir, s
     zero_shot = cfg.epochs == 0
     # Reuse only what belongs to the current rows (resume.py): stale predictions are made again.
     manifest = fold_manifest(train_part, val_part, test, zero_shot)
-    if from_main(lambda: prepare_fold(fold_dir, fold, manifest, test["id"])):
+    if process_group().from_main(lambda: prepare_fold(fold_dir, fold, manifest, test["id"])):
         print(f"[fold {fold}] predictions exist and match the current rows, skipping")
         return
     if clock is not None and clock.out_of_time() and list(out_dir.glob("fold*/test_probs.csv")):
         print(f"[time] fold {fold} skipped ({clock.describe()}): no time left for it; the submission comes from the "
               "folds with predictions")
-        if is_main():
+        if process_group().is_main():
             (fold_dir / SKIPPED_FOR_TIME).write_text(clock.describe() + "\n")
         return
     (fold_dir / SKIPPED_FOR_TIME).unlink(missing_ok=True)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(cfg.seed + fold)  # same LoRA initialisation on every (re-)run of this fold
-    model = load_model_for_training(cfg, hardware, device=local_device(hardware))  # DDP: this rank's GPU
+    model = load_model_for_training(cfg, hardware, device=process_group().local_device(hardware))  # DDP: this rank's GPU
     if cfg.fast_vision_attention:
         print(f"[model] grouped SDPA vision attention in {patch_vision_attention(model)} layers")
     compile_on, why = compile_vision_choice(cfg.compile_vision, hardware)
@@ -153,7 +209,7 @@ def run_fold(fold, train, test, folds, processor, fmt, cfg, hardware, out_dir, s
                                      f"run did not finish fold {fold}). Fix: folds=<the folds it has>, or finish it")
         state = torch.load(source, map_location="cpu")
         load_trainable_state(model, state)
-        if is_main():
+        if process_group().is_main():
             torch.save(state, fold_dir / "best_adapter.pt")
         print(f"[fold {fold}] adapters_from: predicting with {source}, no training")
     elif zero_shot:
@@ -163,19 +219,19 @@ def run_fold(fold, train, test, folds, processor, fmt, cfg, hardware, out_dir, s
         views = max(1, cfg.tta_option_views) * len(image_scales(cfg)) * (len(val_part) + len(test))
         train_fold(model, train_part, val_part, processor, fmt, cfg, hardware, fold, fold_dir, feature_cache=cache,
                    clock=clock, reserve_views=views)
-        load_trainable_state(model, from_main(lambda: torch.load(fold_dir / "best_adapter.pt", map_location="cpu")))
+        load_trainable_state(model, process_group().from_main(lambda: torch.load(fold_dir / "best_adapter.pt", map_location="cpu")))
     for name, frame in (("oof", val_part), ("test", test)):
         # Under DDP each rank predicts one contiguous row shard; all shards come back in row order.
         # The test pass is the same in every fold: its batches are kept for the next fold (feature cache on).
         if zero_shot and name == "test" and "zero_shot_test" in shared_cache:
             views = shared_cache["zero_shot_test"]  # the same untrained model: the same probabilities
         else:
-            views = gather_views(map_shards(frame, lambda part: predict_views(
+            views = gather_views(process_group().map_shards(frame, lambda part: predict_views(
                 model, part, processor, fmt, cfg, hardware, desc=f"fold {fold} {name}", feature_cache=cache,
                 reuse_batches=name == "test")))
         if zero_shot and name == "test":
             shared_cache["zero_shot_test"] = views
-        if not is_main():
+        if not process_group().is_main():
             continue
         probs_frame(frame["id"], views[(1.0, 0)]).to_csv(fold_dir / f"{name}_probs_view0.csv", index=False)
         # Written last: its presence marks the fold complete.
@@ -191,10 +247,21 @@ def run_fold(fold, train, test, folds, processor, fmt, cfg, hardware, out_dir, s
         print(f"[memory] fold {fold}: peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated, "
               f"{torch.cuda.max_memory_reserved() / 2**30:.2f} GiB reserved, of {hardware.gpu_memory_gib:g} GiB")
     del model
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_memory()
 
+
+def run_all_folds(run):
+    """Every fold trained (or resumed, or skipped when done) and its predictions written: one after another
+    here (under DDP each across all ranks), or with 2+ GPUs one worker process per GPU (scale/parallel.py)."""
+    shared_cache = {}  # the folds of this run share one image-feature cache
+    args = (run.train, run.test, run.folds, run.processor, run.fmt, run.cfg, run.hardware, run.out_dir, shared_cache,
+            run.clock)
+    run_folds(run_fold, {fold: (fold, *args) for fold in folds_to_run(run.cfg)}, run.cfg, run.hardware,
+              run.out_dir / "workers")
+    shared_cache.clear()  # the folds are done: free their image features (GPU memory too) and kept batches
+
+
+# %% After the folds: the ensemble, the submission, the report
 
 def _accuracy(probs, letters):
     return float(np.mean(np.asarray(letters_from_probs(probs)) == np.asarray(letters)))
@@ -231,7 +298,7 @@ def collect_results(cfg, train, test, folds, out_dir):
                                                     oof["answer"].to_numpy()),
                "fold_weights": weights.tolist()}
     if cfg.temperature_scaling:
-        targets = oof["answer"].map("abcd".index).to_numpy()
+        targets = np.asarray(letter_indices(oof["answer"]))
         metrics["temperature"] = fit_temperature(oof[PROB_COLUMNS].to_numpy(), targets)
         ensemble = apply_temperature(ensemble, metrics["temperature"])
     for k, probs in zip(run, test_tta):
@@ -249,51 +316,10 @@ def collect_results(cfg, train, test, folds, out_dir):
     return ensemble, metrics
 
 
-def run_pipeline(cfg, hardware):
-    """Everything, end to end. Returns the metrics dict (also saved as metrics.json)."""
-    clock = RunClock.start(cfg.time_budget_hours)
-    started = clock.started
-    check_versions(verbose=is_main())
-    owns_process_group = init_distributed()  # under torchrun / accelerate launch; else nothing
-    if cfg.demo:
-        if is_main():
-            cfg = prepare_demo(cfg)
-        barrier()
-        if not is_main():  # rank 0 built them; the others find them ready (several nodes: a shared folder)
-            cfg = prepare_demo(cfg)
-    cfg = resolve_inputs(cfg)  # data_dir / model_name_or_path "auto", a hub id, Colab's Drive: before any write
-    out_dir = pathlib.Path(cfg.output_dir)
-    if is_main():
-        check_resume(cfg, out_dir)
-        save_config(cfg, out_dir)
-    train, test, sample_submission, bad_rows = load_competition(cfg)
-    apply_memory_cap(hardware)
-    cfg, plan = plan_memory(cfg, hardware, verbose=is_main())  # checkpointing and batch sizes for this card
-    if is_main():
-        (out_dir / "memory_plan.json").write_text(json.dumps(plan, indent=2) + "\n")
-    processor = load_processor(cfg)
-    fmt = make_prompt_format(processor, cfg)
-    folds = make_folds(train, cfg.n_folds, cfg.seed)
-    folds_frame = pd.DataFrame({"id": train["id"], "fold": folds})
-    if cfg.adapters_from:
-        check_adapter_source(cfg, folds_frame)  # the same prompts, images and folds as that run, before any work
-    if is_main():
-        folds_frame.to_csv(out_dir / "folds.csv", index=False)
-    # One fold after another here (under DDP each across all ranks), or with 2+ GPUs one worker process
-    # per GPU (parallel.py).
-    shared_cache = {}  # the folds of this run share one image-feature cache
-    run_folds(run_fold, {fold: (fold, train, test, folds, processor, fmt, cfg, hardware, out_dir, shared_cache, clock)
-                         for fold in folds_to_run(cfg)}, cfg, hardware, out_dir / "workers")
-    shared_cache.clear()  # the folds are done: free their image features (GPU memory too) and kept batches
-    metrics = from_main(lambda: finish_run(cfg, hardware, train, test, folds, sample_submission, bad_rows, out_dir,
-                                           started))  # under DDP: rank 0 writes, every rank returns its metrics
-    if owns_process_group:
-        finish_distributed()
-    return metrics
-
-
-def finish_run(cfg, hardware, train, test, folds, sample_submission, bad_rows, out_dir, started):
+def finish_run(run):
     """After the folds: ensemble, submission, metrics.json, plots (run_pipeline's last stage)."""
+    cfg, hardware, train, test, folds, out_dir = run.cfg, run.hardware, run.train, run.test, run.folds, run.out_dir
+    sample_submission, bad_rows, started = run.sample_submission, run.bad_rows, run.clock.started
     ensemble, metrics = collect_results(cfg, train, test, folds, out_dir)
     submission = write_submission(letters_from_probs(ensemble), test["id"].tolist(),
                                   cfg.submission_path or out_dir / "submission.csv", sample_submission)
@@ -311,3 +337,10 @@ def finish_run(cfg, hardware, train, test, folds, sample_submission, bad_rows, o
         print(f"[done] hold-out accuracy, {name}: {value:.4f}")
     print(f"[done] submission: {submission} ({len(test)} rows) in {metrics['runtime_s']} s")
     return metrics
+
+
+def run_pipeline(cfg, hardware):
+    """Everything, end to end. Returns the metrics dict (also saved as metrics.json)."""
+    run = start_run(cfg, hardware)
+    run_all_folds(run)
+    return process_group().from_main(lambda: finish_run(run))  # under DDP: rank 0 writes, every rank gets the metrics

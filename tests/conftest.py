@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from mcvqa.config import Config, resolve_config
-from mcvqa.demo_model import build_tiny_qwen_vl
-from mcvqa.hardware import choose_hardware
-from mcvqa.modeling import load_model_for_training, load_processor
-from mcvqa.prompts import make_prompt_format
+from mcvqa.core.config import Config, resolve_config
+from mcvqa.demo.demo_model import build_tiny_qwen_vl
+from mcvqa.core.hardware import choose_hardware
+from mcvqa.core.modeling import load_model_for_training, load_processor
+from mcvqa.core.prompts import make_prompt_format
 
 REAL_PROCESSOR_NAMES = ("Qwen2.5-VL-7B-Instruct", "Qwen2-VL-2B-Instruct", "Qwen3-VL-4B-Instruct")
 TINY_FAMILIES = ("qwen2_5_vl", "qwen3_vl")

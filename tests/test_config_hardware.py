@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from mcvqa.config import Config, parse_overrides, resolve_config, save_config
-from mcvqa.hardware import choose_hardware, detect_hardware
+from mcvqa.core.config import Config, parse_overrides, resolve_config, save_config
+from mcvqa.core.hardware import choose_hardware, detect_hardware
 
 T4 = {"name": "Tesla T4", "capability": (7, 5), "memory_gib": 14.7}
 A100 = {"name": "NVIDIA A100-SXM4-40GB", "capability": (8, 0), "memory_gib": 39.4}
@@ -73,7 +73,7 @@ def test_resume_refuses_a_folder_whose_folds_saw_other_prompts(tmp_path):
     """A re-run into a run folder with folds checks the prompt/image settings saved there: a changed
     instruction_first (also in configs saved before it existed, when the instruction came last) stops
     with the setting and the fix; the same settings, or a folder without folds, go on."""
-    from mcvqa.config import check_resume
+    from mcvqa.core.config import check_resume
 
     cfg = resolve_config("demo", env={}, verbose=False)
     save_config(cfg, tmp_path)

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageFile
 
-from mcvqa.data import (
-    ANSWER_LETTERS,
+from mcvqa.core.data import (
+    OPTION_LETTERS,
     IMAGE_COLUMN_CANDIDATES,
     DataError,
     check_images,
@@ -422,7 +422,7 @@ def test_folds_from_identical_images_name_the_file_the_grouping_and_the_fix(tmp_
 
 
 def test_bomb_message_names_a_setting_that_exists_and_is_honoured(tmp_path):
-    from mcvqa.config import resolve_config
+    from mcvqa.core.config import resolve_config
 
     path = save_image(tmp_path / "big.png", size=(100, 100))
     frame = pd.DataFrame({"id": ["q1"], "image_path": [str(path)]})
@@ -436,7 +436,7 @@ def test_bomb_message_names_a_setting_that_exists_and_is_honoured(tmp_path):
 def test_data_readme_describes_the_layout_the_code_reads_and_what_git_ignores():
     root = Path(__file__).resolve().parents[1]
     readme = (root / "data" / "README.md").read_text(encoding="utf-8")
-    for column in ("id", "question", *ANSWER_LETTERS, "answer") + IMAGE_COLUMN_CANDIDATES:
+    for column in ("id", "question", *OPTION_LETTERS, "answer") + IMAGE_COLUMN_CANDIDATES:
         assert column in readme
     for name in ("train.csv", "test.csv", "sample_submission.csv", "data/demo/", "data/tiny_models/"):
         assert name in readme, name

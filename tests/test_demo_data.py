@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from mcvqa.demo_data import (
+from mcvqa.demo.demo_data import (
     DEMO_COLOURS,
     DEMO_COUNTS,
     DEMO_POSITIONS,

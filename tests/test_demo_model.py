@@ -8,9 +8,9 @@ from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from conftest import REAL_FOR_FAMILY, TINY_FAMILIES, TINY_TEXTS
-from mcvqa.demo_model import build_tiny_qwen_vl, tiny_chat_template
-from mcvqa.modeling import add_lora, load_base_model, load_processor
-from mcvqa.prompts import answer_letter_ids, build_messages, format_user_text
+from mcvqa.demo.demo_model import build_tiny_qwen_vl, tiny_chat_template
+from mcvqa.core.modeling import add_lora, load_base_model, load_processor
+from mcvqa.core.prompts import answer_letter_ids, build_messages, format_user_text
 
 pytestmark = [pytest.mark.usefixtures("torch_single_thread"), pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.filterwarnings("ignore::FutureWarning")]

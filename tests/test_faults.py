@@ -8,10 +8,10 @@ import weakref
 import pytest
 import torch
 
-import mcvqa.training as training
-from mcvqa.data import check_images, read_competition_csv
-from mcvqa.demo_data import generate_demo_dataset
-from mcvqa.modeling import load_model_for_training, trainable_state
+import mcvqa.core.training as training
+from mcvqa.core.data import check_images, read_competition_csv
+from mcvqa.demo.demo_data import generate_demo_dataset
+from mcvqa.core.modeling import load_model_for_training, trainable_state
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -99,7 +99,7 @@ def test_cuda_oom_during_backward_redoes_the_step_from_zero_gradients(
         tiny_cfg, tiny_processor, tiny_fmt, hardware, demo_rows, tmp_path):
     """An OOM in the middle of backward() leaves part of that micro-batch's gradient in the LoRA weights;
     the retry must not add it a second time: same adapter as micro-batch 2 from the start."""
-    from mcvqa.scoring import unwrap_vlm
+    from mcvqa.core.modeling import unwrap_vlm
 
     _, ref_adapter, ref_hist = _train(tiny_cfg, tiny_processor, tiny_fmt, hardware, demo_rows, tmp_path / "ref",
                                       micro_batch_size=2, grad_accum_steps=2)

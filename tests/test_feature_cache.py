@@ -15,17 +15,20 @@ import torch
 from PIL import Image
 
 from conftest import TINY_FAMILIES, randomise_lora
-from mcvqa.collate import VqaCollator
-from mcvqa.compat import image_features
-from mcvqa.fast_vision import (chunk_groups, compile_vision_choice, compile_vision_elementwise, grouped_attention,
+from mcvqa.speed.feature_cache import CachedImageEncoding
+from mcvqa.core.collate import VqaCollator
+from mcvqa.core.compat import image_features
+from mcvqa.speed.fast_vision import (chunk_groups, compile_vision_choice, compile_vision_elementwise, grouped_attention,
                                patch_vision_attention, unpatch_vision_attention)
-from mcvqa.hardware import choose_hardware
-from mcvqa.feature_cache import FeatureCache, ImageFeatures, cache_blockers, image_key, make_feature_cache
-from mcvqa.inference import predict_views
-from mcvqa.modeling import load_model_for_training
+from mcvqa.core.hardware import choose_hardware
+from mcvqa.speed.feature_cache import FeatureCache, ImageFeatures, cache_blockers, image_key, make_feature_cache
+from mcvqa.core.inference import predict_views
+from mcvqa.core.modeling import load_model_for_training
 from mcvqa.pipeline import run_feature_cache
-from mcvqa.scoring import answer_loss, letter_logits, unwrap_vlm
-from mcvqa.training import micro_batches, train_fold
+from mcvqa.core.modeling import unwrap_vlm
+from mcvqa.core.scoring import answer_loss, letter_logits
+from mcvqa.core.collate import micro_batches
+from mcvqa.core.training import train_fold
 
 MIN_PIXELS, MAX_PIXELS = 28 * 28 * 4, 112 * 112
 
@@ -55,7 +58,7 @@ def _items(answers=(2, 0, 3)):
 
 
 def _collate(family, tiny_processor, tiny_fmt, items):
-    return VqaCollator(tiny_processor(family), tiny_fmt(family), MIN_PIXELS, MAX_PIXELS, image_keys=True)(items)
+    return VqaCollator(tiny_processor(family), tiny_fmt(family), MIN_PIXELS, MAX_PIXELS, encoding=CachedImageEncoding())(items)
 
 
 def _cache(tiny_cfg, family, model, hardware, **changes):
@@ -368,7 +371,7 @@ def test_later_fold_reuses_the_kept_test_batches(tiny_model, tiny_cfg, tiny_proc
                                                  monkeypatch):
     """With reuse_batches, the second identical pass (the next fold's test set) makes no data loader and
     gives the same probabilities; a changed frame or an image the cache lost goes through the loader."""
-    import mcvqa.inference as inference
+    import mcvqa.speed.replay as replay
 
     family = "qwen2_5_vl"
     model, processor, fmt = tiny_model(family, False), tiny_processor(family), tiny_fmt(family)
@@ -376,16 +379,16 @@ def test_later_fold_reuses_the_kept_test_batches(tiny_model, tiny_cfg, tiny_proc
     cfg = tiny_cfg(family, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, tta_option_views=4, num_workers=0,
                    infer_batch_size=2)
     loaders = []
-    real_make_loader = inference.make_loader
-    monkeypatch.setattr(inference, "make_loader", lambda *a, **kw: loaders.append(1) or real_make_loader(*a, **kw))
+    real_make_loader = replay.make_loader  # reuse_batches: the replay makes the loader when it has no batches
+    monkeypatch.setattr(replay, "make_loader", lambda *a, **kw: loaders.append(1) or real_make_loader(*a, **kw))
     cache = _cache(tiny_cfg, family, model, hardware)
 
     def run(data):
         return predict_views(model, data, processor, fmt, cfg, hardware, feature_cache=cache, reuse_batches=True)
 
     first = run(frame)
-    assert len(loaders) == 1 and len(cache.kept_batches) == 1
-    (batches, keys), = cache.kept_batches.values()
+    assert len(loaders) == 1 and len(cache.replay.kept) == 1
+    (batches, keys), = cache.replay.kept.values()
     assert len(batches) == 2 and len(keys) == 3 and all(b["pixel_values"].numel() == 0 for b in batches)
     again = run(frame)
     assert len(loaders) == 1  # replayed: no loader made
@@ -393,7 +396,7 @@ def test_later_fold_reuses_the_kept_test_batches(tiny_model, tiny_cfg, tiny_proc
         np.testing.assert_array_equal(again[view], first[view])
     changed = frame.assign(question=frame["question"].where(frame.index != 1, "도형은 몇 개입니까?"))
     other = run(changed)
-    assert len(loaders) == 2 and len(cache.kept_batches) == 2
+    assert len(loaders) == 2 and len(cache.replay.kept) == 2
     assert np.abs(other[(1.0, 0)][1] - first[(1.0, 0)][1]).max() > 1e-6  # the new question was scored
     np.testing.assert_allclose(other[(1.0, 0)][[0, 2]], first[(1.0, 0)][[0, 2]], atol=1e-6, rtol=0)  # (padding)
     lost = next(iter(keys))
@@ -416,7 +419,7 @@ def test_kept_batches_are_plain_memory_and_features_are_compact(tiny_model, tiny
                    infer_batch_size=2)
     cache = _cache(tiny_cfg, family, model, hardware)
     predict_views(model, frame, processor, fmt, cfg, hardware, feature_cache=cache, reuse_batches=True)
-    (batches, _), = cache.kept_batches.values()
+    (batches, _), = cache.replay.kept.values()
     tensors = [t for b in batches for t in b.values() if isinstance(t, torch.Tensor)]
     assert tensors and not any(t.is_shared() for t in tensors)
     for features in cache.store.values():
@@ -424,13 +427,13 @@ def test_kept_batches_are_plain_memory_and_features_are_compact(tiny_model, tiny
     small = _cache(tiny_cfg, family, model, hardware, feature_cache_max_gib=cache.bytes / 2 / 2**30)
     capsys.readouterr()
     predict_views(model, frame, processor, fmt, cfg, hardware, feature_cache=small, reuse_batches=True)
-    assert small.kept_batches == {} and "not kept" in capsys.readouterr().out
+    assert small.replay.kept == {} and "not kept" in capsys.readouterr().out
 
 
 def test_feature_cache_place():
     """auto keeps features on GPUs of 60 GiB or more, in RAM on a T4 and on the CPU; cuda without a GPU fails."""
-    from mcvqa.config import resolve_config
-    from mcvqa.feature_cache import feature_cache_place
+    from mcvqa.core.config import resolve_config
+    from mcvqa.speed.feature_cache import feature_cache_place
 
     t4 = choose_hardware([{"name": "Tesla T4", "capability": (7, 5), "memory_gib": 15.0}], flash_attn_installed=False)
     a100_40 = choose_hardware([{"name": "NVIDIA A100", "capability": (8, 0), "memory_gib": 39.4}], flash_attn_installed=False)

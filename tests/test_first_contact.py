@@ -17,9 +17,9 @@ import papermill
 import pytest
 
 from conftest import TINY_TEXTS
-from mcvqa.demo_data import generate_demo_dataset
-from mcvqa.demo_model import build_tiny_qwen_vl
-from mcvqa.packages import RUN_PACKAGES
+from mcvqa.demo.demo_data import generate_demo_dataset
+from mcvqa.demo.demo_model import build_tiny_qwen_vl
+from mcvqa.core.packages import RUN_PACKAGES
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 KAGGLE_LACKS = ("peft", "bitsandbytes", "accelerate", "cloudpickle")

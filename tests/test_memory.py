@@ -6,9 +6,9 @@ import dataclasses
 import pytest
 from transformers import Qwen2_5_VLConfig, Qwen3VLConfig
 
-from mcvqa.config import resolve_config
-from mcvqa.hardware import choose_hardware
-from mcvqa.memory import LORA_COPIES, _meta_model, plan_memory, weight_gib
+from mcvqa.core.config import resolve_config
+from mcvqa.core.hardware import choose_hardware
+from mcvqa.core.memory import LORA_COPIES, _meta_model, plan_memory, weight_gib
 
 SPECIAL = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
 # Published sizes (Qwen/Qwen2.5-VL-3B-Instruct, Qwen/Qwen3-VL-8B-Instruct config.json).

@@ -93,7 +93,19 @@ def test_module_cells_strip_docstring_and_intra_package_imports(fake_pkg):
     )
     cells = module_cells("a", fake_pkg)
     assert [c.cell_type for c in cells] == ["markdown", "code"]
-    assert cells[0].source == markdown and cells[1].source == code
+    assert cells[0].source == "### Stage A\n\nDefines the constants."  # one level below the builder's stage heading
+    assert cells[1].source == "# mcvqa/a.py\n" + code  # the first line names the source file
+
+
+def test_module_cut_into_cells_at_markers_with_call_cells(fake_pkg, monkeypatch):
+    _write(fake_pkg, "c", '"""## C"""\nimport json\n\nX = 1\n\n\n# %% Second part\n\ndef f():\n    return X\n')
+    monkeypatch.setattr(notebook, "CALL_CELLS", {"c": ("first", "print(X)"), "c: Second part": ("second", "f()")})
+    cells = module_cells("c", fake_pkg)
+    assert [(c.cell_type, c.source) for c in cells] == [
+        ("markdown", "### C"), ("code", "# mcvqa/c.py\nimport json\n\nX = 1"),
+        ("markdown", "**Run:** first"), ("code", "print(X)"),
+        ("markdown", "#### Second part"), ("code", "# mcvqa/c.py (second part)\ndef f():\n    return X"),
+        ("markdown", "**Run:** second"), ("code", "f()")]
 
 
 def test_absolute_package_import_stripped(fake_pkg):
@@ -138,11 +150,8 @@ def test_build_layout_on_fakes(fake_pkg):
     assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# Kaggle All-in-One Pro")
     assert nb.cells[1].source == notebook.PARAMETERS_CELL
     assert nb.cells[1].metadata["tags"] == ["parameters"]
-    assert nb.cells[2].source == "## Stage A\n\nDefines the constants."
-    assert nb.cells[4].source == "## Stage B"
-    n_tail = 2 * len(notebook.STAGE_CELLS)
-    tail = [(nb.cells[i].source, nb.cells[i + 1].source) for i in range(len(nb.cells) - n_tail, len(nb.cells), 2)]
-    assert tail == [tuple(pair) for pair in notebook.STAGE_CELLS]
+    assert nb.cells[2].source == "### Stage A\n\nDefines the constants."
+    assert nb.cells[4].source == "### Stage B"
     assert [c.id for c in nb.cells] == [f"cell-{i:03d}" for i in range(len(nb.cells))]
     assert all(c.execution_count is None and c.outputs == [] for c in _code_cells(nb))
     assert nb.metadata["kernelspec"]["name"] == "python3"
@@ -171,7 +180,8 @@ def test_freshness_check_catches_a_one_character_edit(fake_pkg, tmp_path):
 
 def test_main_check_and_write(fake_pkg, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(notebook, "PACKAGE_DIR", fake_pkg)
-    monkeypatch.setattr(notebook, "FLOW_MODULES", ("a", "b"))
+    monkeypatch.setattr(notebook, "SETUP_MODULES", ())
+    monkeypatch.setattr(notebook, "LAYOUT", (("Part I", (("Stages", ("a", "b")),)),))
     path = tmp_path / "nb.ipynb"
     assert notebook.main(["--check", "--path", str(path)]) == 1
     assert "notebook is stale: run python -m mcvqa.notebook" in capsys.readouterr().err
@@ -204,6 +214,38 @@ def test_real_code_cells_parse_and_have_no_package_imports():
     for i, cell in enumerate(code):
         ast.parse(cell.source, filename=f"code cell {i}")
         assert _intra_package_imports(cell.source) == [], f"code cell {i} imports from the package"
+
+
+def test_real_notebook_follows_the_users_path():
+    """Setup, then Part I's stages in the user's order with the config and hardware cells run right after
+    their definitions, the engine room apart and marked as skippable, and the run's stage cells after it;
+    no command-line-only module (DDP, sharding, snapshots) in it."""
+    cells = build_notebook().cells
+    headings = [c.source.splitlines()[0] for c in cells if c.cell_type == "markdown" and c.source.startswith("## ")]
+    assert headings[0] == "## Setup" and headings[1] == "## 1. Configuration"
+    assert [h.split(". ", 1)[0] for h in headings[1:]] == [f"## {k}" for k in range(1, len(headings))]
+    parts = [c.source for c in cells if c.cell_type == "markdown" and c.source.startswith("# Part")]
+    assert len(parts) == 3 and "safe to skip" in parts[1]
+    code = [c.source for c in cells if c.cell_type == "code"]
+    calls = [s.splitlines()[0] for s in code[1:] if not s.startswith("# mcvqa/")]
+    assert calls == ["installed_now = ensure_packages()  # wheels: any folder of .whl files under /kaggle/input",
+                     "cfg = resolve_config(PROFILE, OVERRIDES)", "check_versions()", "run = start_run(cfg, hardware)",
+                     "run_all_folds(run)", "metrics = finish_run(run)"]
+    sources = [c.source.splitlines()[0] for c in cells if c.cell_type == "code" and c.source.startswith("# mcvqa/")]
+    assert not [s for s in sources if "distributed" in s or "sharded" in s or "snapshot" in s or "bundle" in s]
+    model = next(i for i, c in enumerate(cells) if c.source.startswith("# mcvqa/core/modeling.py"))
+    hardware = next(i for i, c in enumerate(cells) if c.source.startswith("# mcvqa/core/hardware.py"))
+    between = sum(len(c.source.splitlines()) for c in cells[hardware + 1:model] if c.cell_type == "code")
+    assert between < 400, f"{between} code lines between Hardware and Model"
+
+
+def test_core_imports_neither_speed_nor_scale():
+    """The core stages get the speed and scale wings through the objects they are handed, never by import."""
+    for path in sorted((NOTEBOOK_PATH.parent / "mcvqa" / "core").glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 2:
+                assert (node.module or "").split(".")[0] not in ("speed", "scale", "demo"), f"{path.name} imports {node.module}"
 
 
 def test_real_package_has_no_duplicate_top_level_names():

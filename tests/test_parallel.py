@@ -19,12 +19,14 @@ import pytest
 import torch
 from PIL import Image
 
-from mcvqa.hardware import choose_hardware
-from mcvqa.inference import predict_views
-from mcvqa.modeling import trainable_state
+from mcvqa.core.hardware import choose_hardware
+from mcvqa.core.inference import predict_views
+from mcvqa.core.modeling import trainable_state
 from mcvqa.notebook import module_sources
-from mcvqa.parallel import (WorkerError, WorkerJob, WorkerOutput, WorkerSlot, gather_views, parallel_workers,
-                            predict_views_sharded, run_folds, run_in_workers, shard_bounds, worker_slots)
+from mcvqa.core.inference import gather_views
+from mcvqa.scale.parallel import (WorkerError, WorkerJob, WorkerOutput, WorkerSlot, parallel_workers, run_folds,
+                                  run_in_workers, worker_slots)
+from mcvqa.scale.sharded import predict_views_sharded, shard_bounds
 
 from conftest import demo_config
 

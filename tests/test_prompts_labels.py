@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 
 from conftest import REAL_PROCESSOR_NAMES, demo_config
-from mcvqa.collate import IGNORE_INDEX, VqaCollator
-from mcvqa.prompts import (
+from mcvqa.speed.feature_cache import CachedImageEncoding
+from mcvqa.core.collate import IGNORE_INDEX, VqaCollator
+from mcvqa.core.prompts import (
     OPTION_LETTERS,
     PromptFormat,
     answer_letter_ids,
@@ -165,11 +166,10 @@ def test_cache_mode_collator_equals_processor_and_skips_known_and_repeated_image
     def pixels_of(rows):
         return torch.cat([plain["pixel_values"][starts[r]:starts[r] + sizes[r]] for r in rows])
 
-    full = VqaCollator(real, fmt, MIN_PIXELS, MAX_PIXELS, image_keys=True)(items)
-    deduped = VqaCollator(real, fmt, MIN_PIXELS, MAX_PIXELS, image_keys=True, dedupe_images=True)(items)
-    known = VqaCollator(real, fmt, MIN_PIXELS, MAX_PIXELS, image_keys=True, dedupe_images=True,
-                        known_keys=[full["image_keys"][1], full["image_keys"][4]])(items)
-    half = VqaCollator(real, fmt, MIN_PIXELS, MAX_PIXELS, image_keys=True, pixel_dtype=torch.bfloat16)(items)
+    full = VqaCollator(real, fmt, MIN_PIXELS, MAX_PIXELS, encoding=CachedImageEncoding())(items)
+    deduped = VqaCollator(real, fmt, MIN_PIXELS, MAX_PIXELS, encoding=CachedImageEncoding(dedupe_images=True))(items)
+    known = VqaCollator(real, fmt, MIN_PIXELS, MAX_PIXELS, encoding=CachedImageEncoding([full["image_keys"][1], full["image_keys"][4]], dedupe_images=True))(items)
+    half = VqaCollator(real, fmt, MIN_PIXELS, MAX_PIXELS, encoding=CachedImageEncoding(), pixel_dtype=torch.bfloat16)(items)
     for batch in (full, deduped, known, half):
         for key in ("input_ids", "attention_mask", "mm_token_type_ids", "labels", "answer_positions", "image_grid_thw"):
             assert torch.equal(batch[key], plain[key]), key

@@ -13,13 +13,13 @@ import pytest
 from PIL import Image
 from sklearn.calibration import calibration_curve
 
-from mcvqa.reporting import (
+from mcvqa.core.reporting import (
     expected_calibration_error,
     make_run_plots,
     plot_confusion_matrix,
     plot_reliability_diagram,
-    snapshot_experiment,
 )
+from mcvqa.snapshot import snapshot_experiment
 
 LETTERS = list("abcd")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -14,10 +14,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import TINY_FAMILIES
-from mcvqa.collate import VqaCollator, cyclic_views
-from mcvqa.inference import predict_views, softmax, to_original_order
-from mcvqa.compat import model_input_names
-from mcvqa.scoring import MODEL_INPUT_KEYS, answer_loss, letter_logits, unwrap_vlm
+from mcvqa.speed.feature_cache import CachedImageEncoding
+from mcvqa.core.collate import VqaCollator, cyclic_views
+from mcvqa.core.inference import predict_views, softmax, to_original_order
+from mcvqa.core.compat import model_input_names
+from mcvqa.core.modeling import unwrap_vlm
+from mcvqa.core.scoring import MODEL_INPUT_KEYS, answer_loss, letter_logits
 
 MIN_PIXELS, MAX_PIXELS = 28 * 28 * 4, 112 * 112
 
@@ -216,7 +218,7 @@ def test_fp16_hardware_runs_the_vision_tower_outside_autocast(family, setup, tin
     """On a T4 (fp16) the training loop's autocast must not push the fp32 vision tower back to fp16."""
     import dataclasses
 
-    from mcvqa.modeling import add_lora, load_base_model
+    from mcvqa.core.modeling import add_lora, load_base_model
 
     t4 = dataclasses.replace(hardware, dtype="float16")
     cfg = tiny_cfg(family, load_in_4bit=False)
@@ -241,15 +243,15 @@ def test_fp16_hardware_runs_the_vision_tower_outside_autocast(family, setup, tin
 def test_shared_prefix_scoring_equals_full_views(family, setup, tiny_model, load_in_4bit):
     """The 4 option orders of a row share system + image + question: one prefix pass plus 4 suffixes
     must give the letter logits of 4 full forward passes (ragged rows, padding inside the batch)."""
-    from mcvqa.feature_cache import FeatureCache
-    from mcvqa.scoring import shared_prefix_letter_logits
+    from mcvqa.speed.feature_cache import FeatureCache
+    from mcvqa.speed.shared_prefix import shared_prefix_letter_logits
 
     model = tiny_model(family, load_in_4bit)
     processor, fmt = setup
     rows = _items()
     views = [dict(item, perm=perm, options=[item["options"][p] for p in perm], answer=-1)
              for item in rows for perm in [tuple((j + s) % 4 for j in range(4)) for s in range(4)]]
-    collator = VqaCollator(processor, fmt, MIN_PIXELS, MAX_PIXELS, image_keys=True)
+    collator = VqaCollator(processor, fmt, MIN_PIXELS, MAX_PIXELS, encoding=CachedImageEncoding())
     cache = FeatureCache()
     with torch.no_grad():
         batch = cache.attach(model, collator(views))
@@ -266,17 +268,17 @@ def test_predict_views_with_shared_prefix_equals_view_by_view(family, setup, tin
     """predict_views' shared-prefix path (cache on, rows batched with their option orders, a batch
     size that is no multiple of 4 and a ragged last batch) gives the same {view: probs} as scoring
     every view on its own."""
-    from mcvqa.feature_cache import FeatureCache
+    from mcvqa.speed.feature_cache import FeatureCache
 
     processor, fmt = setup
     model = tiny_model(family, True)
     frame = _test_frame(tmp_path)
     base = dict(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, tta_option_views=4, num_workers=0, infer_batch_size=2)
-    import mcvqa.training as training
+    import mcvqa.speed.shared_prefix as shared_prefix
 
     used = []
-    real = training.shared_prefix_letter_logits
-    monkeypatch.setattr(training, "shared_prefix_letter_logits",
+    real = shared_prefix.shared_prefix_letter_logits
+    monkeypatch.setattr(shared_prefix, "shared_prefix_letter_logits",
                         lambda *a, **k: _count(used, real(*a, **k)))
     cache = FeatureCache()
     shared = predict_views(model, frame, processor, fmt, tiny_cfg(family, **base), hardware, feature_cache=cache)
@@ -309,8 +311,9 @@ def test_predict_views_halves_the_batch_on_cuda_oom_with_the_same_predictions(
         family, setup, tiny_model, tiny_cfg, hardware, tmp_path, monkeypatch, capsys, shared_prefix):
     """A prediction pass that runs out of GPU memory halves its batch (whole rows) and goes on:
     same probabilities as a pass that never ran out, one message per halving; other errors still stop it."""
-    from mcvqa.feature_cache import FeatureCache
-    import mcvqa.training as training
+    from mcvqa.speed.feature_cache import FeatureCache
+    import mcvqa.core.inference as inference
+    import mcvqa.speed.shared_prefix as shared_prefix_module
 
     processor, fmt = setup
     model = tiny_model(family, True)
@@ -319,7 +322,8 @@ def test_predict_views_halves_the_batch_on_cuda_oom_with_the_same_predictions(
                    infer_batch_size=3 if shared_prefix else 8, tta_shared_prefix=shared_prefix)
     reference = predict_views(model, frame, processor, fmt, cfg, hardware, feature_cache=FeatureCache())
     name = "shared_prefix_letter_logits" if shared_prefix else "letter_logits"
-    real, sizes = getattr(training, name), []
+    module = shared_prefix_module if shared_prefix else inference  # where the pass looks the scorer up
+    real, sizes = getattr(module, name), []
     most = 4 if shared_prefix else 2  # one row's 4 orders / 2 views fit, anything larger "runs out of memory"
 
     held, alive = [], []  # weak references to what each failed attempt's frame held
@@ -333,7 +337,7 @@ def test_predict_views_halves_the_batch_on_cuda_oom_with_the_same_predictions(
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(model, batch, *args, **kwargs)
 
-    monkeypatch.setattr(training, name, oom_above)
+    monkeypatch.setattr(module, name, oom_above)
     got = predict_views(model, frame, processor, fmt, cfg, hardware, feature_cache=FeatureCache())
     # Shared prefix: 3 rows (12 views) -> 1 row at once; view by view: 8 -> 4 -> 2 views (halved twice).
     halvings = 1 if shared_prefix else 2
@@ -347,7 +351,7 @@ def test_predict_views_halves_the_batch_on_cuda_oom_with_the_same_predictions(
     def broken(model, batch, *args, **kwargs):
         raise RuntimeError("not a memory problem")
 
-    monkeypatch.setattr(training, name, broken)
+    monkeypatch.setattr(module, name, broken)
     with pytest.raises(RuntimeError, match="not a memory problem"):
         predict_views(model, frame, processor, fmt, cfg, hardware, feature_cache=FeatureCache())
 
@@ -362,8 +366,9 @@ def test_shared_prefix_that_breaks_falls_back_to_exact_views_with_a_warning(
         family, setup, tiny_model, tiny_cfg, hardware, tmp_path, monkeypatch, capsys):
     """A pass whose shared-prefix scoring disagrees with view-by-view scoring on its first batch warns and
     goes on view by view: the probabilities are the exact ones, not the broken path's."""
-    from mcvqa.feature_cache import FeatureCache
-    import mcvqa.scoring as scoring
+    from mcvqa.speed.feature_cache import FeatureCache
+    from mcvqa.speed.shared_prefix import shared_prefix_letter_logits
+    import mcvqa.core.scoring as scoring
 
     processor, fmt = setup
     model = tiny_model(family, True)
@@ -376,10 +381,10 @@ def test_shared_prefix_that_breaks_falls_back_to_exact_views_with_a_warning(
     monkeypatch.setattr(scoring, "cache_argument", _ignored_cache_argument)
     with torch.no_grad():  # the broken path really is broken (else the fallback could not be seen)
         cache = FeatureCache()
-        batch = cache.attach(model, VqaCollator(processor, fmt, MIN_PIXELS, MAX_PIXELS, image_keys=True)(
+        batch = cache.attach(model, VqaCollator(processor, fmt, MIN_PIXELS, MAX_PIXELS, encoding=CachedImageEncoding())(
             [dict(it, perm=p, options=[it["options"][i] for i in p], answer=-1)
              for it in _items() for p in [(0, 1, 2, 3), (1, 2, 3, 0)]]))
-        broken = scoring.shared_prefix_letter_logits(model, batch, fmt.letter_ids, "cpu", 2)
+        broken = shared_prefix_letter_logits(model, batch, fmt.letter_ids, "cpu", 2)
         assert (broken - letter_logits(model, batch, fmt.letter_ids, "cpu", None)).abs().max() > 1e-2
     got = predict_views(model, frame, processor, fmt, tiny_cfg(family, **base), hardware, feature_cache=FeatureCache())
     out = capsys.readouterr()
@@ -392,9 +397,9 @@ def test_shared_prefix_that_breaks_falls_back_to_exact_views_with_a_warning(
 
 def test_check_fast_paths_switches_off_what_disagrees_with_the_stock_forward(
         family, setup, tiny_model, tiny_cfg, hardware, tmp_path, monkeypatch, capsys):
-    from mcvqa.feature_cache import FeatureCache
-    from mcvqa.inference import check_fast_paths
-    import mcvqa.scoring as scoring
+    from mcvqa.speed.feature_cache import FeatureCache
+    from mcvqa.speed.self_check import check_fast_paths
+    import mcvqa.core.scoring as scoring
 
     processor, fmt = setup
     model = tiny_model(family, True)

@@ -3,7 +3,7 @@ import os
 import pandas as pd
 import pytest
 
-from mcvqa.submission import SubmissionError, validate_submission, write_submission
+from mcvqa.core.submission import SubmissionError, validate_submission, write_submission
 
 TEST_IDS = ["t1", "t2", "t3", "t4"]
 

@@ -6,9 +6,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mcvqa.collate import VqaCollator
-from mcvqa.inference import apply_temperature, ensemble_folds, fit_temperature, fold_weights, softmax
-from mcvqa.training import LoraEma, micro_batches
+from mcvqa.speed.feature_cache import CachedImageEncoding
+from mcvqa.core.collate import VqaCollator
+from mcvqa.core.ensemble import apply_temperature, ensemble_folds, fit_temperature, fold_weights
+from mcvqa.core.inference import softmax
+from mcvqa.core.collate import micro_batches
+from mcvqa.core.training import LoraEma
 
 
 def _items():
@@ -36,8 +39,8 @@ def test_micro_batches_keep_shipped_pixels_with_their_samples(tiny_processor, ti
     processor, fmt = tiny_processor("qwen2_5_vl"), tiny_fmt("qwen2_5_vl")
     items = _items()
     plain = VqaCollator(processor, fmt, 28 * 28 * 4, 112 * 112)(items)
-    keys = VqaCollator(processor, fmt, 28 * 28 * 4, 112 * 112, image_keys=True)(items)["image_keys"]
-    batch = VqaCollator(processor, fmt, 28 * 28 * 4, 112 * 112, image_keys=True, known_keys=[keys[1]])(items)
+    keys = VqaCollator(processor, fmt, 28 * 28 * 4, 112 * 112, encoding=CachedImageEncoding())(items)["image_keys"]
+    batch = VqaCollator(processor, fmt, 28 * 28 * 4, 112 * 112, encoding=CachedImageEncoding([keys[1]]))(items)
     assert batch["pixel_rows"].tolist() == [0, 2]
     first, second = micro_batches(batch, 2)
     sizes = plain["image_grid_thw"].prod(1).tolist()
@@ -105,7 +108,7 @@ class _SlowLoader:
 def test_predict_letter_logits_reports_the_time_spent_waiting_for_the_loader(tiny_model, tiny_processor, tiny_fmt,
                                                                             hardware):
     """stats: the pass's wall time, the part spent waiting for batches and the part starting the loader."""
-    from mcvqa.training import predict_letter_logits
+    from mcvqa.core.inference import predict_letter_logits
 
     collator = VqaCollator(tiny_processor("qwen2_5_vl"), tiny_fmt("qwen2_5_vl"), 28 * 28 * 4, 112 * 112)
     batches = [collator(_items()[:2]), collator(_items()[2:])]
@@ -117,7 +120,7 @@ def test_predict_letter_logits_reports_the_time_spent_waiting_for_the_loader(tin
     # start + 2 batches; the scoring in between (also timed in wall_s) is not waiting
     assert 0.6 <= stats["loader_wait_s"] < 0.9 and stats["loader_wait_s"] < stats["wall_s"]
     # The same through the wrapper that keeps the test batches for later folds: start-up is still start-up.
-    from mcvqa.inference import KeepingBatches
+    from mcvqa.speed.replay import KeepingBatches
 
     kept, stats = [], {}
     predict_letter_logits(tiny_model("qwen2_5_vl", False), KeepingBatches(_SlowLoader(batches, 0.2), kept.extend),

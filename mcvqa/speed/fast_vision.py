@@ -30,7 +30,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from .config import ConfigError
+from ..core.config import ConfigError
 
 
 def chunk_groups(cu_seqlens):

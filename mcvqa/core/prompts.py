@@ -1,4 +1,4 @@
-"""## 4. Prompts and labels: one chat template, one set of answer-token ids
+"""## Prompts and labels: one chat template, one set of answer-token ids
 
 The model is asked through the processor's own chat template: (optional system) + user turn with the
 image, the question and the options `a. ...` to `d. ...` + assistant turn holding one letter. Training
@@ -10,7 +10,8 @@ trained on `a` (id 64) and scored ` a` (id 264); here both read the ids from `an
 
 import dataclasses
 
-OPTION_LETTERS = ("a", "b", "c", "d")
+from .data import OPTION_LETTERS
+
 
 
 def answer_letter_ids(tokenizer):

@@ -1,4 +1,4 @@
-"""## 7. Direct-logit scoring: read four logits at one position
+"""## Direct-logit scoring: read four logits at one position
 
 Instead of `generate`, one forward pass gives the hidden state at the answer position (the last
 prompt token); only the four answer-letter rows of the LM head are applied to it, so no
@@ -10,18 +10,12 @@ is scored.
 
 import torch
 import torch.nn.functional as F
-from peft import PeftModel
-from transformers import DynamicCache
 
 from .compat import cache_argument, model_input_names, rope_index
 from .config import ConfigError
+from .modeling import unwrap_vlm
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
-
-
-def unwrap_vlm(model):
-    """The `...ForConditionalGeneration` under any peft wrapper (LoRA layers stay active)."""
-    return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
 def model_inputs(batch, device, pixel_dtype, vlm_model):
@@ -120,65 +114,3 @@ def logits_agree(fast, exact, hardware):
     scale = float(exact.float().abs().max())
     tolerance = 1e-4 + 1e-3 * scale if hardware.dtype == "float32" else 0.05 + 0.05 * scale
     return error <= tolerance, error, tolerance
-
-
-def _pad_rows(rows, value, width=None):
-    width = width or max(len(r) for r in rows)
-    return torch.stack([torch.cat([r, r.new_full((width - len(r),), value)]) for r in rows])
-
-
-def _pad_positions(rows, width):
-    """[3, n, width] from per-row [3, len] position ids (pads at 0, masked anyway)."""
-    return torch.stack([torch.cat([r, r.new_zeros((r.shape[0], width - r.shape[1]))], dim=1) for r in rows], dim=1)
-
-
-def shared_prefix_letter_logits(model, batch, letter_ids, device, n_views):
-    """Letter logits of a batch of option views where each run of `n_views` samples is one row's views,
-    running the row's shared prefix (system, image, question) once and only the option-dependent
-    suffixes per view. Equal to `letter_logits` up to float rounding (tested).
-
-    Needs cached image features (feature_cache.py) and every image token inside the shared prefix.
-    Returns None when a batch doesn't have that shape (the caller then uses `letter_logits`)."""
-    if "image_features" not in batch or batch["input_ids"].shape[0] % n_views:
-        return None
-    vlm = unwrap_vlm(model)
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    lengths = mask.sum(1)
-    n_rows = ids.shape[0] // n_views
-    first = [r * n_views for r in range(n_rows)]
-    # The positions the full prompt would get (3D rope for image tokens), from each row's first view:
-    # the views share the prefix, which ends in text, and the suffix is text: it continues one past the
-    # prefix's last position in each rope component. (Not "the largest position + 1": transformers 5.0-5.x
-    # releases put an image's temporal positions past the text that follows it.)
-    positions, _ = rope_index(vlm.model, ids[first], batch["mm_token_type_ids"][first], batch["image_grid_thw"][first],
-                              mask[first])
-    image_token = vlm.config.image_token_id
-    prefix_len = []
-    for r in range(n_rows):
-        views = ids[r * n_views:(r + 1) * n_views]
-        same = (views == views[:1]).all(0).long().cumprod(0)
-        shared = int(same[:int(lengths[r * n_views:(r + 1) * n_views].min())].sum())
-        first_image = int((views[0] == image_token).nonzero().max())
-        if shared <= first_image:  # an image token after the shared prefix: not this path
-            return None
-        prefix_len.append(shared)
-    prefix_ids = _pad_rows([ids[i, :c] for i, c in zip(first, prefix_len)], 0)
-    prefix_mask = _pad_rows([mask[i, :c] for i, c in zip(first, prefix_len)], 0)
-    width = prefix_ids.shape[1]
-    features = [batch["image_features"][i] for i in first]
-    cache = DynamicCache()
-    decoder_forward(vlm, prefix_ids, prefix_mask, _pad_positions([positions[:, r, :c] for r, c in enumerate(prefix_len)], width),
-                    features, device, cache=cache)
-    cache.batch_repeat_interleave(n_views)
-    starts = [prefix_len[i // n_views] for i in range(ids.shape[0])]
-    suffix_ids = _pad_rows([ids[i, s:lengths[i]] for i, s in enumerate(starts)], 0)
-    suffix_mask = _pad_rows([mask[i, s:lengths[i]] for i, s in enumerate(starts)], 0)
-    next_pos = [positions[:, r, c - 1:c] + 1 for r, c in enumerate(prefix_len)]  # [3, 1] per row
-    suffix_pos = _pad_positions([next_pos[i // n_views] + torch.arange(int(lengths[i]) - s)
-                                 for i, s in enumerate(starts)], suffix_ids.shape[1])
-    out = decoder_forward(vlm, suffix_ids, torch.cat([prefix_mask.repeat_interleave(n_views, 0), suffix_mask], 1),
-                          suffix_pos, None, device, cache=cache)
-    hidden = out.last_hidden_state
-    answer = batch["answer_positions"] - torch.tensor(starts)
-    hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), answer.to(hidden.device)]
-    return head_logits(model, hidden, torch.as_tensor(letter_ids, device=hidden.device))

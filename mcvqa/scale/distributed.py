@@ -11,7 +11,9 @@ gradient one process would compute for the whole step (the effective batch stays
 split the same way (one contiguous row shard per rank, gathered back in order). Only rank 0 writes
 files; what other ranks need from disk (a checkpoint, the best adapter) rank 0 reads and sends them.
 
-In one process (the notebook, `python -m mcvqa run`) every function here is a no-op.
+`init_distributed` (the command line calls it) installs a `DdpGroup` as the process group every stage
+talks to (core/process.py); in one process (the notebook, `python -m mcvqa run`) none of this runs and
+that group is `SingleProcess`. This module is not in the notebook.
 """
 
 import datetime
@@ -20,7 +22,8 @@ import os
 import torch
 import torch.distributed as dist
 
-from .feature_cache import pixel_spans
+from ..core.collate import slice_rows
+from ..core.process import SingleProcess, contiguous_shards, use_process_group
 
 DDP_TIMEOUT_MINUTES = 60  # how long a rank waits for the others (e.g. while rank 0 builds the demo model)
 
@@ -58,6 +61,7 @@ def init_distributed():
         torch.cuda.set_device(local_rank() % torch.cuda.device_count())
         backend = "nccl"
     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=DDP_TIMEOUT_MINUTES))
+    use_process_group(DdpGroup())
     if is_main():
         print(f"[ddp] {world_size()} ranks ({backend}): each optimizer step's samples are split across them")
     return True
@@ -67,6 +71,7 @@ def finish_distributed():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    use_process_group(SingleProcess())
 
 
 def local_device(hardware):
@@ -104,24 +109,7 @@ def broadcast_params(params):
 
 def rank_bounds(n_items):
     """This rank's contiguous [start, stop) of n items: sizes differ by at most one; empty when n < ranks."""
-    size, rank = world_size(), process_rank()
-    return n_items * rank // size, n_items * (rank + 1) // size
-
-
-def slice_rows(batch, start, stop):
-    """Samples [start, stop) of a collated batch (each image's patch rows of pixel_values follow its sample)."""
-    part = {k: v[start:stop] for k, v in batch.items() if k not in ("pixel_values", "pixel_rows")}
-    if "pixel_values" not in batch:  # cached image features were attached instead
-        return part
-    keep, pieces = [], []
-    for row, begin, end in pixel_spans(batch):
-        if start <= row < stop:
-            keep.append(row - start)
-            pieces.append(batch["pixel_values"][begin:end])
-    part["pixel_values"] = torch.cat(pieces) if pieces else batch["pixel_values"][:0]
-    if "pixel_rows" in batch:
-        part["pixel_rows"] = torch.tensor(keep, dtype=torch.long)
-    return part
+    return contiguous_shards(n_items, world_size())[process_rank()]
 
 
 def rank_slice(batch):
@@ -167,3 +155,35 @@ def map_shards(frame, fn):
     parts = [None] * world_size()
     dist.all_gather_object(parts, part)
     return [p for p in parts if p is not None]
+
+
+class DdpGroup:
+    """The process group of a torchrun launch: the methods of core/process.py's SingleProcess, for N ranks."""
+
+    @property
+    def world_size(self):
+        return world_size()
+
+    def is_main(self):
+        return is_main()
+
+    def from_main(self, fn):
+        return from_main(fn)
+
+    def barrier(self):
+        barrier()
+
+    def local_device(self, hardware):
+        return local_device(hardware)
+
+    def broadcast_params(self, params):
+        broadcast_params(params)
+
+    def rank_slice(self, batch):
+        return rank_slice(batch)
+
+    def all_reduce_grads(self, params, loss):
+        return all_reduce_grads(params, loss)
+
+    def map_shards(self, frame, fn):
+        return map_shards(frame, fn)

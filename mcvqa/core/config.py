@@ -1,4 +1,4 @@
-"""## 1. Configuration: one block of commented defaults, one profile per environment
+"""## Configuration: one block of commented defaults, one profile per environment
 
 Every setting lives in the `Config` dataclass below, with its default and why. A *profile* is a
 small set of overrides for one environment: `demo` (CPU, embedded tiny model and data), `kaggle_t4x2`,
@@ -29,80 +29,72 @@ class ConfigError(UserError, ValueError):
 
 @dataclasses.dataclass
 class Config:
-    # --- where things are -------------------------------------------------------------------
+    # --- where things are -------------------------------------------------------------------------
     profile: str = "auto"
     data_dir: str = "data/demo"  # folder with train.csv, test.csv, sample_submission.csv, images
     output_dir: str = "runs/latest"  # checkpoints, probabilities, metrics, submission.csv
-    adapters_from: str = ""  # an earlier run folder (read-only is fine): predict with its folds' adapters, no training
-    submission_path: str = ""  # empty: <output_dir>/submission.csv
     model_name_or_path: str = "Qwen/Qwen2.5-VL-3B-Instruct"  # local folder (no network) or hub id
-    demo: bool = False  # build the embedded demo data and tiny model before running
-    demo_family: str = "qwen2_5_vl"  # tiny model architecture for the demo: qwen2_5_vl | qwen3_vl
-    demo_hidden_size: int = 128  # tiny model width
-    demo_image_size: int = 64  # demo images are drawn this size (4 image tokens at 56 px)
-    demo_warmup_rows: int = 1200  # separately seeded images for the tiny base's warm-up
-    demo_warmup_epochs: int = 6
-    # --- images: the same pixel range at train and test time -------------------------------
-    min_pixels: int = 256 * 28 * 28  # Qwen's processor upsizes smaller images to this many pixels
+    submission_path: str = ""  # empty: <output_dir>/submission.csv
+    adapters_from: str = ""  # an earlier run folder (read-only is fine): predict with its folds' adapters, no training
+    # --- what you tune: model, training, test-time augmentation -----------------------------------
     max_pixels: int = 448 * 448  # ~256 image tokens; winners gained +4.75 pp from higher resolution
-    on_bad_image: str = "error"  # error: stop listing every bad row | blank: counted blank fallback
-    bomb_limit_pixels: int = 200_000_000  # larger decoded images are refused as possible decompression bombs
-    blank_images: bool = False  # control experiment: every image blank (accuracy should fall to chance)
-    # --- prompt -------------------------------------------------------------------------------
+    min_pixels: int = 256 * 28 * 28  # Qwen's processor upsizes smaller images to this many pixels
+    lora_r: int = 16  # LoRA rank: adapter capacity (16 is QLoRA's usual; 32-64 for more capacity, more memory)
+    lora_alpha: int = 32  # LoRA scale = alpha / r; keep alpha = 2 r when changing r
+    lora_dropout: float = 0.05  # dropout on the LoRA inputs; 0 trains 35-70 % faster on the T4 path (BENCHMARKS.md)
+    # Language-model linear layers only: the vision tower stays frozen (see README for why).
+    lora_target_modules: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    n_folds: int = 3  # stratified by answer, grouped by image: each fold trains a model, all of them predict the test set
+    folds: str = "all"  # which folds to train, e.g. "0" or "0,2"
+    epochs: int = 2  # passes over each fold's training rows; 0 = zero-shot (the base model scores, nothing trained)
+    learning_rate: float = 1e-4  # AdamW peak learning rate of the LoRA weights (after warm-up, cosine to 0)
+    micro_batch_size: int = 2  # per step; OOM halves it and doubles accumulation
+    grad_accum_steps: int = 8  # effective batch = micro_batch_size * grad_accum_steps
+    warmup_ratio: float = 0.05  # cosine schedule with linear warm-up (transformers' scheduler)
+    ema_decay: float = 0.999  # EMA of the LoRA weights, used for evaluation and saving; 0 = off
+    shuffle_options: bool = True  # permute a-d in training, remap the label (augmentation)
+    # Cross-entropy at the answer position over the whole vocabulary (plain SFT) or over a-d only
+    # (what is scored; converges faster when the base has never answered with letters).
+    loss_over: str = "vocab"
+    weight_decay: float = 0.0  # AdamW weight decay of the LoRA weights
+    max_grad_norm: float = 1.0  # gradient clipping (fp16 on a T4 needs it)
+    early_stopping_patience: int = 2  # evaluations without val-accuracy gain before stopping; 0 = off
+    evals_per_epoch: int = 2  # validation passes per epoch; the best one is the adapter kept
+    seed: int = 42  # folds, option shuffles, LoRA initialisation: a run is reproducible
+    tta_option_views: int = 4  # cyclic shifts of the options (1 = off); winners: +1.5 pp
+    tta_image_scales: str = ""  # extra pixel-budget views, e.g. "0.75,1.5" (x max_pixels)
+    tta_average: str = "prob"  # prob | logprob: how views are averaged
+    ensemble_weights: str = "equal"  # equal | oof_acc: fold weights
+    temperature_scaling: bool = False  # fit one temperature on out-of-fold logits
+    time_budget_hours: float = 0.0  # 0 = none; else training stops early so that predictions and the submission fit (budget.py)
+    max_train_rows: int = 0  # 0 = all; a small number makes a quick smoke run
+    # --- prompt -----------------------------------------------------------------------------------
     system_prompt: str = ""  # empty: the chat template's own default (Qwen2.5-VL adds one)
     instruction: str = "정답에 해당하는 선택지의 알파벳(a, b, c, d) 하나로만 답하세요."
     instruction_first: bool = True  # instruction between question and options: option-order TTA views share it in their prefix (suffix 49 -> 23 tokens per view; ensemble 3.05x -> 2.55x one pass, same demo accuracy: BENCHMARKS.md)
     max_question_tokens: int = 256  # longer questions are cut (the answer position never is)
     max_option_tokens: int = 64  # per option
-    # --- model and QLoRA -------------------------------------------------------------------------
+    # --- input checks -----------------------------------------------------------------------------
+    on_bad_image: str = "error"  # error: stop listing every bad row | blank: counted blank fallback
+    bomb_limit_pixels: int = 200_000_000  # larger decoded images are refused as possible decompression bombs
+    blank_images: bool = False  # control experiment: every image blank (accuracy should fall to chance)
+    # --- engine room: precision, memory, speed, robustness (chosen per card and profile; rarely touched) ---
     load_in_4bit: bool = True  # NF4 weights + double quantisation (QLoRA); False: plain weights
     dtype: str = "auto"  # auto: from the hardware (fp16 below sm80, bf16 from sm80, fp32 on CPU)
     attn_implementation: str = "auto"  # auto: flash_attention_2 where installed and supported, else sdpa
     gpu_memory_gib: float = 0.0  # 0: the card's own; less caps this process per GPU (e.g. 15 rehearses a T4 on a bigger card)
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    # Language-model linear layers only: the vision tower stays frozen (see README for why).
-    lora_target_modules: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
     gradient_checkpointing: str = "auto"  # auto | on | off; auto: on only when the micro-batch would not fit the GPU without it (memory.py; costs ~30% speed)
-    # --- training ----------------------------------------------------------------------------------
-    n_folds: int = 3
-    folds: str = "all"  # which folds to train, e.g. "0" or "0,2"
+    fit_micro_batch: bool = True  # lower micro_batch_size (more accumulation) and infer_batch_size to what the GPU's memory fits (memory.py)
+    infer_batch_size: int = 8  # test rows per batch (with the shared-prefix TTA each row brings its option views)
     # auto: with 2+ GPUs the folds train at once, one worker process per GPU (parallel.py); off: one after
     # the other in this process; N: at most N workers (on a CPU, N processes). Extra folds queue.
     parallel_folds: str = "auto"
-    epochs: int = 2
-    micro_batch_size: int = 2  # per step; OOM halves it and doubles accumulation
-    fit_micro_batch: bool = True  # lower micro_batch_size (more accumulation) and infer_batch_size to what the GPU's memory fits (memory.py)
-    grad_accum_steps: int = 8  # effective batch = micro_batch_size * grad_accum_steps
-    learning_rate: float = 1e-4
-    # Cross-entropy at the answer position over the whole vocabulary (plain SFT) or over a-d only
-    # (what is scored; converges faster when the base has never answered with letters).
-    loss_over: str = "vocab"
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.05  # cosine schedule with linear warm-up (transformers' scheduler)
-    max_grad_norm: float = 1.0
-    ema_decay: float = 0.999  # EMA of the LoRA weights, used for evaluation and saving; 0 = off
-    shuffle_options: bool = True  # permute a-d in training, remap the label (augmentation)
-    early_stopping_patience: int = 2  # evaluations without val-accuracy gain before stopping; 0 = off
-    evals_per_epoch: int = 2
+    num_workers: int = 2  # data-loader processes (image decoding + processor)
+    pin_memory: bool = False  # pinned data-loader batches: no faster on an H200 (BENCHMARKS.md), an extra copy per batch
     checkpoint_every_steps: int = 50  # optimizer steps between resumable checkpoints
     checkpoint_every_minutes: float = 20.0  # ...or this much wall time, whichever comes first
     max_nonfinite_steps: int = 10  # consecutive non-finite losses before stopping
-    num_workers: int = 2  # data-loader processes (image decoding + processor)
-    seed: int = 42
-    max_train_rows: int = 0  # 0 = all; a small number makes a quick smoke run
-    time_budget_hours: float = 0.0  # 0 = none; else training stops early so that predictions and the submission fit (budget.py)
-    # --- inference -------------------------------------------------------------------------------
-    infer_batch_size: int = 8  # test rows per batch (with the shared-prefix TTA each row brings its option views)
-    pin_memory: bool = False  # pinned data-loader batches: no faster on an H200 (BENCHMARKS.md), an extra copy per batch
-    tta_option_views: int = 4  # cyclic shifts of the options (1 = off); winners: +1.5 pp
-    tta_image_scales: str = ""  # extra pixel-budget views, e.g. "0.75,1.5" (x max_pixels)
-    tta_average: str = "prob"  # prob | logprob: how views are averaged
     tta_shared_prefix: bool = True  # option orders of a row run system + image + question once (needs the feature cache)
-    ensemble_weights: str = "equal"  # equal | oof_acc: fold weights
-    temperature_scaling: bool = False  # fit one temperature on out-of-fold logits
-    # --- image-feature cache (feature_cache.py): the frozen vision tower runs once per image ----
     cache_image_features: bool = True  # reuse features across folds, views, epochs; off if the tower trains
     feature_cache_fp32: bool = False  # encode with autocast off, in the tower's dtype (fp32 on T4: no fp16 overflow, slower)
     feature_cache_max_gib: float = 12.0  # budget (RAM, or GPU memory when kept there); beyond it features go to disk (if on) or are recomputed
@@ -110,6 +102,13 @@ class Config:
     feature_cache_device: str = "auto"  # cpu | cuda | auto: where features are kept (auto: the GPU when it has >= 60 GiB)
     fast_vision_attention: bool = True  # SDPA vision tower: one attention call per window length, not per window (2.4x 3B forward, BENCHMARKS.md; equal to stock, tested)
     compile_vision: str = "auto"  # auto | on | off: torch.compile the tower's norms, MLP, rotary (auto: sm80+ GPU with triton)
+    # --- demo (CPU): the embedded tiny data and model ---------------------------------------------
+    demo: bool = False  # build the embedded demo data and tiny model before running
+    demo_family: str = "qwen2_5_vl"  # tiny model architecture for the demo: qwen2_5_vl | qwen3_vl
+    demo_hidden_size: int = 128  # tiny model width
+    demo_image_size: int = 64  # demo images are drawn this size (4 image tokens at 56 px)
+    demo_warmup_rows: int = 1200  # separately seeded images for the tiny base's warm-up
+    demo_warmup_epochs: int = 6
 
     def __post_init__(self):
         # gradient_checkpointing also takes booleans (profiles, older config.json files): normalised to auto | on | off.

@@ -28,8 +28,9 @@ from .errors import UserError
 
 logger = logging.getLogger("mcvqa")
 
-ANSWER_LETTERS = ("a", "b", "c", "d")
-TEXT_COLUMNS = ("question",) + ANSWER_LETTERS
+OPTION_LETTERS = ("a", "b", "c", "d")  # the option columns, the answers, the scored letters: one definition
+PROB_COLUMNS = [f"p_{letter}" for letter in OPTION_LETTERS]  # probabilities in saved tables, original option order
+TEXT_COLUMNS = ("question",) + OPTION_LETTERS
 IMAGE_COLUMN_CANDIDATES = ("path", "image")  # first one present wins
 DEFAULT_BOMB_LIMIT_PIXELS = Config.bomb_limit_pixels  # the setting's default
 QWEN_MIN_IMAGE_SIDE = 28  # Qwen-VL's processor rejects images with a side below one 28 px patch
@@ -40,6 +41,11 @@ IMAGE_CHECK_PROGRESS_MIN_ROWS = 200
 
 class DataError(UserError, ValueError):
     """A problem in the competition files, with file, line, id and column in the message."""
+
+
+def letter_indices(answers):
+    """0-3 for the answer letters a-d (a column of answers or a list)."""
+    return [OPTION_LETTERS.index(a) for a in answers]
 
 
 def _csv_row_ref(csv_name, index, row_id=None, column=None):
@@ -125,9 +131,9 @@ def _normalise_answers(frame, csv_name):
     answers = frame["answer"].fillna("").map(
         lambda value: unicodedata.normalize("NFKC", str(value)).strip().lower())
     bad = [f"{_csv_row_ref(csv_name, i, frame.at[i, 'id'], 'answer')}: {frame.at[i, 'answer']!r}"
-           for i in answers.index[~answers.isin(ANSWER_LETTERS)]]
+           for i in answers.index[~answers.isin(OPTION_LETTERS)]]
     if bad:
-        _raise_data_problems(f"{csv_name}: answers not in {', '.join(ANSWER_LETTERS)}", bad)
+        _raise_data_problems(f"{csv_name}: answers not in {', '.join(OPTION_LETTERS)}", bad)
     return answers
 
 
@@ -293,3 +299,15 @@ def make_folds(df, n_folds=3, seed=42, source="train.csv"):
     for fold, (_, held_out) in enumerate(splitter.split(groups, df["answer"], groups)):
         fold_ids[held_out] = fold
     return fold_ids
+
+
+def probs_frame(ids, probs, **extra):
+    frame = pd.DataFrame(probs, columns=PROB_COLUMNS)
+    frame.insert(0, "id", list(ids))
+    for key, value in extra.items():
+        frame[key] = value
+    return frame
+
+
+def letters_from_probs(probs):
+    return [OPTION_LETTERS[i] for i in np.asarray(probs).argmax(1)]

@@ -1,4 +1,4 @@
-"""## 6. Model: Qwen2.5-VL / Qwen3-VL in 4-bit with LoRA adapters (QLoRA)
+"""## Model: Qwen2.5-VL / Qwen3-VL in 4-bit with LoRA adapters (QLoRA)
 
 `AutoModelForImageTextToText` loads either family from a local folder (no network call: Kaggle often
 has none) or a hub id. The language model's linear layers are stored as 4-bit NF4 with double
@@ -30,9 +30,23 @@ def load_processor(cfg):
     return AutoProcessor.from_pretrained(cfg.model_name_or_path, local_files_only=is_local_model(cfg.model_name_or_path))
 
 
-def _vision_tower(model):
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
-    return base.model.visual
+def unwrap_vlm(model):
+    """The `...ForConditionalGeneration` under any peft wrapper (LoRA layers stay active)."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def vision_tower(model):
+    """The frozen vision tower (`model.visual` of the `Qwen*VLModel`)."""
+    return unwrap_vlm(model).model.visual
+
+
+def tower_dtype(model):
+    """The dtype the tower's patch embedding computes in: what pixel_values are cast to."""
+    return vision_tower(model).patch_embed.proj.weight.dtype
+
+
+def model_device(model):
+    return next(model.parameters()).device
 
 
 def load_base_model(cfg, hardware, device=None):
@@ -69,9 +83,9 @@ def add_lora(model, cfg, hardware):
     # k-bit preparation upcasts every non-quantised weight to fp32. Keep that for the vision tower only
     # where fp16 could overflow; on bf16/fp32 hardware give it back its compute dtype (speed, memory).
     vision_dtype = torch.float32 if hardware.dtype == "float16" else hardware.torch_dtype
-    _vision_tower(model).to(vision_dtype)
+    vision_tower(model).to(vision_dtype)
     if hardware.dtype == "float16":
-        run_without_autocast(_vision_tower(model))
+        run_without_autocast(vision_tower(model))
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=cfg.lora_target_modules, bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, lora)

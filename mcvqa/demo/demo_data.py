@@ -14,12 +14,14 @@ training and option-order TTA help, and the `demo` profile turns both off only b
 options never move.
 """
 import json
-import os
 import pathlib
 
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
+
+from ..core.data import OPTION_LETTERS
+from ..core.files import atomic_write
 
 DEMO_QUESTION_TYPES = ("colour", "shape", "count", "position")
 # Far-apart RGB values so every colour stays unambiguous on a light background.
@@ -45,7 +47,6 @@ _DEMO_VOCAB = {
     "count": DEMO_COUNTS,
     "position": DEMO_POSITIONS,
 }
-_DEMO_LETTERS = ("a", "b", "c", "d")
 _DEMO_MARKER = "DEMO_DATASET.json"
 _DEMO_VERSION = 3  # bump when the drawing changes so old folders are regenerated
 
@@ -116,16 +117,12 @@ def _demo_options(qtype):
 
 
 def _demo_save_png(img, path):
-    # Write-then-rename so an interrupted run never leaves a truncated image; PIL adds no metadata.
-    tmp = path.with_name(path.name + ".tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    # Written whole or not at all: an interrupted run never leaves a truncated image; PIL adds no metadata.
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def _demo_write_csv(df, path):
-    tmp = path.with_name(path.name + ".tmp")
-    df.to_csv(tmp, index=False, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: df.to_csv(tmp, index=False, encoding="utf-8"))
 
 
 def _demo_make_split(out, split, n, s, rng):
@@ -143,7 +140,7 @@ def _demo_make_split(out, split, n, s, rng):
         row_id = f"{split.upper()}_{i:0{width}d}"
         rel = f"{split}/{row_id}.png"
         _demo_save_png(_demo_render(qtype, answer, rng, s), out / rel)
-        rows.append([row_id, rel, _DEMO_QUESTIONS[qtype], *options, _DEMO_LETTERS[int(letters[i])]])
+        rows.append([row_id, rel, _DEMO_QUESTIONS[qtype], *options, OPTION_LETTERS[int(letters[i])]])
         meta.append([row_id, split, qtype])
     return pd.DataFrame(rows, columns=["id", "path", "question", "a", "b", "c", "d", "answer"]), meta
 
@@ -176,7 +173,6 @@ def generate_demo_dataset(out_dir, n_train=300, n_test=100, image_size=112, seed
     _demo_write_csv(test[["id"]].assign(answer="a"), out / "sample_submission.csv")
     _demo_write_csv(test[["id", "answer"]], out / "test_answers.csv")
     _demo_write_csv(pd.DataFrame(train_meta + test_meta, columns=["id", "split", "qtype"]), out / "demo_meta.csv")
-    tmp = marker.with_name(marker.name + ".tmp")
-    tmp.write_text(json.dumps(args, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, marker)  # written last: its presence means everything above finished
+    # Written last: its presence means everything above finished.
+    atomic_write(marker, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(args, sort_keys=True), encoding="utf-8"))
     return out

@@ -21,14 +21,18 @@ then the features would change from one view to the next.
 import contextlib
 import dataclasses
 import hashlib
-import os
 import pathlib
 
 import torch
-from peft import PeftModel
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
-from .compat import image_features
-from .config import ConfigError
+from ..core.collate import pixel_spans
+from ..core.compat import image_features
+from ..core.config import ConfigError
+from ..core.files import atomic_write
+from ..core.modeling import tower_dtype, unwrap_vlm, vision_tower
+from .replay import PassReplay, pass_batches
+from .shared_prefix import SharedPrefixScorer
 
 
 @dataclasses.dataclass
@@ -54,26 +58,63 @@ def image_key(image, min_pixels, max_pixels):
     return digest.hexdigest()
 
 
-def pixel_spans(batch):
-    """[(sample, start, end)] in pixel order: the patch rows of pixel_values that belong to each shipped
-    image. Feature-cache batches ship the samples in `pixel_rows` only; other batches every sample."""
-    sizes = batch["image_grid_thw"].prod(dim=1).tolist()
-    rows = batch["pixel_rows"].tolist() if "pixel_rows" in batch else range(len(sizes))
-    spans, start = [], 0
-    for row in rows:
-        spans.append((row, start, start + sizes[row]))
-        start += sizes[row]
-    return spans
+class CachedImageEncoding:
+    """The collator's encoding strategy while the cache is on (core/collate.py's `encoding`).
 
+    The batch carries each sample's cache key, and `pixel_values` holds only the images the tower still
+    has to see: those in `pixel_rows` (sample indices, one per image, in pixel order). Images whose key
+    is in `known_keys` (cached when the loader was made) get no pixels, and with `dedupe_images` the
+    option views of one image in a batch share one copy. The image processor then runs once per new
+    image instead of once per view, and the workers ship a fraction of the fp32 patches. Only keys
+    travel: the cache lives in the main process (data-loader workers are separate processes), where
+    FeatureCache.attach swaps pixel_values for the cached features."""
 
-def base_vlm_model(model):
-    """The `Qwen*VLModel` (vision tower + language model) under any peft wrapper."""
-    vlm = model.get_base_model() if isinstance(model, PeftModel) else model
-    return vlm.model
+    def __init__(self, known_keys=(), dedupe_images=False):
+        self.known_keys = frozenset(known_keys)
+        self.dedupe_images = dedupe_images
+
+    @staticmethod
+    def image_grid(processor, size, image):
+        """[1, h, w] patch grid the image processor gives this image (its resize rule), without resizing it."""
+        ip = processor.image_processor
+        height, width = smart_resize(image.height, image.width, factor=ip.patch_size * ip.merge_size,
+                                     min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])
+        return torch.tensor([1, height // ip.patch_size, width // ip.patch_size])
+
+    def __call__(self, processor, size, items, texts):
+        """The processor's output, with pixels only for images not known to the cache (one per image
+        with dedupe_images), and each sample's key. Equal to `processor(text, images)` on the rest (tested)."""
+        by_object = {}  # the option views of a row share one decoded image object: hash it once
+        for it in items:
+            if id(it["image"]) not in by_object:
+                by_object[id(it["image"])] = image_key(it["image"], size["shortest_edge"], size["longest_edge"])
+        keys = [by_object[id(it["image"])] for it in items]
+        pixel_rows, seen = [], set()
+        for i, key in enumerate(keys):
+            if key in self.known_keys or (self.dedupe_images and key in seen):
+                continue
+            seen.add(key)
+            pixel_rows.append(i)
+        grids = {}
+        pixel_values = torch.zeros(0, 0)
+        if pixel_rows:
+            out = processor.image_processor(images=[items[i]["image"] for i in pixel_rows], size=size,
+                                            return_tensors="pt")
+            pixel_values = out["pixel_values"]
+            grids = {keys[i]: grid for i, grid in zip(pixel_rows, out["image_grid_thw"])}
+        grid_thw = torch.stack([grids[k] if k in grids else self.image_grid(processor, size, it["image"])
+                                for k, it in zip(keys, items)])
+        # What the processor does to the text: each image placeholder becomes one token per merged patch.
+        image_token, merge = processor.image_token, processor.image_processor.merge_size ** 2
+        expanded = [text.replace(image_token, image_token * int(grid.prod() // merge), 1)
+                    for text, grid in zip(texts, grid_thw)]
+        input_ids = processor.tokenizer(expanded, padding=False)["input_ids"]
+        return {"input_ids": input_ids, "pixel_values": pixel_values,
+                "image_grid_thw": grid_thw, "pixel_rows": torch.tensor(pixel_rows, dtype=torch.long), "image_keys": keys}
 
 
 def vision_is_trainable(model):
-    return any(p.requires_grad for p in base_vlm_model(model).visual.parameters())
+    return any(p.requires_grad for p in vision_tower(model).parameters())
 
 
 def cache_blockers(model, cfg):
@@ -103,7 +144,7 @@ class FeatureCache:
         self.store = {}
         self.bytes = 0
         self.hits = self.misses = self.encoded = self.disk_reads = 0
-        self.kept_batches = {}  # pass signature -> (collated batches without pixels, their image keys)
+        self.replay = PassReplay(self.known_keys)  # the test set's collated batches, for later folds
 
     def __len__(self):
         return len(self.store)
@@ -111,6 +152,10 @@ class FeatureCache:
     def summary(self):
         return (f"{self.encoded} images encoded, {self.hits} lookups served from the cache "
                 f"({self.disk_reads} from disk), {len(self.store)} in RAM ({self.bytes / 2**30:.2f} GiB)")
+
+    def encoding(self, dedupe_images=False):
+        """The collator's encoding strategy for a loader made now: no pixels for the images held already."""
+        return CachedImageEncoding(self.known_keys(), dedupe_images)
 
     def known_keys(self):
         """Keys whose features can be served without pixels (RAM, or disk when on): the loader skips their images."""
@@ -137,9 +182,9 @@ class FeatureCache:
             self.store[key] = features
             self.bytes += features.nbytes
         if write and self.disk_dir:
-            tmp = self._disk_path(key).with_suffix(".tmp")
-            torch.save({"embeds": features.embeds, "deepstack": list(features.deepstack)}, tmp)
-            os.replace(tmp, self._disk_path(key))  # atomic: a killed session leaves no half-written file
+            # Whole or not at all: a killed session leaves no half-written file.
+            atomic_write(self._disk_path(key), lambda tmp: torch.save({"embeds": features.embeds,
+                                                                      "deepstack": list(features.deepstack)}, tmp))
         return features
 
     def _precision(self, device):
@@ -151,8 +196,8 @@ class FeatureCache:
     @torch.no_grad()
     def encode(self, model, pixel_values, grid_thw):
         """Run the frozen tower on the images of (pixel_values, grid_thw): one ImageFeatures each, on the CPU."""
-        vlm = base_vlm_model(model)
-        device = vlm.visual.patch_embed.proj.weight.device
+        vlm = unwrap_vlm(model).model
+        device = vision_tower(model).patch_embed.proj.weight.device
         with self._precision(device):
             embeds, deepstack = image_features(vlm, pixel_values.to(device, non_blocking=True), grid_thw.to(device))
         # copy=True: each image's features are views into one tensor of the whole call; kept as views they
@@ -199,23 +244,14 @@ class FeatureCache:
         out["image_features"] = [found[k] for k in keys]
         return out
 
-    def keep_batches(self, signature, batches):
-        """Keep a pass's collated batches (pixels dropped: the features are here) for an identical later pass."""
-        keys = frozenset(key for batch in batches for key in batch["image_keys"])
-        missing = keys - self.known_keys()  # (one listing of the disk folder, when it is on)
-        if missing:
-            print(f"[cache] collated batches not kept: {len(missing)} of their images are over the "
-                  f"feature budget, so a later fold needs the data loader anyway")
-            return
-        self.kept_batches[signature] = (batches, keys)
-        size = sum(t.numel() * t.element_size() for b in batches for t in b.values() if isinstance(t, torch.Tensor))
-        print(f"[cache] kept {len(batches)} collated batches ({size / 2**20:.0f} MiB): the same pass in a later "
-              f"fold skips the data loader")
+    def pass_batches(self, frame, order, processor, fmt, cfg, batch_size, max_pixels, pixel_dtype):
+        """A prediction pass's batches, replayed from an earlier fold when it made the very same pass (replay.py)."""
+        return pass_batches(self.replay, frame, order, processor, fmt, cfg, batch_size, max_pixels,
+                            self.encoding(dedupe_images=True), pixel_dtype)
 
-    def batches_for(self, signature):
-        """The kept batches of this pass, if every image in them can still be served (else None)."""
-        batches, keys = self.kept_batches.get(signature, (None, frozenset()))
-        return batches if batches is not None and keys <= self.known_keys() else None
+    def view_scorer(self, n_views, hardware, desc="predict"):
+        """The scorer of a pass whose rows bring n_views option orders each: one shared prefix per row."""
+        return SharedPrefixScorer(n_views, hardware, desc)
 
     @staticmethod
     def _pixel_slices(batch):
@@ -237,9 +273,9 @@ def make_feature_cache(cfg, model, hardware, reuse=None, verbose=True):
         if verbose:
             print(f"[cache] image-feature cache off: {'; '.join(reasons)}")
         return None
-    tower_dtype = base_vlm_model(model).visual.patch_embed.proj.weight.dtype
+    dtype = tower_dtype(model)
     precision = "fp32" if cfg.feature_cache_fp32 or hardware.dtype == "float32" else f"autocast-{hardware.dtype}"
-    namespace = f"{cfg.model_name_or_path}|{tower_dtype}|{precision}"
+    namespace = f"{cfg.model_name_or_path}|{dtype}|{precision}"
     if reuse is not None and reuse.namespace == namespace:
         if verbose:
             print(f"[cache] reusing the image features of earlier folds ({len(reuse)} images in RAM)")
@@ -249,11 +285,11 @@ def make_feature_cache(cfg, model, hardware, reuse=None, verbose=True):
         # A changed model or precision gets its own folder: stale features are never read.
         disk_dir = pathlib.Path(cfg.output_dir) / "feature_cache" / hashlib.blake2b(
             namespace.encode(), digest_size=8).hexdigest()
-    tower_device = base_vlm_model(model).visual.patch_embed.proj.weight.device  # this process's GPU (or CPU)
+    tower_device = vision_tower(model).patch_embed.proj.weight.device  # this process's GPU (or CPU)
     device = tower_device if feature_cache_place(cfg, hardware) == "cuda" else torch.device("cpu")
     cache = FeatureCache(namespace, cfg.feature_cache_fp32, int(cfg.feature_cache_max_gib * 2**30), disk_dir, device)
     if verbose:
-        print(f"[cache] image-feature cache on ({precision}, tower {tower_dtype}, kept on {device}, budget "
+        print(f"[cache] image-feature cache on ({precision}, tower {dtype}, kept on {device}, budget "
               f"{cfg.feature_cache_max_gib:g} GiB{', disk ' + str(disk_dir) if disk_dir else ''})")
     return cache
 

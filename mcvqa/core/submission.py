@@ -7,12 +7,13 @@ a half-written CSV and a rejected submission never overwrites a good one from an
 """
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 
+from .data import OPTION_LETTERS
 from .errors import UserError
+from .files import atomic_write
 
 SUBMISSION_COLUMNS = ("id", "answer")
 MAX_LISTED_SUBMISSION_ROWS = 5
@@ -49,7 +50,7 @@ def _submission_problems(ids, answers, expected_ids, alphabet):
     return problems
 
 
-def validate_submission(sub_df, test_ids, alphabet=("a", "b", "c", "d")):
+def validate_submission(sub_df, test_ids, alphabet=OPTION_LETTERS):
     """Raise SubmissionError unless sub_df is exactly (id, answer) rows for test_ids, in order."""
     if tuple(sub_df.columns) != SUBMISSION_COLUMNS:
         raise SubmissionError(f"submission columns must be exactly {list(SUBMISSION_COLUMNS)}, "
@@ -76,19 +77,13 @@ def _sample_submission_columns(sample_submission_path, test_ids):
 
 
 def _write_csv_atomically(frame, out_path):
-    # The temp file lives in the target folder: os.replace is only atomic within one filesystem.
-    handle, temp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp",
-                                         dir=out_path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
+    def write(temp_name):
+        with open(temp_name, "w", encoding="utf-8", newline="") as stream:
             frame.to_csv(stream, index=False, lineterminator="\n")
             stream.flush()
             os.fsync(stream.fileno())
-        os.chmod(temp_name, 0o644)  # mkstemp creates 0600; a submission should be readable
-        os.replace(temp_name, out_path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+
+    atomic_write(out_path, write)
 
 
 def write_submission(answers, test_ids, out_path, sample_submission_path=None):

@@ -1,4 +1,4 @@
-"""## 5. Dataset and collator: images processed in the collator, labels only on the answer letter
+"""## Dataset and collator: images processed in the collator, labels only on the answer letter
 
 A *view* is a (row, option order) pair: training draws a fresh option permutation per epoch when
 `shuffle_options` is on (the label follows its option), inference uses cyclic shifts for TTA. The
@@ -11,11 +11,9 @@ position. `answer_positions` is the position whose logits predict the letter: th
 import numpy as np
 import torch
 from PIL import Image
-from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
-from .data import DEFAULT_BOMB_LIMIT_PIXELS, load_image
-from .feature_cache import image_key
-from .prompts import OPTION_LETTERS, render_prompt
+from .data import DEFAULT_BOMB_LIMIT_PIXELS, OPTION_LETTERS, load_image
+from .prompts import render_prompt
 
 IGNORE_INDEX = -100
 BLANK_IMAGE_SIZE = (224, 224)
@@ -76,70 +74,25 @@ class VqaDataset(torch.utils.data.Dataset):
 class VqaCollator:
     """Batch of views -> model inputs + labels + the position the scorer reads.
 
-    With `image_keys` (the feature cache is on) the batch also carries each sample's cache key, and
-    `pixel_values` holds only the images the tower still has to see: those in `pixel_rows` (sample
-    indices, one per image, in pixel order). Images whose key is in `known_keys` (cached when the
-    loader was made) get no pixels, and with `dedupe_images` the option views of one image in a batch
-    share one copy. The image processor then runs once per new image instead of once per view, and
-    the workers ship a fraction of the fp32 patches. `pixel_dtype` casts the patches to the tower's
-    dtype here, as the model would (half the bytes to move when it is bf16/fp16)."""
+    `encoding` (None: the processor on every view) is an optional strategy that turns the rendered texts
+    and images into `input_ids`, `pixel_values` and `image_grid_thw` another way; the image-feature cache
+    gives one (speed/feature_cache.py: pixels only for images it has not seen, plus each sample's cache
+    key). `pixel_dtype` casts the patches to the tower's dtype here, as the model would (half the bytes
+    to move when it is bf16/fp16)."""
 
-    def __init__(self, processor, prompt_format, min_pixels, max_pixels, image_keys=False, known_keys=(),
-                 dedupe_images=False, pixel_dtype=None):
+    def __init__(self, processor, prompt_format, min_pixels, max_pixels, encoding=None, pixel_dtype=None):
         self.processor = processor
         self.fmt = prompt_format
         self.size = {"shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)}
         self.pad_id = processor.tokenizer.pad_token_id
         self.image_token_id = processor.image_token_id
-        # image_keys: add each sample's feature-cache key, in order. Only keys: the cache lives in the
-        # main process (data-loader workers are separate processes), where FeatureCache.attach swaps
-        # pixel_values for the cached features.
-        self.image_keys = image_keys
-        self.known_keys = frozenset(known_keys)
-        self.dedupe_images = dedupe_images
+        self.encoding = encoding
         self.pixel_dtype = pixel_dtype
-
-    def image_grid(self, image):
-        """[1, h, w] patch grid the image processor gives this image (its resize rule), without resizing it."""
-        ip = self.processor.image_processor
-        height, width = smart_resize(image.height, image.width, factor=ip.patch_size * ip.merge_size,
-                                     min_pixels=self.size["shortest_edge"], max_pixels=self.size["longest_edge"])
-        return torch.tensor([1, height // ip.patch_size, width // ip.patch_size])
-
-    def encode_for_cache(self, items, texts):
-        """The processor's output, with pixels only for images not known to the cache (one per image
-        with dedupe_images), and each sample's key. Equal to `processor(text, images)` on the rest (tested)."""
-        by_object = {}  # the option views of a row share one decoded image object: hash it once
-        for it in items:
-            if id(it["image"]) not in by_object:
-                by_object[id(it["image"])] = image_key(it["image"], self.size["shortest_edge"], self.size["longest_edge"])
-        keys = [by_object[id(it["image"])] for it in items]
-        pixel_rows, seen = [], set()
-        for i, key in enumerate(keys):
-            if key in self.known_keys or (self.dedupe_images and key in seen):
-                continue
-            seen.add(key)
-            pixel_rows.append(i)
-        grids = {}
-        pixel_values = torch.zeros(0, 0)
-        if pixel_rows:
-            out = self.processor.image_processor(images=[items[i]["image"] for i in pixel_rows], size=self.size,
-                                                 return_tensors="pt")
-            pixel_values = out["pixel_values"]
-            grids = {keys[i]: grid for i, grid in zip(pixel_rows, out["image_grid_thw"])}
-        grid_thw = torch.stack([grids[k] if k in grids else self.image_grid(it["image"]) for k, it in zip(keys, items)])
-        # What the processor does to the text: each image placeholder becomes one token per merged patch.
-        image_token, merge = self.processor.image_token, self.processor.image_processor.merge_size ** 2
-        expanded = [text.replace(image_token, image_token * int(grid.prod() // merge), 1)
-                    for text, grid in zip(texts, grid_thw)]
-        input_ids = self.processor.tokenizer(expanded, padding=False)["input_ids"]
-        return {"input_ids": input_ids, "pixel_values": pixel_values,
-                "image_grid_thw": grid_thw, "pixel_rows": torch.tensor(pixel_rows, dtype=torch.long), "image_keys": keys}
 
     def __call__(self, items):
         texts = [render_prompt(self.processor, self.fmt, it["question"], it["options"])[0] for it in items]
-        if self.image_keys:
-            enc = self.encode_for_cache(items, texts)
+        if self.encoding is not None:
+            enc = self.encoding(self.processor, self.size, items, texts)
         else:
             # mm_token_type_ids are made below for every version: transformers 5.3's processor fails making
             # them from unpadded rows, and 5.0-5.2 make none.
@@ -174,7 +127,80 @@ class VqaCollator:
             "rows": torch.tensor([it["row"] for it in items], dtype=torch.long),
             "perms": torch.tensor([it["perm"] for it in items], dtype=torch.long),
         }
-        if self.image_keys:
-            batch["image_keys"] = enc["image_keys"]
-            batch["pixel_rows"] = enc["pixel_rows"]
+        for key in ("image_keys", "pixel_rows"):  # (from an encoding strategy)
+            if key in enc:
+                batch[key] = enc[key]
         return batch
+
+
+def pixel_spans(batch):
+    """[(sample, start, end)] in pixel order: the patch rows of pixel_values that belong to each shipped
+    image. Feature-cache batches ship the samples in `pixel_rows` only; other batches every sample."""
+    sizes = batch["image_grid_thw"].prod(dim=1).tolist()
+    rows = batch["pixel_rows"].tolist() if "pixel_rows" in batch else range(len(sizes))
+    spans, start = [], 0
+    for row in rows:
+        spans.append((row, start, start + sizes[row]))
+        start += sizes[row]
+    return spans
+
+
+def slice_rows(batch, start, stop):
+    """Samples [start, stop) of a collated batch (each image's patch rows of pixel_values follow its sample)."""
+    part = {k: v[start:stop] for k, v in batch.items() if k not in ("pixel_values", "pixel_rows")}
+    if "pixel_values" not in batch:  # cached image features were attached instead
+        return part
+    keep, pieces = [], []
+    for row, begin, end in pixel_spans(batch):
+        if start <= row < stop:
+            keep.append(row - start)
+            pieces.append(batch["pixel_values"][begin:end])
+    part["pixel_values"] = torch.cat(pieces) if pieces else batch["pixel_values"][:0]
+    if "pixel_rows" in batch:
+        part["pixel_rows"] = torch.tensor(keep, dtype=torch.long)
+    return part
+
+
+def micro_batches(batch, size):
+    """A collated batch in consecutive chunks of at most `size` samples (images' patch rows follow their samples)."""
+    n = batch["input_ids"].shape[0]
+    return [slice_rows(batch, start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def make_loader(frame, views, processor, fmt, cfg, batch_size, max_pixels=None, workers=None, encoding=None,
+                pixel_dtype=None):
+    """DataLoader of collated views in the given order. `encoding`: the collator's optional encoding
+    strategy (the image-feature cache's: no pixels for images it holds)."""
+    max_pixels = max_pixels or cfg.max_pixels
+    dataset = VqaDataset(frame, views, max_pixels, blank_images=cfg.blank_images, bomb_limit_pixels=cfg.bomb_limit_pixels)
+    collator = VqaCollator(processor, fmt, cfg.min_pixels, max_pixels, encoding=encoding, pixel_dtype=pixel_dtype)
+    workers = cfg.num_workers if workers is None else workers
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator,
+                                       num_workers=workers, persistent_workers=False,
+                                       pin_memory=cfg.pin_memory and torch.cuda.is_available())
+
+
+def loader_encoding(feature_cache, dedupe_images=False):
+    """The encoding strategy of a loader for this cache (None: the processor on every view). dedupe_images:
+    the views of one image in a batch share its pixels (not for training batches: DDP splits those by sample)."""
+    return None if feature_cache is None else feature_cache.encoding(dedupe_images)
+
+
+def show_example(frame, processor, fmt, cfg, row=0):
+    """One training view as the model sees it: the rendered prompt (image placeholders collapsed) and the
+    label mask, which keeps exactly one position: the answer letter, the very token id the scorer reads."""
+    dataset = VqaDataset(frame, identity_views(len(frame)), cfg.max_pixels, blank_images=cfg.blank_images,
+                         bomb_limit_pixels=cfg.bomb_limit_pixels)
+    batch = VqaCollator(processor, fmt, cfg.min_pixels, cfg.max_pixels)([dataset[row]])
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    supervised = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
+    image_tokens = sum(t == processor.image_token_id for t in ids)
+    text = processor.tokenizer.decode(ids, skip_special_tokens=False)
+    text = text.replace(processor.image_token * image_tokens, f"{processor.image_token} x {image_tokens}")
+    print(text)
+    position = supervised[0]
+    print(f"[dataset] {len(ids)} tokens, {image_tokens} of them image tokens; the label mask keeps position {position} "
+          f"only: token id {ids[position]} ({processor.tokenizer.decode([ids[position]])!r}, answer "
+          f"{frame['answer'].iloc[row]!r}), predicted from position {int(batch['answer_positions'][0])}")
+    return {"tokens": len(ids), "image_tokens": image_tokens, "supervised_positions": supervised,
+            "label_id": ids[position], "answer_position": int(batch["answer_positions"][0])}

@@ -21,9 +21,9 @@ import pathlib
 import pandas as pd
 
 from .config import ConfigError
-from .data import ANSWER_LETTERS
+from .data import OPTION_LETTERS
 
-SIGNED_COLUMNS = ("id", "question", *ANSWER_LETTERS, "answer", "image_hash")
+SIGNED_COLUMNS = ("id", "question", *OPTION_LETTERS, "answer", "image_hash")
 PREDICTION_FILES = ("oof_probs.csv", "oof_probs_view0.csv", "test_probs.csv", "test_probs_view0.csv")
 
 

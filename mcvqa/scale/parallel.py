@@ -1,12 +1,10 @@
-"""## Several GPUs: folds in parallel (one worker process per GPU), inference sharded across GPUs
+"""## Several GPUs: folds in parallel, one worker process per GPU
 
 On a machine with two or more GPUs (Kaggle's 2x T4, a multi-GPU server) every fold trains in its own
 worker process on its own GPU, its 4-bit model wholly on that GPU. With more folds than GPUs the
 folds queue: each starts as soon as a GPU is free. A fold writes only its own folder `foldK/`, so the
 workers share nothing, and a re-run skips finished folds and resumes unfinished ones exactly as the
 one-GPU loop does; the main process then reads the folds back and ensembles them as usual.
-`predict_views_sharded` splits rows into contiguous shards, one per GPU, and puts the probabilities
-back together in the original order.
 
 Workers are fresh Python processes (CUDA cannot be forked safely, least of all from Jupyter). Each
 job (a function and its arguments) is pickled to a file the worker loads; inside this notebook,
@@ -34,11 +32,8 @@ import time
 import numpy as np
 import torch
 
-from .config import ConfigError
-from .distributed import distributed_active, is_main, world_size
-from .inference import predict_views
-from .modeling import load_model_for_training, load_processor, load_trainable_state
-from .prompts import make_prompt_format
+from ..core.config import ConfigError
+from ..core.process import process_group
 
 # What a worker process runs: load (function, args, result path), call, save the result atomically.
 WORKER_MAIN = """\
@@ -100,13 +95,14 @@ def parallel_workers(cfg, hardware, n_jobs, verbose=True):
     """How many worker processes run the folds; 0 means the one-after-the-other loop in this process."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Under torchrun / accelerate launch the ranks train each fold together (distributed.py): no workers.
-        if not distributed_active():
+        group = process_group()
+        if group.world_size <= 1:
             raise RuntimeError(
                 "started by torchrun / accelerate launch (WORLD_SIZE > 1) but torch.distributed is not initialised: "
                 "every rank would train every fold alone. Run `python -m mcvqa run` (run_pipeline calls "
                 "init_distributed()) or call init_distributed() first.")
-        if verbose and is_main():
-            print(f"[parallel] DDP: {n_jobs} fold(s) one after the other, each split across all {world_size()} ranks")
+        if verbose and group.is_main():
+            print(f"[parallel] DDP: {n_jobs} fold(s) one after the other, each split across all {group.world_size} ranks")
         return 0
     setting = str(cfg.parallel_folds).strip().lower()
     if setting in ("off", "false", "no", "0", "1"):
@@ -323,37 +319,3 @@ def run_in_workers(jobs, slots, log_dir, echo=print):
         not_started = [job.label for _, job in pending]
         raise WorkerError("\n".join(failures) + (f"\nnot started: {', '.join(not_started)}" if not_started else ""))
     return results
-
-
-def shard_bounds(n_rows, n_shards):
-    """Contiguous [start, stop) row ranges of near-equal size (sizes differ by at most one, none empty)."""
-    n_shards = max(1, min(n_shards, n_rows))
-    edges = np.linspace(0, n_rows, n_shards + 1).round().astype(int)
-    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
-
-
-def gather_views(parts):
-    """Concatenate per-shard {view: [n_i, 4]} dicts, in shard order, into one {view: [N, 4]} dict."""
-    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
-
-
-def predict_shard(frame, cfg, hardware, adapter_path=None, desc="test"):
-    """In a worker: the fold's model (4-bit base + LoRA, adapter weights from `adapter_path`) scores
-    `frame` under every TTA view, exactly as `run_fold` does in one process."""
-    model = load_model_for_training(cfg, hardware)
-    if adapter_path:
-        load_trainable_state(model, torch.load(adapter_path))
-    processor = load_processor(cfg)
-    fmt = make_prompt_format(processor, cfg)
-    return predict_views(model, frame, processor, fmt, cfg, hardware, desc=desc)
-
-
-def predict_views_sharded(frame, cfg, hardware, adapter_path, slots, log_dir, desc="test"):
-    """`predict_views` over contiguous row shards, one worker per slot (GPU), gathered in the original
-    row order: the same {(scale, shift): [N, 4]} as one process computes."""
-    bounds = shard_bounds(len(frame), len(slots))
-    jobs = [WorkerJob(f"{desc} rows {a}-{b - 1}", predict_shard,
-                      (frame.iloc[a:b].reset_index(drop=True), cfg, hardware,
-                       None if adapter_path is None else str(adapter_path), f"{desc} rows {a}-{b - 1}"))
-            for a, b in bounds]
-    return gather_views(run_in_workers(jobs, slots[:len(jobs)], log_dir))

@@ -27,7 +27,7 @@ from transformers import (
     Qwen3VLVideoProcessor,
 )
 
-from .compat import model_input_names
+from ..core.compat import model_input_names
 
 # Qwen's special tokens, in Qwen's order (ids differ in the tiny vocabulary, names do not).
 QWEN_SPECIAL_TOKENS = (

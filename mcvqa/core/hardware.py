@@ -1,4 +1,4 @@
-"""## 2. Hardware: pick dtype and attention from what the GPU can do, and say why
+"""## Hardware: pick dtype and attention from what the GPU can do, and say why
 
 T4 (compute capability 7.5) has no bf16 and no FlashAttention 2, so it computes in fp16 with a
 gradient scaler; A100/H100 (8.0+) compute in bf16; a CPU computes in fp32. FlashAttention 2 is used
@@ -6,6 +6,7 @@ only when the `flash_attn` package is installed *and* the card supports it; othe
 SDPA. The 4-bit layers compute in the same dtype. Every choice is printed with its reason.
 """
 
+import contextlib
 import dataclasses
 import importlib.util
 
@@ -109,3 +110,10 @@ def detect_hardware(cfg, gpus=None, verbose=True):
         for reason in hardware.reasons:
             print(f"[hardware]   because {reason}")
     return hardware
+
+
+def compute_autocast(hardware):
+    """The forward's mixed precision: autocast to the hardware's dtype on a GPU, nothing on the CPU / in fp32."""
+    if hardware.device == "cuda" and hardware.dtype != "float32":
+        return torch.autocast("cuda", dtype=hardware.torch_dtype)
+    return contextlib.nullcontext()

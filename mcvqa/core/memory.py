@@ -12,10 +12,12 @@ training sample with and without gradient checkpointing. Then, on the GPU:
   estimate fits, and lowers `infer_batch_size` until one batch's KV cache of all its option views fits.
 
 Every choice is printed with its numbers. The estimate is deliberately generous (ACTIVATION_MARGIN);
-the out-of-memory back-off in training and prediction still catches what it misses.
+what it misses, the out-of-memory back-off (`halve_on_oom`, one helper for training and prediction)
+catches: the failed attempt's memory is freed first, then the batch is halved and tried again.
 """
 
 import dataclasses
+import gc
 import math
 import os
 import re
@@ -156,3 +158,48 @@ def plan_memory(cfg, hardware, verbose=True):
             "infer_batch_size": infer}
     return dataclasses.replace(cfg, gradient_checkpointing=checkpointing, micro_batch_size=micro,
                                grad_accum_steps=accum, infer_batch_size=infer), plan
+
+
+def _is_oom(error):
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+OUT_OF_MEMORY = object()  # what call_or_oom returns instead of raising
+
+
+def call_or_oom(function, can_retry):
+    """function(), or OUT_OF_MEMORY when it ran out of CUDA memory and a smaller retry is possible.
+
+    The retry must happen after this returns, never inside the `except` block: there the exception's
+    traceback still holds the frames of the failed attempt, and with them every activation it
+    allocated, so each retry would start with less free memory than the attempt that failed."""
+    try:
+        return function()
+    except Exception as error:  # noqa: BLE001 - only OOM is handled, everything else re-raised
+        if not (_is_oom(error) and can_retry):
+            raise
+    return OUT_OF_MEMORY
+
+
+def free_memory():
+    """Give the failed attempt's memory back (reference cycles first) before a smaller retry."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def halve_on_oom(attempt, size, unit=1, on_retry=None, say=None):
+    """(attempt(size), the size that fitted): a CUDA out-of-memory error frees the failed attempt's memory,
+    calls on_retry() (e.g. to zero partly accumulated gradients), says say(size, smaller) and tries again
+    with half the size, a multiple of `unit` and at least `unit`. At `unit` an OOM is raised as is."""
+    while True:
+        out = call_or_oom(lambda: attempt(size), can_retry=size > unit)
+        if out is not OUT_OF_MEMORY:
+            return out, size
+        smaller = max(unit, (size // unit // 2) * unit)
+        if on_retry is not None:
+            on_retry()
+        free_memory()
+        if say is not None:
+            say(size, smaller)
+        size = smaller

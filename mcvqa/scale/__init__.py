@@ -1,0 +1,1 @@
+"""The scale wing: fold workers (one process per GPU), DDP under torchrun, sharded prediction."""

@@ -1,0 +1,127 @@
+"""Experiment snapshots (command line only): `python -m mcvqa snapshot --run runs/x --name y`.
+
+Freezes a finished run into `experiments/<YYMMDD>_<name>/` with a filled-in `REPORT.md`, and adds one
+row to the top-level scoreboard so runs can be compared side by side.
+"""
+
+import datetime
+import json
+import os
+import pathlib
+import re
+import shutil
+
+from .core.reporting import _REPORT_PLOT_NAMES, _report_read_json
+
+# Report label -> config keys to try; mcvqa.config spells the learning rate `learning_rate`.
+_REPORT_SETTINGS = {"n_folds": ("n_folds",), "epochs": ("epochs",), "lr": ("lr", "learning_rate"),
+                    "lora_r": ("lora_r",), "max_pixels": ("max_pixels",), "tta_option_views": ("tta_option_views",)}
+_REPORT_SCOREBOARD_HEADER = (
+    "| date | experiment | model | CV acc | Public LB | notes |\n"
+    "|---|---|---|---|---|---|\n"
+)
+_REPORT_SCOREBOARD_INTRO = (
+    "# Experiment scoreboard\n\n"
+    "One row per snapshot; add a row with "
+    "`python -m mcvqa snapshot --run runs/<name> --name <short_name>` "
+    "and fill in Public LB by hand after submitting.\n\n"
+)
+
+
+
+def _report_find(cfg, *keys):
+    """First of `keys` found at the top level of the config, else inside its nested sections."""
+    for key in keys:
+        if key in cfg:
+            return cfg[key]
+    for value in cfg.values():
+        if isinstance(value, dict) and (found := _report_find(value, *keys)) is not None:
+            return found
+    return None
+
+
+def _report_fmt(value, digits=4):
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}" if 1e-3 <= abs(value) <= 1e4 else f"{value:g}"
+    return str(value).replace("|", "\\|")  # a bare pipe would split the markdown cell
+
+
+def _report_runtime(seconds):
+    if seconds is None:
+        return "n/a"
+    h, rem = divmod(int(round(float(seconds))), 3600)
+    return f"{h}h {rem // 60:02d}m {rem % 60:02d}s ({float(seconds):.0f} s)"
+
+
+def _report_experiment_md(name, date, run_dir, cfg, metrics, plots):
+    """Markdown body of the per-experiment REPORT.md."""
+    model = _report_find(cfg, "model_name_or_path")
+    lines = [f"# Experiment {name}", "", f"- Date: {date.isoformat()}", f"- Run folder: `{run_dir}`",
+             f"- Profile: {_report_fmt(metrics.get('profile'))}", f"- Model: `{_report_fmt(model)}`",
+             f"- CV accuracy (OOF): **{_report_fmt(metrics.get('cv_accuracy'))}**", "- Public LB: (fill in)",
+             "", "## Key settings", "", "| setting | value |", "|---|---|"]
+    lines += [f"| {label} | {_report_fmt(_report_find(cfg, *keys))} |" for label, keys in _REPORT_SETTINGS.items()]
+    lines += ["", "## Cross-validation", "", "| fold | accuracy |", "|---|---|"]
+    lines += [f"| {i} | {_report_fmt(acc)} |" for i, acc in enumerate(metrics.get("fold_accuracy") or [])]
+    lines += [f"| CV (OOF) | {_report_fmt(metrics.get('cv_accuracy'))} |", "", "## Ablation", ""]
+    ablation = metrics.get("ablation") or {}
+    if ablation:
+        lines += ["| variant | accuracy |", "|---|---|"]
+        lines += [f"| {_report_fmt(k)} | {_report_fmt(v)} |" for k, v in ablation.items()]
+    else:
+        lines.append("(none recorded)")
+    hardware = metrics.get("hardware") or {}
+    hw = ", ".join(f"{k}: {_report_fmt(v)}" for k, v in hardware.items()) or "n/a"
+    lines += ["", "## Runtime and hardware", "", f"- Runtime: {_report_runtime(metrics.get('runtime_s'))}",
+              f"- Hardware: {hw}", "", "## Plots", ""]
+    lines += [f"![{p.stem.replace('_', ' ')}](plots/{p.name})\n" for p in plots] or ["(no plots)"]
+    return "\n".join(lines + ["", "## Notes", "", "(fill in)", ""])
+
+
+def _report_add_scoreboard_row(report_path, row):
+    """Insert the row after the table's last line, so any prose below the table stays below it."""
+    report_path = pathlib.Path(report_path)
+    if not report_path.exists():
+        report_path.parent.mkdir(parents=True, exist_ok=True)
+        report_path.write_text(_REPORT_SCOREBOARD_INTRO + _REPORT_SCOREBOARD_HEADER, encoding="utf-8")
+    lines = report_path.read_text(encoding="utf-8").splitlines()
+    table_rows = [i for i, line in enumerate(lines) if line.lstrip().startswith("|")]
+    if not table_rows:  # a hand-edited file that lost its table: start a new one at the end
+        lines += ["", *_REPORT_SCOREBOARD_HEADER.splitlines()]
+        table_rows = [len(lines) - 1]
+    lines.insert(table_rows[-1] + 1, row)
+    report_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def snapshot_experiment(run_dir, name, experiments_dir="experiments", report_path="REPORT.md",
+                        notebook_path=None, today=None) -> pathlib.Path:
+    """Freeze a run into `experiments/<YYMMDD>_<name>/` and add its row to the scoreboard."""
+    run_dir = pathlib.Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run folder not found: {run_dir}")
+    safe = re.sub(r"[^A-Za-z0-9_-]+", "_", str(name)).strip("_")
+    if not safe:
+        raise ValueError(f"experiment name {name!r} has no usable characters")
+    today = today or datetime.date.today()
+    exp_dir = pathlib.Path(experiments_dir) / f"{today:%y%m%d}_{safe}"
+    exp_dir.mkdir(parents=True, exist_ok=False)  # FileExistsError: never overwrite a past snapshot
+    for fname in ("config.json", "metrics.json", "history.csv", "oof_probs.csv"):
+        if (run_dir / fname).exists():
+            shutil.copy2(run_dir / fname, exp_dir / fname)
+    if (run_dir / "plots").is_dir():
+        shutil.copytree(run_dir / "plots", exp_dir / "plots")
+    if notebook_path is not None:
+        shutil.copy2(notebook_path, exp_dir / pathlib.Path(notebook_path).name)
+    cfg, metrics = _report_read_json(run_dir / "config.json"), _report_read_json(run_dir / "metrics.json")
+    plots = [exp_dir / "plots" / f"{n}.png" for n in _REPORT_PLOT_NAMES if (exp_dir / "plots" / f"{n}.png").exists()]
+    (exp_dir / "REPORT.md").write_text(
+        _report_experiment_md(exp_dir.name, today, run_dir, cfg, metrics, plots), encoding="utf-8")
+    model = str(_report_find(cfg, "model_name_or_path") or "n/a").rstrip("/").split("/")[-1]
+    # Relative link, so the scoreboard still works when the repo is cloned elsewhere.
+    link = pathlib.Path(os.path.relpath(exp_dir.resolve(), pathlib.Path(report_path).resolve().parent))
+    notes = f"profile: {_report_fmt(metrics.get('profile'))}"
+    _report_add_scoreboard_row(report_path, f"| {today.isoformat()} | [{exp_dir.name}]({link.as_posix()}/) | "
+                                            f"{_report_fmt(model)} | {_report_fmt(metrics.get('cv_accuracy'))} |   | {notes} |")
+    return exp_dir

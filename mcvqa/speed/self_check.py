@@ -1,0 +1,71 @@
+"""## Self-check of the fast paths: each fold compares them with the stock forward first
+
+The cached-feature forward and the shared-prefix option orders reach transformers below its public API
+(core/compat.py); a release that changes what they rely on gives wrong numbers, not errors (5.18-5.23
+ignored the decoder's cache keyword, so every suffix ran without its prefix). Before a fold relies on
+them, a few of its rows are scored three ways; a path that disagrees is switched off for the fold with
+a warning that says what that costs and the fix.
+"""
+
+import dataclasses
+
+import torch
+
+from ..core.collate import VqaCollator, VqaDataset, cyclic_perms
+from ..core.compat import transformers_version, warn
+from ..core.hardware import compute_autocast
+from ..core.modeling import model_device, tower_dtype
+from ..core.scoring import letter_logits, logits_agree
+from .feature_cache import CachedImageEncoding
+from .shared_prefix import shared_prefix_letter_logits
+
+
+@torch.no_grad()
+def check_fast_paths(model, frame, processor, fmt, cfg, hardware, feature_cache, n_rows=2):
+    """Score a few of `frame`'s rows three ways before a fold relies on the fast paths: the stock forward
+    (pixels through the vision tower), the cached-feature forward, and the shared-prefix option orders.
+    The last two reach transformers below its public API (compat.py); a release that changes what they
+    rely on gives wrong numbers, not errors. Returns (feature_cache or None, cfg): a path that disagrees
+    is switched off for the fold, with a warning that says what it costs and the fix."""
+    if feature_cache is None or len(frame) == 0:
+        return feature_cache, cfg
+    k = min(4, max(2, cfg.tta_option_views))
+    views = [(row, perm) for row in range(min(n_rows, len(frame))) for perm in cyclic_perms(k)]
+    dataset = VqaDataset(frame, views, cfg.max_pixels, blank_images=cfg.blank_images,
+                         bomb_limit_pixels=cfg.bomb_limit_pixels)
+    collator = VqaCollator(processor, fmt, cfg.min_pixels, cfg.max_pixels, encoding=CachedImageEncoding(),
+                           pixel_dtype=tower_dtype(model))
+    batch = collator([dataset[i] for i in range(len(dataset))])  # pixels for every view: no keys known
+    device, ids = model_device(model), fmt.letter_ids
+    was_training = model.training
+    model.eval()
+    with compute_autocast(hardware):
+        stock = letter_logits(model, batch, ids, device, tower_dtype(model))
+        cached_batch = feature_cache.attach(model, batch)
+        cached = letter_logits(model, cached_batch, ids, device, None)
+        shared = shared_prefix_letter_logits(model, cached_batch, ids, device, k) if cfg.tta_shared_prefix else None
+    model.train(was_training)
+
+    def agrees(fast, exact, what, reference, cost):
+        ok, error, tolerance = logits_agree(fast, exact, hardware)
+        if not ok:
+            warn(f"{what} gives other letter logits than {reference} on transformers {transformers_version()} (max "
+                 f"|difference| {error:.3g} > tolerance {tolerance:.3g}). {cost} Fix: pip install -U "
+                 "'transformers>=5.24,<6'; please report the version.")
+        return ok, f"{what} = {reference} (max |Δ logit| {error:.2g}, tolerance {tolerance:.2g})"
+
+    ok, line = agrees(cached, stock, "the cached-feature forward", "the stock forward", "Image-feature cache off for this "
+                      "fold: the vision tower runs for every training step and every test-time view (a run takes "
+                      "~2.5x longer).")
+    if not ok:
+        return None, dataclasses.replace(cfg, tta_shared_prefix=False)
+    if shared is not None:
+        ok, shared_line = agrees(shared, cached, "the shared-prefix option-order scoring", "scoring each view on its own",
+                                 "tta_shared_prefix off for this fold: each option order runs the whole prompt "
+                                 "(test-time augmentation ~2-3x longer).")
+        if ok:
+            line += f"; {shared_line}"
+        else:
+            cfg = dataclasses.replace(cfg, tta_shared_prefix=False)
+    print(f"[check] {line}")
+    return feature_cache, cfg

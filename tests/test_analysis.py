@@ -1,0 +1,141 @@
+"""Error analysis of a run (mcvqa/analysis.py) on a small planted run folder whose numbers are worked out by
+hand below, and the question-type rules (mcvqa/question_types.py) on the real demo questions."""
+
+import json
+import re
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+import mcvqa.toolkit.analysis as analysis
+from mcvqa.toolkit.analysis import AnalysisError, analyze_run
+from mcvqa.cli import main
+from mcvqa.demo.demo_data import generate_demo_dataset
+from mcvqa.toolkit.question_types import QUESTION_TYPES, question_type
+
+QUESTIONS = {
+    "count": "그림에 사과가 몇 개 있습니까?",
+    "color": "자동차는 무슨 색입니까?",
+    "position": "고양이는 어느 쪽에 있습니까?",
+    "what": "사람이 들고 있는 것은 무엇입니까?",
+    "text": "간판에 쓰여 있는 글자는 무엇입니까?",
+    "other": "이 사진의 분위기는 어떻습니까?",
+}
+# id: (type, label, out-of-fold probabilities a-d). Predicted letter, top probability and right/wrong:
+PLANTED = {
+    "R00": ("count", "a", (0.90, 0.05, 0.03, 0.02)),  # a 0.90 right
+    "R01": ("count", "b", (0.60, 0.30, 0.05, 0.05)),  # a 0.60 wrong
+    "R02": ("color", "c", (0.10, 0.10, 0.70, 0.10)),  # c 0.70 right
+    "R03": ("color", "d", (0.02, 0.95, 0.02, 0.01)),  # b 0.95 wrong, suspect (label 0.01, b 0.95)
+    "R04": ("position", "a", (0.35, 0.30, 0.20, 0.15)),  # a 0.35 right
+    "R05": ("what", "b", (0.05, 0.85, 0.05, 0.05)),  # b 0.85 right
+    "R06": ("what", "a", (0.05, 0.05, 0.88, 0.02)),  # c 0.88 wrong, suspect (label 0.05, c 0.88)
+    "R07": ("text", "d", (0.20, 0.20, 0.20, 0.40)),  # d 0.40 right
+    "R08": ("other", "c", (0.50, 0.20, 0.10, 0.20)),  # a 0.50 wrong (label 0.10: not below 0.1)
+    "R09": ("other", "a", (0.09, 0.81, 0.05, 0.05)),  # b 0.81 wrong, suspect (label 0.09, b 0.81)
+    "R10": ("count", "d", (0.10, 0.10, 0.15, 0.65)),  # d 0.65 right
+    "R11": ("color", "a", (0.05, 0.75, 0.18, 0.02)),  # b 0.75 wrong, not suspect (label 0.05 but b only 0.75)
+}
+WRONG_BY_CONFIDENCE = ["R03", "R06", "R09", "R11", "R01", "R08"]
+
+
+@pytest.fixture
+def planted_run(tmp_path):
+    data, run = tmp_path / "data", tmp_path / "run"
+    (data / "train").mkdir(parents=True)
+    run.mkdir()
+    rows, oof = [], []
+    for k, (row_id, (kind, label, probs)) in enumerate(PLANTED.items()):
+        Image.new("RGB", (40, 30), (20 * k, 100, 200)).save(data / "train" / f"{row_id}.png")
+        rows.append({"id": row_id, "path": f"train/{row_id}.png", "question": QUESTIONS[kind], "a": "사과",
+                     "b": "배", "c": "포도", "d": "귤", "answer": label})
+        oof.append({"id": row_id, **dict(zip(("p_a", "p_b", "p_c", "p_d"), probs)), "fold": k % 3, "answer": label})
+    pd.DataFrame(rows).to_csv(data / "train.csv", index=False)
+    pd.DataFrame(oof).to_csv(run / "oof_probs.csv", index=False)
+    (run / "config.json").write_text(json.dumps({"data_dir": str(data)}))
+    return run
+
+
+def _by_key(rows):
+    return {row["key"]: (row["n"], row["correct"]) for row in rows}
+
+
+def test_accuracy_by_type_letter_and_confidence_match_the_hand_count(planted_run):
+    report = analyze_run(planted_run)
+    assert report["n_rows"] == 12 and report["n_wrong"] == 6 and report["accuracy"] == pytest.approx(6 / 12)
+    assert _by_key(report["by_type"]) == {"count": (3, 2), "color": (3, 1), "position": (1, 1), "what": (2, 1),
+                                          "text": (1, 1), "other": (2, 0)}
+    assert _by_key(report["by_answer"]) == {"a": (5, 2), "b": (2, 1), "c": (2, 1), "d": (3, 2)}
+    # Bins [lo, hi), the last closed: 0.40, 0.70 and 0.85 sit on edges and go up.
+    assert _by_key(report["by_confidence"]) == {"[0.25, 0.40)": (1, 1), "[0.40, 0.55)": (2, 1),
+                                                "[0.55, 0.70)": (2, 1), "[0.70, 0.85)": (3, 1),
+                                                "[0.85, 1.00]": (4, 2)}
+    assert report["by_answer"][0]["accuracy"] == pytest.approx(2 / 5)
+    out = planted_run / "analysis"
+    for name in ("accuracy_by_type.png", "accuracy_by_answer.png", "accuracy_by_confidence.png",
+                 "wrong_gallery.png", "analysis.html", "suspect_labels.csv"):
+        assert (out / name).stat().st_size > 0, name
+    assert json.loads((out / "analysis.json").read_text())["by_type"] == report["by_type"]
+
+
+@pytest.mark.parametrize("top_n", [4, 10])
+def test_the_gallery_lists_the_wrong_rows_most_confident_first(planted_run, top_n):
+    report = analyze_run(planted_run, top_n=top_n)
+    expected = WRONG_BY_CONFIDENCE[:top_n]
+    assert [row["id"] for row in report["gallery"]] == expected
+    page = (planted_run / "analysis" / "analysis.html").read_text()
+    assert re.findall(r"data-id='([^']+)'", page) == expected
+    assert page.count("data:image/png;base64,") == len(expected)  # each listed row with its thumbnail
+    assert QUESTIONS["text"] not in page  # R07, the only text question, is right: not listed
+
+
+def test_suspect_labels_are_the_confidently_disputed_rows(planted_run):
+    analyze_run(planted_run)
+    suspects = pd.read_csv(planted_run / "analysis" / "suspect_labels.csv")
+    assert suspects["id"].tolist() == ["R03", "R06", "R09"]
+    assert suspects["model_says"].tolist() == ["b", "c", "b"]
+    assert suspects["p_answer"].tolist() == pytest.approx([0.01, 0.05, 0.09])
+    stricter = analyze_run(planted_run, suspect_label_max=0.1, suspect_other_min=0.9)
+    assert stricter["suspect_ids"] == ["R03"]
+
+
+def test_read_only_run_writes_elsewhere_through_the_cli(planted_run, tmp_path, capsys, monkeypatch):
+    files = sorted(p.name for p in planted_run.iterdir())
+    assert main(["analyze", str(planted_run), "--out", str(tmp_path / "elsewhere"), "--top", "2"]) == 0
+    assert sorted(p.name for p in planted_run.iterdir()) == files  # nothing written into the run folder
+    assert json.loads((tmp_path / "elsewhere" / "analysis.json").read_text())["top_n"] == 2
+    # A font with Hangul glyphs puts the text into the PNG as well (here: any font, glyphs or not).
+    monkeypatch.setattr(analysis, "hangul_font", lambda: "DejaVu Sans")
+    assert main(["analyze", str(planted_run), "--out", str(tmp_path / "font")]) == 0
+    assert (tmp_path / "font" / "wrong_gallery.png").stat().st_size > 0
+    assert main(["analyze", str(planted_run), "--data-dir", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "nowhere/train.csv: not found (--data-dir). Fix: --data-dir" in err and "Traceback" not in err
+
+
+def test_question_types_of_the_real_demo_questions(tmp_path):
+    data = generate_demo_dataset(tmp_path / "demo", n_train=8, n_test=4, image_size=64)
+    train = pd.read_csv(data / "train.csv").merge(pd.read_csv(data / "demo_meta.csv"), on="id")
+    expected = {"colour": "color", "shape": "what", "count": "count", "position": "position"}
+    assert set(train["qtype"]) == set(expected)
+    for question, qtype in zip(train["question"], train["qtype"]):
+        assert question_type(question) == expected[qtype], question
+
+
+@pytest.mark.parametrize("question, kind", [
+    ("빨간색 도형은 몇 개입니까?", "count"),  # count before colour (빨간색 contains 색)
+    ("글자는 무슨 색입니까?", "color"),  # colour before text and what
+    ("왼쪽에 쓰여 있는 글자는?", "text"),  # text before position
+    ("무엇이 왼쪽에 있습니까?", "position"),  # position before what
+    ("표지판의 문구는 무엇입니까?", "text"),
+    ("상자 안의 물건은 무엇입니까?", "what"),
+    ("사진은 실내입니까, 실외입니까?", "other"),
+])
+def test_question_type_precedence(question, kind):
+    assert question_type(question) == kind and kind in QUESTION_TYPES
+
+
+def test_a_folder_without_oof_probs_is_refused_with_the_fix(tmp_path):
+    with pytest.raises(AnalysisError, match=r"oof_probs\.csv: not found.*Fix: pass the output_dir"):
+        analyze_run(tmp_path)
