@@ -155,7 +155,7 @@ def start_run(cfg, hardware):
 def run_feature_cache(cfg, model, hardware, shared):
     """The image-feature cache of this run, made once and shared by its folds (None where it is off).
 
-    `shared` is the run's holder (a dict run_pipeline makes): every fold loads the same frozen vision
+    `shared` is the run's holder (a dict run_all_folds makes): every fold loads the same frozen vision
     tower, so fold 1 reuses what fold 0 encoded. Checked per fold: a trainable tower gets no cache.
     Worker processes (parallel.py) each get their own copy of the holder."""
     cache = make_feature_cache(cfg, model, hardware, reuse=shared.get("cache"))
@@ -298,7 +298,7 @@ def collect_results(cfg, train, test, folds, out_dir):
                                                     oof["answer"].to_numpy()),
                "fold_weights": weights.tolist()}
     if cfg.temperature_scaling:
-        targets = np.asarray(letter_indices(oof["answer"]))
+        targets = letter_indices(oof["answer"])
         metrics["temperature"] = fit_temperature(oof[PROB_COLUMNS].to_numpy(), targets)
         ensemble = apply_temperature(ensemble, metrics["temperature"])
     for k, probs in zip(run, test_tta):

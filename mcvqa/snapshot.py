@@ -5,13 +5,13 @@ row to the top-level scoreboard so runs can be compared side by side.
 """
 
 import datetime
-import json
 import os
 import pathlib
 import re
 import shutil
 
-from .core.reporting import _REPORT_PLOT_NAMES, _report_read_json
+from .core.files import read_json
+from .core.reporting import _REPORT_PLOT_NAMES
 
 # Report label -> config keys to try; mcvqa.config spells the learning rate `learning_rate`.
 _REPORT_SETTINGS = {"n_folds": ("n_folds",), "epochs": ("epochs",), "lr": ("lr", "learning_rate"),
@@ -114,7 +114,7 @@ def snapshot_experiment(run_dir, name, experiments_dir="experiments", report_pat
         shutil.copytree(run_dir / "plots", exp_dir / "plots")
     if notebook_path is not None:
         shutil.copy2(notebook_path, exp_dir / pathlib.Path(notebook_path).name)
-    cfg, metrics = _report_read_json(run_dir / "config.json"), _report_read_json(run_dir / "metrics.json")
+    cfg, metrics = read_json(run_dir / "config.json"), read_json(run_dir / "metrics.json")
     plots = [exp_dir / "plots" / f"{n}.png" for n in _REPORT_PLOT_NAMES if (exp_dir / "plots" / f"{n}.png").exists()]
     (exp_dir / "REPORT.md").write_text(
         _report_experiment_md(exp_dir.name, today, run_dir, cfg, metrics, plots), encoding="utf-8")

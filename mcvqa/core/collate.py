@@ -162,8 +162,11 @@ def slice_rows(batch, start, stop):
 
 
 def micro_batches(batch, size):
-    """A collated batch in consecutive chunks of at most `size` samples (images' patch rows follow their samples)."""
+    """A collated batch in consecutive chunks of at most `size` samples (images' patch rows follow their samples).
+    One chunk is the batch itself: no copy of its pixels on the common path."""
     n = batch["input_ids"].shape[0]
+    if size >= n:
+        return [batch]
     return [slice_rows(batch, start, min(start + size, n)) for start in range(0, n, size)]
 
 

@@ -44,8 +44,8 @@ class DataError(UserError, ValueError):
 
 
 def letter_indices(answers):
-    """0-3 for the answer letters a-d (a column of answers or a list)."""
-    return [OPTION_LETTERS.index(a) for a in answers]
+    """0-3 for the answer letters a-d (a column of answers or a list), as an int array."""
+    return np.array([OPTION_LETTERS.index(a) for a in answers], dtype=int)
 
 
 def _csv_row_ref(csv_name, index, row_id=None, column=None):

@@ -6,6 +6,7 @@ temporary file in the target folder and moved into place with `os.replace`, whic
 filesystem: a crash leaves the old file or the new one, never half of one.
 """
 
+import json
 import os
 import pathlib
 import tempfile
@@ -25,3 +26,9 @@ def atomic_write(path, write):
         pathlib.Path(temp_name).unlink(missing_ok=True)
         raise
     return path
+
+
+def read_json(path):
+    """A run folder's JSON file (config.json, metrics.json), or {} when it is not there."""
+    path = pathlib.Path(path)
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}

@@ -65,18 +65,19 @@ def predict_letter_logits(model, loader, fmt, hardware, desc="predict", feature_
     device, pixel_dtype = model_device(model), tower_dtype(model)
     score_views = scorer or letter_logits
     unit = scorer.views_per_row if scorer is not None else 1  # a row's option views stay together
-    limit = [None]  # set by the first OOM: the largest batch tried from then on
+    limit = None  # set by the first OOM: the largest batch tried from then on
 
     def say(n, smaller):
         print(f"[predict] CUDA out of memory at {n // unit} rows per batch: continuing with "
               f"{smaller // unit} (same predictions; lower infer_batch_size to avoid this)")
 
     def score(batch):
+        nonlocal limit
         n = batch["input_ids"].shape[0]
         out, fitted = halve_on_oom(lambda size: torch.cat([score_views(model, part, fmt.letter_ids, device, pixel_dtype)
                                                             for part in micro_batches(batch, size)]),
-                                   min(n, limit[0] or n), unit, say=say)
-        limit[0] = fitted if fitted < n else limit[0]
+                                   min(n, limit or n), unit, say=say)
+        limit = fitted if fitted < n else limit
         return out
 
     started = time.perf_counter()

@@ -5,7 +5,6 @@ These helpers turn a finished run folder (`history.csv`, `oof_probs.csv`, `metri
 confusion matrix and a reliability diagram with its expected calibration error (ECE).
 `python -m mcvqa snapshot` (mcvqa/snapshot.py) then freezes a run into `experiments/`.
 """
-import json
 import pathlib
 
 import matplotlib.pyplot as plt
@@ -13,7 +12,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
 
-from .data import OPTION_LETTERS, PROB_COLUMNS
+from .data import OPTION_LETTERS, PROB_COLUMNS, letters_from_probs
 
 _REPORT_PLOT_NAMES = ("answer_distribution", "training_curves", "confusion_matrix", "reliability")
 
@@ -121,10 +120,6 @@ def plot_reliability_diagram(probs, y_true, out_path, n_bins=10):
     return _report_save(fig, out_path)
 
 
-def _report_read_json(path):
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-
-
 def make_run_plots(run_dir, train_df=None) -> dict[str, pathlib.Path]:
     """Write every plot the run folder has data for into `run_dir/plots/`; returns name -> path."""
     run_dir = pathlib.Path(run_dir)
@@ -139,7 +134,7 @@ def make_run_plots(run_dir, train_df=None) -> dict[str, pathlib.Path]:
         figs["training_curves"] = lambda p: plot_training_curves(history, p)
     if oof is not None:
         probs = oof[list(PROB_COLUMNS)].to_numpy(dtype=float)
-        preds = [OPTION_LETTERS[i] for i in probs.argmax(axis=1)]
+        preds = letters_from_probs(probs)
         figs["confusion_matrix"] = lambda p: plot_confusion_matrix(oof["answer"], preds, p)
         figs["reliability"] = lambda p: plot_reliability_diagram(probs, oof["answer"], p)
     for name, draw in figs.items():

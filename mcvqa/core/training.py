@@ -332,7 +332,7 @@ def evaluate(model, frame, processor, fmt, cfg, hardware, feature_cache=None):
         return logits[np.argsort(rows, kind="stable")]
 
     logits = np.concatenate(process_group().map_shards(frame, logits_in_row_order))
-    target = np.asarray(letter_indices(frame["answer"]))
+    target = letter_indices(frame["answer"])
     logp = torch.log_softmax(torch.from_numpy(logits), dim=-1)
     loss = float(-logp[torch.arange(len(target)), torch.from_numpy(target)].mean())
     return float((logits.argmax(1) == target).mean()), loss

@@ -28,42 +28,27 @@ from ..core.process import SingleProcess, contiguous_shards, use_process_group
 DDP_TIMEOUT_MINUTES = 60  # how long a rank waits for the others (e.g. while rank 0 builds the demo model)
 
 
-def distributed_active():
-    """True inside an initialised process group of two or more ranks."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def world_size():
-    return dist.get_world_size() if distributed_active() else 1
-
-
-def process_rank():
-    return dist.get_rank() if distributed_active() else 0
-
-
 def local_rank():
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def is_main():
-    """Rank 0: the one rank that writes files and prints the run's results."""
-    return process_rank() == 0
-
-
 def init_distributed():
-    """Join the process group described by torchrun's environment; a no-op in one process.
-
-    Returns True when this call created the group (the caller then ends it with `finish_distributed`)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
+    """Join the process group described by torchrun's environment and install it for every stage; a
+    no-op in one process. Returns True when this call created the group (end it with `finish_distributed`)."""
+    if dist.is_available() and dist.is_initialized():  # joined by the caller (e.g. accelerate): use it as it is
+        if dist.get_world_size() > 1:
+            use_process_group(DdpGroup())
+        return False
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     backend = "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank() % torch.cuda.device_count())
         backend = "nccl"
     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=DDP_TIMEOUT_MINUTES))
-    use_process_group(DdpGroup())
-    if is_main():
-        print(f"[ddp] {world_size()} ranks ({backend}): each optimizer step's samples are split across them")
+    group = use_process_group(DdpGroup())
+    if group.is_main():
+        print(f"[ddp] {group.world_size} ranks ({backend}): each optimizer step's samples are split across them")
     return True
 
 
@@ -74,116 +59,73 @@ def finish_distributed():
     use_process_group(SingleProcess())
 
 
-def local_device(hardware):
-    """Where this rank's model goes: its own GPU under DDP; None (the default device) otherwise."""
-    if distributed_active() and hardware.device == "cuda":
-        return f"cuda:{torch.cuda.current_device()}"
-    return None
-
-
-def barrier():
-    if distributed_active():
-        dist.barrier()
-
-
-def broadcast_object(value):
-    """Rank 0's `value` on every rank (any picklable object; tensors should be on the CPU)."""
-    if not distributed_active():
-        return value
-    box = [value if is_main() else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def from_main(fn):
-    """`fn()` run on rank 0 only (a file read, say), its result sent to every rank."""
-    return broadcast_object(fn() if is_main() else None)
-
-
-def broadcast_params(params):
-    """Rank 0's values of `params` on every rank (the LoRA weights start identical everywhere)."""
-    if distributed_active():
-        for param in params:
-            dist.broadcast(param.data, src=0)
-
-
-def rank_bounds(n_items):
-    """This rank's contiguous [start, stop) of n items: sizes differ by at most one; empty when n < ranks."""
-    return contiguous_shards(n_items, world_size())[process_rank()]
-
-
-def rank_slice(batch):
-    """This rank's contiguous share of one optimizer step's collated samples (the whole batch in one process)."""
-    if not distributed_active():
-        return batch
-    return slice_rows(batch, *rank_bounds(batch["input_ids"].shape[0]))
-
-
-def all_reduce_grads(params, loss):
-    """Sum the gradients of `params` and the (share-weighted) loss over all ranks; returns the summed loss.
-
-    Each rank weighted its loss by its share of the step's samples, so the sums are exactly the
-    single-process gradient and mean loss of the whole step (up to the order of the additions). A rank
-    with no samples in a short last step, or a non-finite loss, adds zeros (NaN then reaches every rank:
-    all skip the step). Why not torch's DistributedDataParallel: the scorer calls the inner language
-    model directly (scoring.answer_hidden_states), past DDP's forward, which DDP needs to arm its
-    gradient hooks; an empty rank could not join DDP's reducer; DDP would also broadcast all 4-bit
-    base weights at start for nothing (every rank loads the same). Only the LoRA weights train, so one
-    flat all-reduce per optimizer step is all the communication there is."""
-    if not distributed_active():
-        return loss
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads])
-    dist.all_reduce(flat)
-    offset = 0
-    for param, grad in zip(params, grads):
-        grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
-        param.grad = grad
-        offset += grad.numel()
-    total = torch.tensor([loss], dtype=torch.float64, device=flat.device)
-    dist.all_reduce(total)
-    return float(total)
-
-
-def map_shards(frame, fn):
-    """`fn` on this rank's contiguous row shard of `frame`; every shard's result, in row order, on every
-    rank (empty shards give nothing). In one process: [fn(frame)]."""
-    if not distributed_active():
-        return [fn(frame)]
-    start, stop = rank_bounds(len(frame))
-    part = fn(frame.iloc[start:stop].reset_index(drop=True)) if stop > start else None
-    parts = [None] * world_size()
-    dist.all_gather_object(parts, part)
-    return [p for p in parts if p is not None]
-
-
 class DdpGroup:
-    """The process group of a torchrun launch: the methods of core/process.py's SingleProcess, for N ranks."""
+    """The process group of a torchrun launch: core/process.py's SingleProcess methods, for N ranks.
+    Installed by `init_distributed` only once torch.distributed is initialised with 2+ ranks."""
 
     @property
     def world_size(self):
-        return world_size()
+        return dist.get_world_size()
 
     def is_main(self):
-        return is_main()
+        """Rank 0: the one rank that writes files and prints the run's results."""
+        return dist.get_rank() == 0
 
     def from_main(self, fn):
-        return from_main(fn)
+        """`fn()` run on rank 0 only (a file read, say), its result sent to every rank (picklable; tensors
+        on the CPU)."""
+        box = [fn() if self.is_main() else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def barrier(self):
-        barrier()
+        dist.barrier()
 
     def local_device(self, hardware):
-        return local_device(hardware)
+        """Where this rank's model goes: its own GPU (None, the default device, on a CPU)."""
+        return f"cuda:{torch.cuda.current_device()}" if hardware.device == "cuda" else None
 
     def broadcast_params(self, params):
-        broadcast_params(params)
+        """Rank 0's values of `params` on every rank (the LoRA weights start identical everywhere)."""
+        for param in params:
+            dist.broadcast(param.data, src=0)
+
+    def rank_bounds(self, n_items):
+        """This rank's contiguous [start, stop) of n items: sizes differ by at most one; empty when n < ranks."""
+        return contiguous_shards(n_items, self.world_size)[dist.get_rank()]
 
     def rank_slice(self, batch):
-        return rank_slice(batch)
+        """This rank's contiguous share of one optimizer step's collated samples."""
+        return slice_rows(batch, *self.rank_bounds(batch["input_ids"].shape[0]))
 
     def all_reduce_grads(self, params, loss):
-        return all_reduce_grads(params, loss)
+        """Sum the gradients of `params` and the (share-weighted) loss over all ranks; returns the summed loss.
+
+        Each rank weighted its loss by its share of the step's samples, so the sums are exactly the
+        single-process gradient and mean loss of the whole step (up to the order of the additions). A rank
+        with no samples in a short last step, or a non-finite loss, adds zeros (NaN then reaches every rank:
+        all skip the step). Why not torch's DistributedDataParallel: the scorer calls the inner language
+        model directly (scoring.answer_hidden_states), past DDP's forward, which DDP needs to arm its
+        gradient hooks; an empty rank could not join DDP's reducer; DDP would also broadcast all 4-bit
+        base weights at start for nothing (every rank loads the same). Only the LoRA weights train, so one
+        flat all-reduce per optimizer step is all the communication there is."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        dist.all_reduce(flat)
+        offset = 0
+        for param, grad in zip(params, grads):
+            grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
+            param.grad = grad
+            offset += grad.numel()
+        total = torch.tensor([loss], dtype=torch.float64, device=flat.device)
+        dist.all_reduce(total)
+        return float(total)
 
     def map_shards(self, frame, fn):
-        return map_shards(frame, fn)
+        """`fn` on this rank's contiguous row shard of `frame`; every shard's result, in row order, on every
+        rank (empty shards give nothing)."""
+        start, stop = self.rank_bounds(len(frame))
+        part = fn(frame.iloc[start:stop].reset_index(drop=True)) if stop > start else None
+        parts = [None] * self.world_size
+        dist.all_gather_object(parts, part)
+        return [p for p in parts if p is not None]

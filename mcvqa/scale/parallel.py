@@ -29,9 +29,6 @@ import tempfile
 import threading
 import time
 
-import numpy as np
-import torch
-
 from ..core.config import ConfigError
 from ..core.process import process_group
 
@@ -94,12 +91,12 @@ def _pickler():
 def parallel_workers(cfg, hardware, n_jobs, verbose=True):
     """How many worker processes run the folds; 0 means the one-after-the-other loop in this process."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Under torchrun / accelerate launch the ranks train each fold together (distributed.py): no workers.
+        # Under torchrun / accelerate launch the ranks train each fold together (scale/distributed.py): no workers.
         group = process_group()
         if group.world_size <= 1:
             raise RuntimeError(
                 "started by torchrun / accelerate launch (WORLD_SIZE > 1) but torch.distributed is not initialised: "
-                "every rank would train every fold alone. Run `python -m mcvqa run` (run_pipeline calls "
+                "every rank would train every fold alone. Run `python -m mcvqa run` (the command line calls "
                 "init_distributed()) or call init_distributed() first.")
         if verbose and group.is_main():
             print(f"[parallel] DDP: {n_jobs} fold(s) one after the other, each split across all {group.world_size} ranks")

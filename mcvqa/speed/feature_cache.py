@@ -12,10 +12,11 @@ batch, so the multimodal rope positions (`get_rope_index`) are computed exactly 
 The key is a hash of the decoded image's pixels and the pixel range; the cache itself belongs to one
 (model, tower dtype, precision) namespace. Features live on the CPU (moved to the GPU per batch) or,
 on GPUs with memory to spare, on the GPU, within a budget; optionally also on disk under the run
-folder, so a restarted Kaggle session reuses them. The cache also keeps a pass's collated batches for
-an identical later pass (the test set in the next fold), valid while it holds all their images. The
-cache turns itself off, and says so, when the tower has trainable weights or images are augmented:
-then the features would change from one view to the next.
+folder, so a restarted Kaggle session reuses them. The cache is the speed wing's face to the core
+stages: its encoding strategy for the collator (`encoding`), the features for a batch (`attach`), the
+scorer of a row's option orders (`view_scorer`, shared_prefix.py) and the replay of an identical later
+pass (`pass_batches`, replay.py). It turns itself off, and says so, when the tower has trainable weights
+or images are augmented: then the features would change from one view to the next.
 """
 
 import contextlib

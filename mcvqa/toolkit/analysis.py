@@ -34,7 +34,8 @@ from matplotlib import font_manager
 from matplotlib.figure import Figure  # (no pyplot: figures render with Agg, the session's backend stays as it is)
 
 from ..core.errors import UserError
-from ..core.data import OPTION_LETTERS, PROB_COLUMNS, read_competition_csv
+from ..core.data import OPTION_LETTERS, PROB_COLUMNS, letter_indices, letters_from_probs, read_competition_csv
+from ..core.files import read_json
 from .question_types import QUESTION_TYPES, question_type
 
 TOP_N = 24
@@ -97,7 +98,7 @@ def oof_table(run_dir, data_dir=None):
         raise AnalysisError(f"{oof_path}: missing columns {', '.join(missing)}. Fix: re-run the run")
     if data_dir is None:
         config_path = run_dir / "config.json"
-        value = json.loads(config_path.read_text(encoding="utf-8")).get("data_dir") if config_path.exists() else None
+        value = read_json(config_path).get("data_dir")
         if not value:
             raise AnalysisError(f"{config_path}: no data_dir to read train.csv from. Fix: --data-dir <data folder>")
         data_dir, source = pathlib.Path(value), f"data_dir in {config_path}"
@@ -115,7 +116,7 @@ def oof_table(run_dir, data_dir=None):
     table = oof.join(train, on="id")
     probs = table[PROB_COLUMNS].to_numpy(dtype=float)
     table["answer"] = table["answer"].astype(str).str.strip().str.lower()
-    table["pred"] = [OPTION_LETTERS[i] for i in probs.argmax(1)]
+    table["pred"] = letters_from_probs(probs)
     table["confidence"] = probs.max(1)
     table["correct"] = table["pred"] == table["answer"]
     table["type"] = [question_type(q) for q in table["question"]]
@@ -131,7 +132,7 @@ def confident_wrong(table, top_n=TOP_N):
 def suspect_labels(table, label_max=SUSPECT_LABEL_MAX, other_min=SUSPECT_OTHER_MIN):
     """Rows whose label gets below label_max while another option gets above other_min (most disputed first)."""
     probs = table[PROB_COLUMNS].to_numpy(dtype=float)
-    label = np.array([OPTION_LETTERS.index(a) for a in table["answer"]])
+    label = letter_indices(table["answer"])
     p_label = probs[np.arange(len(table)), label]
     others = probs.copy()
     others[np.arange(len(table)), label] = -1.0

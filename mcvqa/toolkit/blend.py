@@ -30,7 +30,9 @@ import pandas as pd
 from scipy.optimize import minimize
 
 from ..core.errors import UserError
-from ..core.data import OPTION_LETTERS, PROB_COLUMNS, letters_from_probs, probs_frame, read_competition_csv
+from ..core.files import read_json
+from ..core.data import (OPTION_LETTERS, PROB_COLUMNS, letter_indices, letters_from_probs, probs_frame,
+                         read_competition_csv)
 from .question_types import QUESTION_TYPES, question_type
 from ..core.submission import write_submission
 
@@ -56,10 +58,6 @@ class Member:
 
 
 # --- reading and checking the members -------------------------------------------------------------
-
-def _read_json(path):
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-
 
 def _some(ids):
     ids = sorted(ids)
@@ -104,7 +102,7 @@ def load_member(run_dir):
         folds = frame.set_index("id")["fold"]
     return Member(str(run_dir), path, _read_probs(path / "oof_probs.csv", run_dir, ("fold", "answer")),
                   _read_probs(path / "test_probs_ensemble.csv", run_dir), folds,
-                  _read_json(path / "config.json"), _read_json(path / "metrics.json"))
+                  read_json(path / "config.json"), read_json(path / "metrics.json"))
 
 
 def check_members(members):
@@ -165,10 +163,6 @@ def compare_folds(members):
 
 
 # --- fitting ----------------------------------------------------------------------------------------
-
-def label_indices(answers):
-    return np.array([OPTION_LETTERS.index(a) for a in answers], dtype=int)
-
 
 def log_loss(probs, labels):
     probs = np.asarray(probs, dtype=float)
@@ -283,7 +277,7 @@ def _holdout_labels(data_dir, test_ids):
     answers = pd.read_csv(path, dtype=str).set_index("id")["answer"].str.strip().str.lower()
     if not set(test_ids) <= set(answers.index) or not answers.loc[list(test_ids)].isin(OPTION_LETTERS).all():
         return None
-    return label_indices(answers.loc[list(test_ids)])
+    return letter_indices(answers.loc[list(test_ids)])
 
 
 def _weights_table(names, model):
@@ -331,7 +325,7 @@ def blend_runs(run_dirs, out_dir, per_type=False, data_dir=None, min_type_rows=M
         raise BlendError(f"--out {out_dir} is one of the member run folders; they are never written to. "
                          "Fix: --out <a new folder>, e.g. runs/blend")
     ref, names = members[0], [m.name for m in members]
-    labels = label_indices(ref.oof["answer"])
+    labels = letter_indices(ref.oof["answer"])
     oof_probs = np.stack([m.oof[PROB_COLUMNS].to_numpy() for m in members])
     test_probs = np.stack([m.test[PROB_COLUMNS].to_numpy() for m in members])
     notes = []
