@@ -12,6 +12,7 @@ product's own checks decide.
     python bench/bench_profiles.py --prepare          # on the CPU machine: the real processors -> .bench_assets/
     python bench/bench_profiles.py --runs kaggle_t4x2:Qwen2.5-VL-3B,kaggle_t4x2:Qwen3-VL-8B,colab_a100:Qwen2.5-VL-7B
     python bench/bench_profiles.py --tiny --runs kaggle_t4x2:Qwen2.5-VL-3B   # CPU smoke test with tiny models
+    python bench/bench_profiles.py --runs kaggle_t4x2:Qwen2.5-VL-3B+gate_fraction=0.1   # a run with its own settings
 """
 
 import argparse
@@ -259,6 +260,24 @@ def summarise(label, profile, name, code, wall, found, metrics, peak_tflops, fpt
     return row
 
 
+def parse_spec(spec):
+    """profile:model[+key=value...]: one run, with settings of its own after the profile's (e.g. the gate)."""
+    head, *extra = spec.split("+")
+    profile, name = head.split(":")
+    return profile, name, extra
+
+
+def gate_row(metrics):
+    """The uncertainty gate's cost (core/gate.py, metrics.json), test and out-of-fold passes of all folds."""
+    gate = (metrics or {}).get("gate")
+    if not gate:
+        return None
+    keep = ("rows", "gated", "extra_views", "extra_s", "normal_views", "normal_s", "s_per_extra_view",
+            "s_per_normal_view", "extra_in_single_view_passes")
+    return {part: {k: cost[k] for k in keep} for part, cost in gate["cost"].items()} | {
+        "oof_rows_gated": gate["oof_rows_gated"], "applied": gate["applied"]}
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--prepare", action="store_true", help="copy the real processors into --assets and stop")
@@ -293,13 +312,14 @@ def main():
           f"fp16 matmul peak {peak:.0f} TFLOP/s", flush=True)
     data = make_competition(work / "data", args.n_train, args.n_test)
     rows = []
-    for spec in args.runs.split(","):
-        profile, name = spec.split(":")
-        label = f"{profile}-{name}{'-' + args.tag if args.tag else ''}"
+    specs = [parse_spec(spec) for spec in args.runs.split(",")]
+    for index, (profile, name, extra) in enumerate(specs):
+        suffix = "".join("-" + re.sub(r"[^A-Za-z0-9.]+", "", setting) for setting in extra)
+        label = f"{profile}-{name}{suffix}{'-' + args.tag if args.tag else ''}"
         model_dir = build_model_folder(name, assets, work / "models" / name, args.tiny)
         overrides = [f"data_dir={data}", f"model_name_or_path={model_dir}", f"output_dir={work / 'runs' / label}",
                      f"submission_path={work / 'runs' / label / 'submission.csv'}", f"epochs={args.epochs}",
-                     *([] if args.tiny else CARD[profile]), *args.set]
+                     *([] if args.tiny else CARD[profile]), *args.set, *extra]
         if args.tiny:
             overrides += ["num_workers=0", "min_pixels=3136", "max_pixels=12544"]
         shutil.rmtree(work / "runs" / label, ignore_errors=True)
@@ -311,13 +331,20 @@ def main():
         cap = plan.get("gpu_memory_gib")
         row = summarise(label, profile, name, code, wall, parse_log(text), metrics, peak, flops_per_token(name, args.tiny),
                         cap)
-        row.update(transformers=transformers.__version__, device=device, plan=plan)
+        row.update(transformers=transformers.__version__, device=device, plan=plan, settings=extra, gate=gate_row(metrics))
+        if row["gate"]:
+            test = row["gate"]["test"]
+            print(f"[bench] GATE {label}: test {test['gated']} of {test['rows']} row-folds gated, {test['extra_views']} "
+                  f"extra views in {test['extra_s']:.1f} s = {1000 * (test['s_per_extra_view'] or 0):.1f} ms per extra "
+                  f"view vs {1000 * test['s_per_normal_view']:.1f} ms per view of the normal pass "
+                  f"({test['normal_views']} views in {test['normal_s']:.1f} s); "
+                  f"{test['extra_in_single_view_passes']:.2f} single-view passes", flush=True)
         if args.seed and code == 0:
             row["seed"] = seed_baseline(profile, overrides, name, args.seed)
             row["train_speedup_vs_seed"] = round(row["train_samples_per_s"] / row["seed"]["train_samples_per_s"], 2)
         rows.append(row)
         (out / f"profiles{'_' + args.tag if args.tag else ''}.json").write_text(json.dumps(rows, indent=2, ensure_ascii=False))
-        if not args.keep_models and not args.tiny:
+        if not args.keep_models and not args.tiny and name not in [n for _, n, _ in specs[index + 1:]]:
             shutil.rmtree(model_dir, ignore_errors=True)
     print("\n| run | exit | wall s | train samples/s | MFU | test rows/s (views) | peak GiB (cap) | OOM | warnings |")
     print("|---|---|---|---|---|---|---|---|---|")

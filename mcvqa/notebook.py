@@ -37,7 +37,9 @@ LAYOUT = (
         ("Scoring: four letter logits at one position", ("core.scoring",)),
         ("Training: the explicit loop per fold", ("core.process", "core.budget", "core.training")),
         ("Inference: direct-logit scoring with option-order TTA", ("core.inference",)),
+        ("Uncertainty gate: extra views only where the model is unsure", ("core.gate",)),
         ("Ensemble, submission, plots", ("core.ensemble", "core.submission", "core.reporting")),
+        ("Error analysis and blending runs", ("toolkit.question_types", "toolkit.analysis", "toolkit.blend")),
     )),
     ("Part II: the engine room (safe to skip: definitions only, nothing runs here)", (
         ("Speed: each image through the vision tower once", ("speed.feature_cache", "speed.replay")),
@@ -75,6 +77,10 @@ change the package and regenerate it instead.
   a GPU of 30 GiB or more and `colab_t4` (3B at 448x448) below, then *Run all*.
 - **Local**: `PROFILE = "demo"` runs the whole flow on a CPU with a tiny synthetic dataset and model;
   papermill can set `PROFILE` and `OVERRIDES` as parameters.
+- **Beyond one run** (settings in `OVERRIDES`): `blend_with=/kaggle/input/<an earlier run>/run` blends this
+  run with earlier ones at its end (the submission becomes the blend, weights fitted out of fold);
+  `gate_fraction=0.1` gives the least certain 10 % of the rows all 24 option orders (kept only where the
+  out-of-fold rows gained). Every run ends with its error analysis, shown under the last cells.
 - A setting that is wrong stops with one message naming it and the fix, not a traceback."""
 
 PARAMETERS_CELL = """\
@@ -99,13 +105,23 @@ CALL_CELLS = {
         "Every fold: the 4-bit model with its trainable LoRA parameters, the training curve, the predictions. "
         "Safe to re-run after an interruption: finished folds are skipped, an unfinished one resumes.",
         "run_all_folds(run)"),
-    "pipeline: After the folds: the ensemble, the submission, the report": (
+    "pipeline: After the folds: the ensemble, the submission, the report": [(
         "The fold ensemble, `submission.csv`, `metrics.json`; then the plots and the first rows of the submission.",
         "metrics = finish_run(run)\n"
-        "from IPython.display import Image as ShowImage, display\n"
-        "for png in sorted(pathlib.Path(cfg.output_dir, \"plots\").glob(\"*.png\")):\n"
+        "from IPython.display import HTML, Image as ShowImage, Markdown, display\n"
+        "for png in sorted(pathlib.Path(run.cfg.output_dir, \"plots\").glob(\"*.png\")):  # run.cfg: inputs found\n"
         "    display(ShowImage(filename=str(png)))\n"
-        "pd.read_csv(metrics[\"submission\"]).head()"),
+        "pd.read_csv(metrics[\"submission\"]).head()"), (
+        "What the model gets wrong (written by `finish_run` to `analysis/`): accuracy by question type, answer "
+        "letter and confidence, the most confident out-of-fold mistakes, and the training rows whose label the "
+        "model confidently disputes. With `blend_with` set, the blend's report: `submission.csv` is the blend.",
+        "analysis = pathlib.Path(run.cfg.output_dir, \"analysis\")\n"
+        "for name in (\"accuracy_by_type\", \"accuracy_by_answer\", \"accuracy_by_confidence\"):\n"
+        "    display(ShowImage(filename=str(analysis / f\"{name}.png\")))\n"
+        "display(HTML(gallery_html(run.cfg.output_dir, run.cfg.data_dir, top_n=8)))  # all of them: analysis/analysis.html\n"
+        "display(pd.read_csv(analysis / \"suspect_labels.csv\").head(10))\n"
+        "if metrics.get(\"blend\"):\n"
+        "    display(Markdown(pathlib.Path(metrics[\"blend\"][\"report\"]).read_text(encoding=\"utf-8\")))")],
 }
 
 # Names every module may define, provided all definitions are identical.
@@ -261,10 +277,12 @@ def _demote(markdown, level="###"):
 
 
 def _call_cells(key):
-    if key not in CALL_CELLS:
-        return []
-    markdown, code = CALL_CELLS[key]
-    return [nbformat.v4.new_markdown_cell(f"**Run:** {markdown}"), nbformat.v4.new_code_cell(code)]
+    """The call cells after `key`: one (markdown, code) pair, or a list of them (a stage's result shown in steps)."""
+    pairs = CALL_CELLS.get(key, [])
+    cells = []
+    for markdown, code in [pairs] if isinstance(pairs, tuple) else pairs:
+        cells += [nbformat.v4.new_markdown_cell(f"**Run:** {markdown}"), nbformat.v4.new_code_cell(code)]
+    return cells
 
 
 def module_cells(name, package_dir=None):

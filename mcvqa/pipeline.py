@@ -1,18 +1,20 @@
 """## The run: the stages above, in order, with the engine room plugged in
 
 `run_pipeline` = `start_run` (inputs, data, folds) -> `run_all_folds` (each fold trained, then its
-out-of-fold and test rows predicted with TTA) -> `finish_run` (ensemble, submission, report). It is safe to
-re-run: finished folds are skipped, an interrupted fold resumes from its checkpoint. Outputs in
-`output_dir`: `config.json`, `folds.csv`, per fold `foldK/` (checkpoint, best adapter, history),
-`oof_probs.csv`, `test_probs_foldK.csv`, `test_probs_ensemble.csv`, `history.csv`, `metrics.json`,
-`plots/` and `submission.csv`. Under `torchrun` (scale/distributed.py) every rank runs this flow and
-trains each fold together; rank 0 writes. This is the one module that joins the core stages to the
-speed, scale and demo wings.
+out-of-fold and test rows predicted with TTA and, if on, the uncertainty gate) -> `finish_run` (ensemble,
+submission, report, error analysis, and with `blend_with` the blend). It is safe to re-run: finished folds
+are skipped, an interrupted fold resumes from its checkpoint. Outputs in `output_dir`: `config.json`,
+`folds.csv`, per fold `foldK/` (checkpoint, best adapter, history), `oof_probs.csv`, `test_probs_foldK.csv`,
+`test_probs_ensemble.csv`, `history.csv`, `metrics.json`, `plots/`, `analysis/` (toolkit/analysis.py),
+`blend/` (toolkit/blend.py) and `submission.csv`. Under `torchrun` (scale/distributed.py) every rank runs
+this flow and trains each fold together; rank 0 writes. This is the one module that joins the core stages
+to the speed, scale, demo and toolkit wings.
 """
 
 import dataclasses
 import json
 import pathlib
+import shutil
 import time
 
 import numpy as np
@@ -25,6 +27,8 @@ from .core.config import check_adapter_source, check_resume, save_config
 from .core.data import (PROB_COLUMNS, add_image_hashes, check_images, letter_indices, letters_from_probs, load_image,
                         make_folds, probs_frame, read_competition_csv)
 from .core.ensemble import apply_temperature, ensemble_folds, fit_temperature, fold_weights
+from .core.files import atomic_write, read_json
+from .core.gate import describe_gate, extra_views_per_row, gate_on, gate_summary, gated_probs, max_gated_rows
 from .core.hardware import apply_memory_cap
 from .core.inference import gather_views, image_scales, predict_views, tta_probs
 from .core.locate import InputNotFoundError, resolve_inputs
@@ -33,7 +37,7 @@ from .core.modeling import load_model_for_training, load_processor, load_trainab
 from .core.process import process_group
 from .core.prompts import make_prompt_format
 from .core.reporting import make_run_plots
-from .core.resume import fold_manifest, prepare_fold
+from .core.resume import fold_manifest, prediction_settings, prepare_fold
 from .core.submission import write_submission
 from .core.training import train_fold
 from .demo.demo_data import generate_demo_dataset
@@ -42,6 +46,8 @@ from .scale.parallel import run_folds
 from .speed.fast_vision import compile_vision_choice, compile_vision_elementwise, patch_vision_attention
 from .speed.feature_cache import make_feature_cache
 from .speed.self_check import check_fast_paths
+from .toolkit.analysis import analyze_run
+from .toolkit.blend import BlendError, blend_runs, load_member
 
 SKIPPED_FOR_TIME = "SKIPPED_FOR_TIME"  # marks a fold the time budget left out (collect_results ensembles the others)
 
@@ -147,6 +153,8 @@ def start_run(cfg, hardware):
     if group.is_main():
         folds_frame.to_csv(out_dir / "folds.csv", index=False)
     print(f"[folds] {cfg.n_folds} folds of {np.bincount(folds).tolist()} rows (stratified by answer, grouped by image)")
+    if cfg.blend_with and group.is_main():
+        check_blend_members(cfg, test)
     return Run(cfg, hardware, out_dir, clock, train, test, folds, processor, fmt, sample_submission, bad_rows)
 
 
@@ -174,7 +182,7 @@ def run_fold(fold, train, test, folds, processor, fmt, cfg, hardware, out_dir, s
     val_part = train[folds == fold].reset_index(drop=True)
     zero_shot = cfg.epochs == 0
     # Reuse only what belongs to the current rows (resume.py): stale predictions are made again.
-    manifest = fold_manifest(train_part, val_part, test, zero_shot)
+    manifest = fold_manifest(train_part, val_part, test, zero_shot, prediction_settings(cfg))
     if process_group().from_main(lambda: prepare_fold(fold_dir, fold, manifest, test["id"])):
         print(f"[fold {fold}] predictions exist and match the current rows, skipping")
         return
@@ -216,26 +224,12 @@ def run_fold(fold, train, test, folds, processor, fmt, cfg, hardware, out_dir, s
         # epochs=0: the base model answers (LoRA starts as the identity); every fold scores the same test set.
         print(f"[fold {fold}] epochs=0: zero-shot, the base model scores its out-of-fold rows and the test set")
     else:
-        views = max(1, cfg.tta_option_views) * len(image_scales(cfg)) * (len(val_part) + len(test))
+        views = max(1, cfg.tta_option_views) * len(image_scales(cfg)) * (len(val_part) + len(test)) + \
+            extra_views_per_row(cfg) * (max_gated_rows(cfg, len(val_part)) + max_gated_rows(cfg, len(test)))
         train_fold(model, train_part, val_part, processor, fmt, cfg, hardware, fold, fold_dir, feature_cache=cache,
                    clock=clock, reserve_views=views)
         load_trainable_state(model, process_group().from_main(lambda: torch.load(fold_dir / "best_adapter.pt", map_location="cpu")))
-    for name, frame in (("oof", val_part), ("test", test)):
-        # Under DDP each rank predicts one contiguous row shard; all shards come back in row order.
-        # The test pass is the same in every fold: its batches are kept for the next fold (feature cache on).
-        if zero_shot and name == "test" and "zero_shot_test" in shared_cache:
-            views = shared_cache["zero_shot_test"]  # the same untrained model: the same probabilities
-        else:
-            views = gather_views(process_group().map_shards(frame, lambda part: predict_views(
-                model, part, processor, fmt, cfg, hardware, desc=f"fold {fold} {name}", feature_cache=cache,
-                reuse_batches=name == "test")))
-        if zero_shot and name == "test":
-            shared_cache["zero_shot_test"] = views
-        if not process_group().is_main():
-            continue
-        probs_frame(frame["id"], views[(1.0, 0)]).to_csv(fold_dir / f"{name}_probs_view0.csv", index=False)
-        # Written last: its presence marks the fold complete.
-        probs_frame(frame["id"], tta_probs(views, cfg.tta_average)).to_csv(fold_dir / f"{name}_probs.csv", index=False)
+    predict_fold(model, fold, val_part, test, processor, fmt, cfg, hardware, fold_dir, cache, shared_cache, zero_shot)
     if cache is not None:
         print(f"[cache] after fold {fold}: {cache.summary()}")
     if clock is not None:
@@ -248,6 +242,38 @@ def run_fold(fold, train, test, folds, processor, fmt, cfg, hardware, out_dir, s
               f"{torch.cuda.max_memory_reserved() / 2**30:.2f} GiB reserved, of {hardware.gpu_memory_gib:g} GiB")
     del model
     free_memory()
+
+
+def predict_fold(model, fold, val_part, test, processor, fmt, cfg, hardware, fold_dir, cache, shared_cache, zero_shot):
+    """The fold's out-of-fold and test probabilities with TTA (and the uncertainty gate, gate.py), written to
+    fold_dir: `*_probs_view0.csv` (one view), with the gate `*_probs_ungated.csv` and `*_gate.json` (what it
+    gated and cost), and `*_probs.csv` (what the ensemble takes)."""
+    for name, frame in (("oof", val_part), ("test", test)):
+        if zero_shot and name == "test" and "zero_shot_test" in shared_cache:
+            views, probs, gated, report = shared_cache["zero_shot_test"]  # the same untrained model: the same outputs
+        else:
+            # Under DDP each rank predicts one contiguous row shard; all shards come back in row order.
+            # The test pass is the same in every fold: its batches are kept for the next fold (feature cache on).
+            tick = time.perf_counter()
+            views = gather_views(process_group().map_shards(frame, lambda part: predict_views(
+                model, part, processor, fmt, cfg, hardware, desc=f"fold {fold} {name}", feature_cache=cache,
+                reuse_batches=name == "test")))
+            normal_s = time.perf_counter() - tick
+            probs, gated, report = tta_probs(views, cfg.tta_average), None, None
+            if gate_on(cfg):
+                gated, report = gated_probs(model, frame, probs, views, processor, fmt, cfg, hardware,
+                                            f"fold {fold} {name}", cache, process_group().map_shards)
+                report["normal_s"] = round(normal_s, 3)
+        if zero_shot and name == "test":
+            shared_cache["zero_shot_test"] = views, probs, gated, report
+        if not process_group().is_main():
+            continue
+        probs_frame(frame["id"], views[(1.0, 0)]).to_csv(fold_dir / f"{name}_probs_view0.csv", index=False)
+        if gated is not None:
+            probs_frame(frame["id"], probs).to_csv(fold_dir / f"{name}_probs_ungated.csv", index=False)
+            (fold_dir / f"{name}_gate.json").write_text(json.dumps(report, indent=1) + "\n")
+        # Written last: its presence marks the fold complete.
+        probs_frame(frame["id"], probs if gated is None else gated).to_csv(fold_dir / f"{name}_probs.csv", index=False)
 
 
 def run_all_folds(run):
@@ -276,6 +302,28 @@ def _test_probs(path, test):
     return saved[PROB_COLUMNS].to_numpy()
 
 
+def _gate_choice(cfg, folds_run, out_dir, oof, test_tta, test):
+    """With the gate on (gate.py): (out-of-fold rows, test probabilities per fold) as the submission takes them,
+    the gate's out-of-fold evidence, and both variants of the test probabilities. Without: unchanged, None."""
+    dirs = [out_dir / f"fold{k}" for k in folds_run]
+    if not gate_on(cfg) or not all((d / "oof_gate.json").exists() for d in dirs):
+        return oof, test_tta, None, None
+    reports = {part: [read_json(d / f"{part}_gate.json") for d in dirs] for part in ("oof", "test")}
+    ungated = pd.concat([pd.read_csv(d / "oof_probs_ungated.csv") for d in dirs])
+    if ungated["id"].astype(str).tolist() != oof["id"].astype(str).tolist():
+        raise RuntimeError(f"{out_dir}: the folds' oof_probs_ungated.csv and oof_probs.csv list other rows; delete the "
+                           "folds' *_probs*.csv files and re-run (they are predicted again with the saved adapters)")
+    gated_ids = {str(i) for report in reports["oof"] for i in report["gated_ids"]}
+    mask = oof["id"].astype(str).isin(gated_ids).to_numpy()
+    summary = gate_summary(ungated[PROB_COLUMNS].to_numpy(), oof[PROB_COLUMNS].to_numpy(), oof["answer"], mask,
+                           cfg.gate_apply, reports)
+    variants = {"gated": test_tta, "ungated": [_test_probs(d / "test_probs_ungated.csv", test) for d in dirs]}
+    oof = oof.assign(gated=mask)
+    if not summary["applied"]:  # the normal pass's probabilities, out-of-fold and test
+        oof[PROB_COLUMNS] = ungated[PROB_COLUMNS].to_numpy()
+    return oof, variants["gated" if summary["applied"] else "ungated"], summary, variants
+
+
 def collect_results(cfg, train, test, folds, out_dir):
     """Read the fold outputs back, ensemble them, and compute the metrics and ablations."""
     skipped = [k for k in folds_to_run(cfg) if (out_dir / f"fold{k}" / SKIPPED_FOR_TIME).exists()]
@@ -284,10 +332,11 @@ def collect_results(cfg, train, test, folds, out_dir):
         print(f"[time] folds {skipped} were skipped for the time budget: the ensemble has folds {run}")
     oof = pd.concat([pd.read_csv(out_dir / f"fold{k}" / "oof_probs.csv").assign(fold=k) for k in run])
     oof = oof.merge(train[["id", "answer"]], on="id", how="left")
+    test_tta = [_test_probs(out_dir / f"fold{k}" / "test_probs.csv", test) for k in run]
+    oof, test_tta, gate, gate_variants = _gate_choice(cfg, run, out_dir, oof, test_tta, test)
     oof.to_csv(out_dir / "oof_probs.csv", index=False)
     oof_view0 = pd.concat([pd.read_csv(out_dir / f"fold{k}" / "oof_probs_view0.csv") for k in run])
     fold_acc = [_accuracy(g[PROB_COLUMNS].to_numpy(), g["answer"]) for _, g in oof.groupby("fold")]
-    test_tta = [_test_probs(out_dir / f"fold{k}" / "test_probs.csv", test) for k in run]
     test_view0 = [_test_probs(out_dir / f"fold{k}" / "test_probs_view0.csv", test) for k in run]
     weights = fold_weights(cfg, fold_acc)
     ensemble = ensemble_folds(test_tta, weights)
@@ -297,6 +346,8 @@ def collect_results(cfg, train, test, folds, out_dir):
                "cv_accuracy_single_view": _accuracy(oof_view0[PROB_COLUMNS].to_numpy(),
                                                     oof["answer"].to_numpy()),
                "fold_weights": weights.tolist()}
+    if gate is not None:
+        metrics["gate"] = gate
     if cfg.temperature_scaling:
         targets = letter_indices(oof["answer"])
         metrics["temperature"] = fit_temperature(oof[PROB_COLUMNS].to_numpy(), targets)
@@ -312,17 +363,51 @@ def collect_results(cfg, train, test, folds, out_dir):
         }
         if cfg.tta_option_views > 1 or cfg.tta_image_scales.strip():
             metrics["ablation"][f"{len(run)}-fold ensemble + TTA ({cfg.tta_option_views} option orders)"] = \
-                _accuracy(ensemble, labels)
+                _accuracy(ensemble_folds(gate_variants["ungated"], weights) if gate else ensemble, labels)
+        if gate is not None:
+            metrics["ablation"][f"{len(run)}-fold ensemble + uncertainty gate ({'applied' if gate['applied'] else 'not applied'})"] = \
+                _accuracy(ensemble_folds(gate_variants["gated"], weights), labels)
     return ensemble, metrics
 
 
+def blend_members(cfg):
+    """The finished runs `blend_with` names (comma-separated folders), read and checked before any training."""
+    return [load_member(path.strip()) for path in cfg.blend_with.split(",") if path.strip()]
+
+
+def check_blend_members(cfg, test):
+    """blend_with: every member must be a finished run of this test.csv (ids in order), found before any training."""
+    for member in blend_members(cfg):
+        if member.test["id"].astype(str).tolist() != test["id"].astype(str).tolist():
+            raise BlendError(f"blend_with={member.name}: its test_probs_ensemble.csv lists other test ids (or another "
+                             "order) than this run's test.csv. Fix: blend runs of the same competition data")
+        print(f"[blend] after this run: blended with {member.name} (CV {member.metrics.get('cv_accuracy')})")
+
+
+def blend_into_submission(cfg, out_dir, submission):
+    """This run blended with the `blend_with` runs (toolkit/blend.py) into <output_dir>/blend; the blend's
+    submission replaces this run's (kept as submission_this_run.csv). Returns the blend's summary."""
+    report = blend_runs([out_dir, *[m.name for m in blend_members(cfg)]], out_dir / "blend",
+                        per_type=cfg.blend_per_type, data_dir=cfg.data_dir)
+    atomic_write(submission, lambda temp: shutil.copyfile(report["submission"], temp))  # (validated by blend_runs)
+    honest = report["blend"]["out_of_fold"]["accuracy"]
+    print(f"[blend] {submission} is now the blend's (out-of-fold CV {honest:.4f}, members "
+          + ", ".join(f"{m['run']} {m['cv_accuracy']:.4f}" for m in report["members"])
+          + f"); this run's own: {out_dir / 'submission_this_run.csv'}")
+    return {"out_of_fold_accuracy": honest, "members": report["members"], "weights": report["weights"],
+            "report": str(out_dir / "blend" / "blend_report.md")}
+
+
 def finish_run(run):
-    """After the folds: ensemble, submission, metrics.json, plots (run_pipeline's last stage)."""
+    """After the folds: ensemble, submission, metrics.json, plots, the error analysis and, with `blend_with`, the
+    blend (run_pipeline's last stage)."""
     cfg, hardware, train, test, folds, out_dir = run.cfg, run.hardware, run.train, run.test, run.folds, run.out_dir
     sample_submission, bad_rows, started = run.sample_submission, run.bad_rows, run.clock.started
     ensemble, metrics = collect_results(cfg, train, test, folds, out_dir)
     submission = write_submission(letters_from_probs(ensemble), test["id"].tolist(),
                                   cfg.submission_path or out_dir / "submission.csv", sample_submission)
+    if cfg.blend_with:  # this run's own submission is kept beside the blend's
+        atomic_write(out_dir / "submission_this_run.csv", lambda temp: shutil.copyfile(submission, temp))
     histories = [pd.read_csv(p) for p in sorted(out_dir.glob("fold*/history.csv"))]
     if histories:
         pd.concat(histories).to_csv(out_dir / "history.csv", index=False)
@@ -331,11 +416,18 @@ def finish_run(run):
                    submission=str(submission))
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False, default=str))
     make_run_plots(out_dir, train)
+    if "gate" in metrics:
+        print(describe_gate(metrics["gate"]))
+    analyze_run(out_dir, cfg.data_dir)  # analysis/: the confident mistakes, accuracy by type, suspect labels
+    if cfg.blend_with:
+        metrics["blend"] = blend_into_submission(cfg, out_dir, submission)
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False, default=str))
     print(f"[done] {'zero-shot (epochs=0: the base model, nothing trained) ' if metrics['zero_shot'] else ''}"
           f"CV accuracy {metrics['cv_accuracy']:.4f} (folds {[round(a, 4) for a in metrics['fold_accuracy']]})")
     for name, value in metrics.get("ablation", {}).items():
         print(f"[done] hold-out accuracy, {name}: {value:.4f}")
-    print(f"[done] submission: {submission} ({len(test)} rows) in {metrics['runtime_s']} s")
+    print(f"[done] submission: {submission} ({len(test)} rows{', the blend' if cfg.blend_with else ''}) in "
+          f"{metrics['runtime_s']} s")
     return metrics
 
 

@@ -1,7 +1,8 @@
 """Experiment snapshots (command line only): `python -m mcvqa snapshot --run runs/x --name y`.
 
-Freezes a finished run into `experiments/<YYMMDD>_<name>/` with a filled-in `REPORT.md`, and adds one
-row to the top-level scoreboard so runs can be compared side by side.
+Freezes a finished run into `experiments/<YYMMDD>_<name>/` with a filled-in `REPORT.md` (settings, folds,
+ablation, plots, the uncertainty gate's evidence, the error analysis and the blend, where the run has
+them), and adds one row to the top-level scoreboard so runs can be compared side by side.
 """
 
 import datetime
@@ -44,7 +45,7 @@ def _report_fmt(value, digits=4):
     if value is None:
         return "n/a"
     if isinstance(value, float):
-        return f"{value:.{digits}f}" if 1e-3 <= abs(value) <= 1e4 else f"{value:g}"
+        return f"{value:.{digits}f}" if value == 0 or 1e-3 <= abs(value) <= 1e4 else f"{value:g}"
     return str(value).replace("|", "\\|")  # a bare pipe would split the markdown cell
 
 
@@ -55,7 +56,7 @@ def _report_runtime(seconds):
     return f"{h}h {rem // 60:02d}m {rem % 60:02d}s ({float(seconds):.0f} s)"
 
 
-def _report_experiment_md(name, date, run_dir, cfg, metrics, plots):
+def _report_experiment_md(name, date, run_dir, cfg, metrics, plots, analysis=None):
     """Markdown body of the per-experiment REPORT.md."""
     model = _report_find(cfg, "model_name_or_path")
     lines = [f"# Experiment {name}", "", f"- Date: {date.isoformat()}", f"- Run folder: `{run_dir}`",
@@ -77,7 +78,46 @@ def _report_experiment_md(name, date, run_dir, cfg, metrics, plots):
     lines += ["", "## Runtime and hardware", "", f"- Runtime: {_report_runtime(metrics.get('runtime_s'))}",
               f"- Hardware: {hw}", "", "## Plots", ""]
     lines += [f"![{p.stem.replace('_', ' ')}](plots/{p.name})\n" for p in plots] or ["(no plots)"]
+    lines += _report_gate_md(metrics.get("gate")) + _report_analysis_md(analysis) + _report_blend_md(metrics.get("blend"))
     return "\n".join(lines + ["", "## Notes", "", "(fill in)", ""])
+
+
+def _report_gate_md(gate):
+    """The uncertainty gate's out-of-fold evidence (core/gate.py), when the run had it on."""
+    if not gate:
+        return []
+    test = gate.get("cost", {}).get("test", {})
+    return ["", "## Uncertainty gate", "", "| out-of-fold | before | after |", "|---|---|---|",
+            f"| accuracy on the {gate['oof_rows_gated']} gated of {gate['oof_rows']} rows | "
+            f"{_report_fmt(gate['oof_accuracy_gated_rows_before'])} | {_report_fmt(gate['oof_accuracy_gated_rows_after'])} |",
+            f"| CV accuracy | {_report_fmt(gate['cv_accuracy_before'])} | {_report_fmt(gate['cv_accuracy_after'])} |", "",
+            f"- Applied to the submission: **{'yes' if gate['applied'] else 'no'}** ({gate['why']})",
+            f"- Test: {test.get('gated', 0)} gated rows over the folds, {test.get('extra_views', 0)} extra views in "
+            f"{_report_fmt(test.get('extra_s'), 1)} s ({_report_fmt(test.get('extra_in_single_view_passes'), 2)} "
+            "single-view passes)"]
+
+
+def _report_analysis_md(analysis):
+    """The run's error analysis (toolkit/analysis.py): accuracy by question type, the gallery, suspect labels."""
+    if not analysis:
+        return []
+    lines = ["", "## Error analysis", "", f"{analysis['n_wrong']} of {analysis['n_rows']} out-of-fold rows wrong; "
+             f"the most confident mistakes and {len(analysis['suspect_ids'])} suspect labels are in "
+             "[analysis/analysis.html](analysis/analysis.html).", "", "| question type | rows | accuracy |", "|---|---|---|"]
+    lines += [f"| {row['key']} | {row['n']} | {_report_fmt(row['accuracy'])} |" for row in analysis["by_type"]]
+    return lines + [""] + [f"![{name.replace('_', ' ')}](analysis/{png})\n" for name, png in analysis["plots"].items()]
+
+
+def _report_blend_md(blend):
+    """The blend this run's submission came from (blend_with), when it had one."""
+    if not blend:
+        return []
+    lines = ["", "## Blend (the submission)", "", "| member | CV accuracy | weight |", "|---|---|---|"]
+    weights = blend["weights"]["global"]  # {member: weight}
+    lines += [f"| {_report_fmt(m['run'])} | {_report_fmt(m['cv_accuracy'])} | {_report_fmt(weights.get(m['run']))} |"
+              for m in blend["members"]]
+    return lines + ["", f"- Out-of-fold CV of the blend (weights fitted without the scored rows): "
+                        f"**{_report_fmt(blend['out_of_fold_accuracy'])}**"]
 
 
 def _report_add_scoreboard_row(report_path, row):
@@ -110,14 +150,20 @@ def snapshot_experiment(run_dir, name, experiments_dir="experiments", report_pat
     for fname in ("config.json", "metrics.json", "history.csv", "oof_probs.csv"):
         if (run_dir / fname).exists():
             shutil.copy2(run_dir / fname, exp_dir / fname)
-    if (run_dir / "plots").is_dir():
-        shutil.copytree(run_dir / "plots", exp_dir / "plots")
+    for folder in ("plots", "analysis"):
+        if (run_dir / folder).is_dir():
+            shutil.copytree(run_dir / folder, exp_dir / folder)
+    for fname in ("blend_report.md", "blend_report.json"):
+        if (run_dir / "blend" / fname).exists():
+            (exp_dir / "blend").mkdir(exist_ok=True)
+            shutil.copy2(run_dir / "blend" / fname, exp_dir / "blend" / fname)
     if notebook_path is not None:
         shutil.copy2(notebook_path, exp_dir / pathlib.Path(notebook_path).name)
     cfg, metrics = read_json(run_dir / "config.json"), read_json(run_dir / "metrics.json")
     plots = [exp_dir / "plots" / f"{n}.png" for n in _REPORT_PLOT_NAMES if (exp_dir / "plots" / f"{n}.png").exists()]
     (exp_dir / "REPORT.md").write_text(
-        _report_experiment_md(exp_dir.name, today, run_dir, cfg, metrics, plots), encoding="utf-8")
+        _report_experiment_md(exp_dir.name, today, run_dir, cfg, metrics, plots,
+                              read_json(exp_dir / "analysis" / "analysis.json")), encoding="utf-8")
     model = str(_report_find(cfg, "model_name_or_path") or "n/a").rstrip("/").split("/")[-1]
     # Relative link, so the scoreboard still works when the repo is cloned elsewhere.
     link = pathlib.Path(os.path.relpath(exp_dir.resolve(), pathlib.Path(report_path).resolve().parent))

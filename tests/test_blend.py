@@ -261,3 +261,30 @@ def test_cli_blends_two_demo_runs_of_both_families(demo_runs, capsys):
     assert main(["blend", str(runs[0]), str(tmp / "nowhere"), "--out", str(tmp / "blend2")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "nowhere: no such run folder" in err and len(err.splitlines()) == 1
+
+
+def test_a_run_with_blend_with_submits_the_blend_and_keeps_its_own(demo_runs, tmp_path):
+    """blend_with through `run`: this run (here inference-only from the first demo run's adapters) blended with
+    the second run; its submission is the blend, the same as `blend` of the two folders; its own is kept; every
+    run gets its error analysis. A member that is no run folder stops the run before any training."""
+    tmp, runs = demo_runs
+    run = tmp_path / "with_blend"
+    args = [sys.executable, "-m", "mcvqa", "run", "--profile", "demo", *FAST, f"data_dir={tmp / 'demo'}",
+            f"model_name_or_path={tmp / 'tiny' / 'qwen2_5_vl'}", f"adapters_from={runs[0]}"]
+    done = subprocess.run([*args, f"output_dir={run}", f"blend_with={runs[1]}"], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True)
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-3000:])
+    reference = blend_runs([runs[0], runs[1]], tmp_path / "reference")
+    pd.testing.assert_frame_equal(pd.read_csv(run / "blend" / "test_probs_ensemble.csv"),
+                                  pd.read_csv(tmp_path / "reference" / "test_probs_ensemble.csv"), atol=1e-6)
+    assert pd.read_csv(run / "submission.csv").equals(pd.read_csv(run / "blend" / "submission.csv"))
+    own = pd.read_csv(run / "test_probs_ensemble.csv")
+    kept = pd.read_csv(run / "submission_this_run.csv")
+    assert (kept["answer"].to_numpy() == np.array(list("abcd"))[own[["p_a", "p_b", "p_c", "p_d"]].to_numpy().argmax(1)]).all()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["blend"]["out_of_fold_accuracy"] == pytest.approx(reference["blend"]["out_of_fold"]["accuracy"])
+    assert json.loads((run / "analysis" / "analysis.json").read_text())["n_rows"] == 60
+    done = subprocess.run([*args, f"output_dir={tmp_path / 'bad'}", f"blend_with={tmp / 'nowhere'}"], cwd=ROOT,
+                          env=_env(), capture_output=True, text=True)
+    assert done.returncode == 2 and "nowhere: no such run folder" in done.stderr and "Traceback" not in done.stderr
+    assert "[fold 0]" not in done.stdout and not (tmp_path / "bad" / "fold0").exists()

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -143,3 +144,48 @@ def test_a_tiny_time_budget_still_writes_a_valid_submission(first_run, tmp_path)
     # Given time, a re-run trains the skipped folds.
     done = _cli(first_run, first_run / "demo", run, "folds=all")
     assert json.loads((run / "metrics.json").read_text())["folds_skipped_for_time"] == []
+
+
+def test_the_gate_on_a_finished_run_predicts_again_without_training(first_run, tmp_path):
+    """gate_fraction set on a finished run folder: the fold is predicted again with its saved adapter (no
+    training); its least certain out-of-fold rows get 24 option orders; every other row keeps the normal
+    pass's probabilities; metrics.json reports the gated rows' accuracy before and after, from these files."""
+    data, run = _variant(first_run, tmp_path)
+    done_before = (run / "fold0" / "DONE.json").read_bytes()
+    done = _cli(first_run, data, run, "gate_fraction=0.3", "gate_apply=always")
+    assert "prediction settings changed (gate_fraction: 0.0 then, 0.3 now" in done.stdout
+    assert "[train] fold 0: already finished" in done.stdout and (run / "fold0" / "DONE.json").read_bytes() == done_before
+    normal = _probs_by_id(first_run / "run" / "fold0" / "oof_probs.csv")
+    ungated = _probs_by_id(run / "fold0" / "oof_probs_ungated.csv")
+    pd.testing.assert_frame_equal(ungated, normal, atol=1e-6)  # the same normal pass as the first run's
+    oof = pd.read_csv(run / "oof_probs.csv").set_index("id").sort_index()
+    gated = oof["gated"].to_numpy()
+    assert gated.sum() == int(np.ceil(0.3 * len(oof))) == len(json.loads((run / "fold0" / "oof_gate.json").read_text())["gated_ids"])
+    columns = ["p_a", "p_b", "p_c", "p_d"]
+    assert (oof.loc[~gated, columns].to_numpy() == ungated.loc[~gated, columns].to_numpy()).all()  # bit for bit
+    assert np.abs(oof.loc[gated, columns].to_numpy() - ungated.loc[gated, columns].to_numpy()).max() > 1e-4
+    # The report's numbers, recomputed from the files.
+    letters = np.array(list("abcd"))
+    right_after = letters[oof[columns].to_numpy().argmax(1)] == oof["answer"].to_numpy()
+    right_before = letters[ungated[columns].to_numpy().argmax(1)] == oof["answer"].to_numpy()
+    gate = json.loads((run / "metrics.json").read_text())["gate"]
+    assert gate["applied"] and gate["oof_rows_gated"] == gated.sum()
+    assert gate["oof_accuracy_gated_rows_before"] == pytest.approx(right_before[gated].mean())
+    assert gate["oof_accuracy_gated_rows_after"] == pytest.approx(right_after[gated].mean())
+    assert gate["cost"]["test"]["extra_views"] == int(np.ceil(0.3 * 100)) * 23
+    # The submission is the gated test probabilities' (one fold: its letters).
+    test_probs = pd.read_csv(run / "fold0" / "test_probs.csv")
+    submission = pd.read_csv(run / "submission.csv")
+    assert (submission["answer"].to_numpy() == letters[test_probs[columns].to_numpy().argmax(1)]).all()
+    # The snapshot's REPORT.md shows the gate's evidence and the run's error analysis, copied with it.
+    from mcvqa.snapshot import snapshot_experiment
+
+    exp = snapshot_experiment(run, "gate", experiments_dir=tmp_path / "exp", report_path=tmp_path / "REPORT.md")
+    report = (exp / "REPORT.md").read_text()
+    assert f"| accuracy on the {gated.sum()} gated of {len(oof)} rows | {right_before[gated].mean():.4f} | " \
+           f"{right_after[gated].mean():.4f} |" in report and "Applied to the submission: **yes**" in report
+    assert "## Error analysis" in report and (exp / "analysis" / "analysis.html").exists()
+    # Turned off again: predicted again, the gate's files gone, the normal pass's probabilities back.
+    done = _cli(first_run, data, run)
+    assert "prediction settings changed (gate_fraction: 0.3 then, 0.0 now)" in done.stdout
+    assert not (run / "fold0" / "oof_gate.json").exists() and "gate" not in json.loads((run / "metrics.json").read_text())

@@ -36,6 +36,8 @@ class Config:
     model_name_or_path: str = "Qwen/Qwen2.5-VL-3B-Instruct"  # local folder (no network) or hub id
     submission_path: str = ""  # empty: <output_dir>/submission.csv
     adapters_from: str = ""  # an earlier run folder (read-only is fine): predict with its folds' adapters, no training
+    blend_with: str = ""  # finished run folders, comma-separated (read-only is fine): the submission becomes this run blended with them (toolkit/blend.py)
+    blend_per_type: bool = False  # blend weights per question type (types with enough out-of-fold rows)
     # --- what you tune: model, training, test-time augmentation -----------------------------------
     max_pixels: int = 448 * 448  # ~256 image tokens; winners gained +4.75 pp from higher resolution
     min_pixels: int = 256 * 28 * 28  # Qwen's processor upsizes smaller images to this many pixels
@@ -64,6 +66,14 @@ class Config:
     tta_option_views: int = 4  # cyclic shifts of the options (1 = off); winners: +1.5 pp
     tta_image_scales: str = ""  # extra pixel-budget views, e.g. "0.75,1.5" (x max_pixels)
     tta_average: str = "prob"  # prob | logprob: how views are averaged
+    # Extra test-time compute only for the rows the model is unsure of (gate.py); off by default: turn it on
+    # where its out-of-fold report shows a gain (1st places of sister competitions: +0.2-0.6 pp).
+    gate_fraction: float = 0.0  # at most this fraction of rows, the least certain, get extra views (0 = off; 0.1 = 10 %)
+    gate_by: str = "margin"  # margin: top-2 probability gap | agreement: share of the views that pick the averaged letter
+    gate_threshold: float = 1.0  # only rows whose score is below it are gated (1.0: the fraction alone decides)
+    gate_option_orders: int = 24  # option orders of a gated row: 24 = all permutations, 1-4 = cyclic shifts
+    gate_image_scale: float = 0.0  # gated rows also get views at this x max_pixels (e.g. 1.5; 0 = none)
+    gate_apply: str = "auto"  # auto: the submission takes the gated probabilities only if they raised the out-of-fold accuracy on the gated rows | always
     ensemble_weights: str = "equal"  # equal | oof_acc: fold weights
     temperature_scaling: bool = False  # fit one temperature on out-of-fold logits
     time_budget_hours: float = 0.0  # 0 = none; else training stops early so that predictions and the submission fit (budget.py)
@@ -117,6 +127,19 @@ class Config:
         if value not in ("auto", "on", "off"):
             raise ConfigError(f"config: gradient_checkpointing must be auto, on or off, got {self.gradient_checkpointing!r}")
         self.gradient_checkpointing = value
+        # Settings read only at prediction time are checked here, before any training.
+        choices = {"tta_average": ("prob", "logprob"), "gate_by": ("margin", "agreement"), "gate_apply": ("auto", "always")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"config: {name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if not 0 <= self.gate_fraction <= 1:
+            raise ConfigError(f"config: gate_fraction is a fraction of the rows, 0 (off) to 1; got {self.gate_fraction!r}")
+        if self.gate_option_orders not in (1, 2, 3, 4, 24):
+            raise ConfigError(f"config: gate_option_orders must be 1-4 (cyclic shifts) or 24 (all orders); "
+                              f"got {self.gate_option_orders!r}")
+        if self.gate_image_scale < 0:
+            raise ConfigError(f"config: gate_image_scale must be 0 (none) or a positive multiple of max_pixels; "
+                              f"got {self.gate_image_scale!r}")
 
 
 # Profiles: small override sets per environment, like nanoGPT's config files.

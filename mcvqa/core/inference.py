@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .collate import cyclic_perms, cyclic_views, loader_encoding, make_loader, micro_batches
+from .collate import cyclic_perms, loader_encoding, make_loader, micro_batches
 from .config import ConfigError
 from .hardware import compute_autocast
 from .memory import halve_on_oom
@@ -106,22 +106,27 @@ def predict_letter_logits(model, loader, fmt, hardware, desc="predict", feature_
     return out
 
 
-def predict_views(model, frame, processor, fmt, cfg, hardware, desc="test", feature_cache=None, reuse_batches=False):
+def predict_views(model, frame, processor, fmt, cfg, hardware, desc="test", feature_cache=None, reuse_batches=False,
+                  perms=None, scales=None, batch_rows=None):
     """Probabilities of every row under every view: {(scale, shift): [N, 4] in original order}.
 
-    With a feature_cache, the option views of an image share one vision-tower pass (and later folds
-    reuse it); a pixel scale is a different image to the tower, so it has its own features. With
-    `reuse_batches` too, the collated batches are kept for the next fold's identical pass (the test set)."""
-    n, k = len(frame), cfg.tta_option_views
+    The views: the option orders `perms` (None: the config's cyclic shifts; `shift` indexes them) at the
+    pixel `scales` (None: the config's). With a feature_cache, the option views of an image share one
+    vision-tower pass (and later folds reuse it); a pixel scale is a different image to the tower, so it
+    has its own features. With `reuse_batches` too, the collated batches are kept for the next fold's
+    identical pass (the test set). `batch_rows`: rows per shared-prefix batch (None: infer_batch_size)."""
+    perms = cyclic_perms(cfg.tta_option_views) if perms is None else list(perms)
+    n, k = len(frame), len(perms)
     # Option orders of one row share system, image and question: batched together (row-major) they run
-    # that prefix once (needs the feature cache). Otherwise views go shift by shift.
+    # that prefix once (needs the feature cache). Otherwise views go order by order.
     shared = k > 1 and feature_cache is not None and cfg.tta_shared_prefix
-    order = [(row, perm) for row in range(n) for perm in cyclic_perms(k)] if shared else cyclic_views(n, k)
+    order = [(row, perm) for row in range(n) for perm in perms] if shared else [(row, perm) for perm in perms
+                                                                               for row in range(n)]
     # Shared prefix: a batch is infer_batch_size rows (the prefix pass is as big as a single-view
     # batch; the k short suffixes per row ride along), so a fold makes k times fewer passes.
-    batch_size = cfg.infer_batch_size * k if shared else cfg.infer_batch_size
+    batch_size = (batch_rows or cfg.infer_batch_size) * k if shared else cfg.infer_batch_size
     views = {}
-    for scale in image_scales(cfg):
+    for scale in scales or image_scales(cfg):
         max_pixels, pixel_dtype = int(cfg.max_pixels * scale), tower_dtype(model)
         if reuse_batches and feature_cache is not None:  # the test set: batches kept by the first fold, if any
             batches = feature_cache.pass_batches(frame, order, processor, fmt, cfg, batch_size, max_pixels, pixel_dtype)

@@ -11,7 +11,9 @@ hash of their text and image bytes). On a re-run:
 - training rows changed: the run stops and says which fold and how to go on (new `output_dir`, or delete
   the fold's folder);
 - a zero-shot fold (`epochs=0`, nothing trained) is trained by a later run with `epochs` > 0; a trained
-  fold is never overwritten by a zero-shot run.
+  fold is never overwritten by a zero-shot run;
+- prediction settings changed (TTA views, the uncertainty gate: `PREDICTION_SETTINGS`): the fold's
+  predictions are made again with its saved adapter, e.g. to try the gate on a finished run.
 """
 
 import hashlib
@@ -24,7 +26,11 @@ from .config import ConfigError
 from .data import OPTION_LETTERS
 
 SIGNED_COLUMNS = ("id", "question", *OPTION_LETTERS, "answer", "image_hash")
-PREDICTION_FILES = ("oof_probs.csv", "oof_probs_view0.csv", "test_probs.csv", "test_probs_view0.csv")
+PREDICTION_FILES = ("oof_probs.csv", "oof_probs_view0.csv", "test_probs.csv", "test_probs_view0.csv",
+                    "oof_probs_ungated.csv", "test_probs_ungated.csv", "oof_gate.json", "test_gate.json")
+# Settings that decide a fold's predicted probabilities, beyond its adapter (a change re-predicts, no retraining).
+PREDICTION_SETTINGS = ("tta_option_views", "tta_image_scales", "tta_average", "gate_fraction", "gate_by",
+                       "gate_threshold", "gate_option_orders", "gate_image_scale")
 
 
 def _digest(values):
@@ -54,9 +60,17 @@ def describe_change(before, now):
     return "the same ids in the same order, but other questions, options, answers or images"
 
 
-def fold_manifest(train_part, val_part, test, zero_shot):
+def prediction_settings(cfg):
+    """The PREDICTION_SETTINGS of cfg; with the gate off (gate_fraction 0) its other settings do not matter."""
+    names = PREDICTION_SETTINGS if cfg.gate_fraction > 0 else [n for n in PREDICTION_SETTINGS
+                                                                if not n.startswith("gate_")] + ["gate_fraction"]
+    return {name: getattr(cfg, name) for name in names}
+
+
+def fold_manifest(train_part, val_part, test, zero_shot, predict=None):
+    """What a fold's outputs belong to: its rows, zero-shot or not, and (`predict`) the prediction settings."""
     return {"train": rows_signature(train_part), "val": rows_signature(val_part), "test": rows_signature(test),
-            "zero_shot": bool(zero_shot)}
+            "zero_shot": bool(zero_shot), "predict": predict}
 
 
 def _remove(fold_dir, names):
@@ -100,6 +114,14 @@ def prepare_fold(fold_dir, fold, manifest, test_ids):
         if change and (fold_dir / "test_probs.csv").exists():
             print(f"[fold {fold}] test.csv changed since this fold predicted it ({change}): predicting it again "
                   "with the fold's saved adapter")
+            _remove(fold_dir, PREDICTION_FILES)
+        before, now = saved.get("predict"), manifest.get("predict")
+        if before is not None and now is not None and before != now and (fold_dir / "test_probs.csv").exists():
+            # (The gate's other settings are recorded only while it is on: gate_fraction says it.)
+            listed = ", ".join(f"{k}: {before[k]!r} then, {now[k]!r} now" for k in PREDICTION_SETTINGS
+                               if k in before and k in now and before[k] != now[k])
+            print(f"[fold {fold}] prediction settings changed ({listed}): predicting again with the fold's saved "
+                  "adapter (no training)")
             _remove(fold_dir, PREDICTION_FILES)
     fold_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(manifest, indent=1) + "\n")

@@ -220,6 +220,30 @@ def _stats_rows(rows):
              "accuracy": "-" if r["accuracy"] is None else f"{r['accuracy']:.3f}"} for r in rows]
 
 
+def _gallery_table(gallery):
+    """The gallery rows as one HTML table: thumbnail (inline), id, type, question and options with their
+    probabilities (label green, prediction red), label, prediction."""
+    parts = ["<table><tr><th>#</th><th>image</th><th>id</th><th>type</th><th>question and options</th>"
+             "<th>label</th><th>predicted</th></tr>"]
+    for rank, row in enumerate(gallery.itertuples(), 1):
+        options = "<br>".join(
+            f"<span class='{'right' if letter == row.answer else 'wrong' if letter == row.pred else ''}' style='color:"
+            f"{'#070' if letter == row.answer else '#b00' if letter == row.pred else 'inherit'}'>"
+            f"{letter}. {html.escape(str(getattr(row, letter)))} ({getattr(row, 'p_' + letter):.3f})</span>"
+            for letter in OPTION_LETTERS)
+        parts.append(f"<tr class='gallery-row' data-id='{html.escape(row.id)}'><td>{rank}</td>"
+                     f"<td><img src='data:image/png;base64,{_thumbnail_base64(row.image_path)}'></td>"
+                     f"<td>{html.escape(row.id)}</td><td>{row.type}</td><td>{html.escape(row.question)}<br>{options}"
+                     f"</td><td>{row.answer}</td><td>{row.pred} ({row.confidence:.3f})</td></tr>")
+    return "\n".join(parts + ["</table>"])
+
+
+def gallery_html(run_dir, data_dir=None, top_n=TOP_N):
+    """The run's most confident wrong out-of-fold predictions as an HTML table with inline thumbnails (for a
+    notebook's output: nothing outside the table, no file links)."""
+    return _gallery_table(confident_wrong(oof_table(run_dir, data_dir), top_n))
+
+
 def _page(report, gallery, suspects, run_dir):
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>mcvqa error analysis</title><style>"
              "body{font-family:sans-serif;margin:1.5em} table{border-collapse:collapse;margin:.5em 0 1.5em}"
@@ -232,20 +256,8 @@ def _page(report, gallery, suspects, run_dir):
                         ("by_confidence", "Accuracy by confidence (top probability)")):
         parts += [f"<h2>{title}</h2>", _html_table(_stats_rows(report[name]), ("group", "n", "correct", "accuracy")),
                   f"<img src='{html.escape(report['plots'][name])}' alt='{title}'>"]
-    parts.append(f"<h2>The {len(gallery)} most confident wrong predictions</h2>"
-                 f"<p><img src='wrong_gallery.png' alt='gallery' style='max-width:100%'></p>"
-                 "<table><tr><th>#</th><th>image</th><th>id</th><th>type</th><th>question and options</th>"
-                 "<th>label</th><th>predicted</th></tr>")
-    for rank, row in enumerate(gallery.itertuples(), 1):
-        options = "<br>".join(
-            f"<span class='{'right' if letter == row.answer else 'wrong' if letter == row.pred else ''}'>"
-            f"{letter}. {html.escape(str(getattr(row, letter)))} ({getattr(row, 'p_' + letter):.3f})</span>"
-            for letter in OPTION_LETTERS)
-        parts.append(f"<tr class='gallery-row' data-id='{html.escape(row.id)}'><td>{rank}</td>"
-                     f"<td><img src='data:image/png;base64,{_thumbnail_base64(row.image_path)}'></td>"
-                     f"<td>{html.escape(row.id)}</td><td>{row.type}</td><td>{html.escape(row.question)}<br>{options}"
-                     f"</td><td>{row.answer}</td><td>{row.pred} ({row.confidence:.3f})</td></tr>")
-    parts.append("</table>")
+    parts += [f"<h2>The {len(gallery)} most confident wrong predictions</h2>",
+              "<p><img src='wrong_gallery.png' alt='gallery' style='max-width:100%'></p>", _gallery_table(gallery)]
     parts += [f"<h2>Suspect labels ({len(suspects)})</h2>",
               f"<p>Label probability below {report['suspect_label_max']} and another option above "
               f"{report['suspect_other_min']}: possible label noise (suspect_labels.csv).</p>",

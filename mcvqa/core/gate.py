@@ -1,0 +1,164 @@
+"""## Uncertainty-gated test-time compute: extra views only for the rows the model is unsure of
+
+After a fold's normal pass (its option-order views), the rows it is least sure of get more views: all 24
+option orders (`gate_option_orders=24`) and/or a larger pixel budget (`gate_image_scale`). A gated row's
+probabilities become the average over all its views, the normal ones included (they are not computed
+twice); every other row keeps its probabilities bit for bit. Unsure means a score below `gate_threshold`,
+and at most the `gate_fraction` least certain rows: the score is the top-2 probability margin
+(`gate_by=margin`) or the share of the row's views that pick the average's letter (`agreement`, ties
+broken by margin). So the extra cost is bounded by gate_fraction x rows x extra views per row, printed
+before the pass. The out-of-fold rows go through the same gate, so the report shows the accuracy on the
+gated rows before and after; with `gate_apply=auto` the submission uses the gated probabilities only when
+they raised it (collect_results). The 1st places of sister competitions did this by hand (+0.2-0.6 pp).
+The extra passes reuse the cached image features and the shared prefix, like the normal pass.
+"""
+
+import itertools
+import math
+import time
+
+import numpy as np
+
+from .collate import cyclic_perms
+from .config import ConfigError
+from .data import letters_from_probs
+from .inference import average_views, image_scales, predict_views
+
+
+def gate_on(cfg):
+    return cfg.gate_fraction > 0
+
+
+def gate_perms(cfg):
+    """Option orders of a gated row: the normal pass's cyclic shifts first, then (24) the other permutations."""
+    cyclic = cyclic_perms(max(1, cfg.tta_option_views))
+    if cfg.gate_option_orders == 24:
+        return cyclic + [p for p in itertools.permutations(range(4)) if p not in cyclic]
+    return cyclic_perms(max(cfg.gate_option_orders, cfg.tta_option_views))
+
+
+def gate_scales(cfg):
+    scales = image_scales(cfg)
+    return scales + ([cfg.gate_image_scale] if cfg.gate_image_scale > 0 and cfg.gate_image_scale not in scales else [])
+
+
+def extra_views_per_row(cfg):
+    """Views a gated row gets beyond the normal pass's."""
+    normal = max(1, cfg.tta_option_views) * len(image_scales(cfg))
+    return len(gate_perms(cfg)) * len(gate_scales(cfg)) - normal
+
+
+def max_gated_rows(cfg, n_rows):
+    return min(n_rows, math.ceil(cfg.gate_fraction * n_rows)) if gate_on(cfg) else 0
+
+
+def margin(probs):
+    """Top-2 probability gap per row: 0 = a coin toss between two letters, 1 = certain."""
+    top2 = np.sort(probs, axis=1)[:, -2:]
+    return top2[:, 1] - top2[:, 0]
+
+
+def agreement(probs, views):
+    """Share of a row's views whose letter is the averaged probabilities' letter."""
+    letters = probs.argmax(1)
+    return np.mean([view.argmax(1) == letters for view in views.values()], axis=0)
+
+
+def select_gated(probs, views, cfg):
+    """(gated row indices ascending, score per row): score < gate_threshold, at most the gate_fraction least certain."""
+    gaps = margin(probs)
+    if cfg.gate_by == "margin":
+        score = gaps
+    elif cfg.gate_by == "agreement":
+        score = agreement(probs, views)
+    else:
+        raise ConfigError(f"config: gate_by must be 'margin' or 'agreement', got {cfg.gate_by!r}")
+    least_certain = np.lexsort((np.arange(len(score)), gaps, score))[:max_gated_rows(cfg, len(score))]
+    return np.sort(least_certain[score[least_certain] < cfg.gate_threshold]), score
+
+
+def gated_probs(model, frame, probs, views, processor, fmt, cfg, hardware, desc, feature_cache, map_shards):
+    """(probs with the gated rows re-averaged over all their views, a report of what it cost).
+
+    `views`: the normal pass's {(scale, shift): [N, 4]} (core/inference.predict_views); `map_shards`: the
+    process group's (under DDP each rank predicts a shard of the gated rows)."""
+    rows, score = select_gated(probs, views, cfg)
+    normal_views = len(views) * len(frame)
+    report = {"rows": len(frame), "gated": len(rows), "gate_by": cfg.gate_by, "extra_views": 0, "extra_s": 0.0,
+              "normal_views": normal_views, "gated_ids": frame["id"].iloc[rows].astype(str).tolist(),
+              "score_below": float(score[rows].max()) if len(rows) else None}
+    if not len(rows):
+        print(f"[gate] {desc}: no row below gate_threshold={cfg.gate_threshold:g} ({cfg.gate_by}): nothing gated")
+        return probs, report
+    shifts = cyclic_perms(max(1, cfg.tta_option_views))
+    have = {(scale, shifts[shift]): view[rows] for (scale, shift), view in views.items()}
+    perms = gate_perms(cfg)
+    todo = [(scale, [p for p in perms if (scale, p) not in have]) for scale in gate_scales(cfg)]
+    todo = [(scale, missing) for scale, missing in todo if missing]
+    extra = len(rows) * sum(len(missing) for _, missing in todo)
+    print(f"[gate] {desc}: the {len(rows)} least certain of {len(frame)} rows (gate_fraction={cfg.gate_fraction:g}, "
+          f"{cfg.gate_by} < {report['score_below']:.3g}) get {extra // len(rows)} more views each "
+          f"({len(perms)} option orders x scales {gate_scales(cfg)}): {extra} extra views, "
+          f"{extra / normal_views:.2f}x the normal pass's {normal_views}")
+    subset = frame.iloc[rows].reset_index(drop=True)
+    # As many samples per batch as the normal pass's (its batches fit): fewer rows, more views each.
+    batch_rows = max(1, cfg.infer_batch_size * max(1, cfg.tta_option_views) // max(len(m) for _, m in todo))
+    started = time.perf_counter()
+    for scale, missing in todo:
+        parts = map_shards(subset, lambda part: predict_views(
+            model, part, processor, fmt, cfg, hardware, desc=f"{desc} gated", feature_cache=feature_cache,
+            perms=missing, scales=[scale], batch_rows=batch_rows))
+        for key in parts[0]:
+            have[(scale, missing[key[1]])] = np.concatenate([part[key] for part in parts])
+    out = probs.copy()
+    out[rows] = average_views(list(have.values()), cfg.tta_average)
+    changed = int((out[rows].argmax(1) != probs[rows].argmax(1)).sum())
+    report.update(extra_views=extra, extra_s=round(time.perf_counter() - started, 3), letters_changed=changed)
+    print(f"[gate] {desc}: {extra} extra views in {report['extra_s']:.1f} s; {changed} of {len(rows)} gated rows "
+          "changed their letter")
+    return out, report
+
+
+def _cost(reports):
+    """Summed cost of the gated passes of some folds against their normal passes (from the *_gate.json files)."""
+    total = {key: sum(r.get(key) or 0 for r in reports) for key in ("rows", "gated", "extra_views", "extra_s",
+                                                                     "normal_views", "normal_s")}
+    per_extra = total["extra_s"] / total["extra_views"] if total["extra_views"] else None
+    per_normal = total["normal_s"] / total["normal_views"] if total["normal_views"] else None
+    views_per_row = total["normal_views"] / total["rows"] if total["rows"] else 1
+    return total | {
+        "s_per_extra_view": per_extra, "s_per_normal_view": per_normal,
+        # The extra time in units of one single-view pass over all the rows (the cost a reader can picture).
+        "extra_in_single_view_passes": total["extra_s"] / (total["normal_s"] / views_per_row) if total["normal_s"] else None}
+
+
+def gate_summary(ungated, gated, answers, mask, apply, reports):
+    """The gate's out-of-fold evidence: accuracy on the gated rows and overall, before and after; whether the
+    submission takes the gated probabilities (apply: auto = only if they raised the accuracy on the gated
+    rows | always); and the cost, {"oof": [...], "test": [...]} reports of each fold."""
+    right_before = np.asarray(letters_from_probs(ungated)) == np.asarray(answers)
+    right_after = np.asarray(letters_from_probs(gated)) == np.asarray(answers)
+    mask = np.asarray(mask, dtype=bool)
+    n = int(mask.sum())
+    before = float(right_before[mask].mean()) if n else None
+    after = float(right_after[mask].mean()) if n else None
+    applied = apply == "always" or (n > 0 and after > before)
+    why = ("gate_apply=always" if apply == "always" else "it raised the out-of-fold accuracy on the gated rows"
+           if applied else "gate_apply=auto and it did not raise the out-of-fold accuracy on the gated rows")
+    return {"applied": bool(applied), "why": why, "oof_rows": int(len(mask)), "oof_rows_gated": n,
+            "oof_accuracy_gated_rows_before": before, "oof_accuracy_gated_rows_after": after,
+            "cv_accuracy_before": float(right_before.mean()), "cv_accuracy_after": float(right_after.mean()),
+            "cost": {part: _cost(part_reports) for part, part_reports in reports.items()}}
+
+
+def describe_gate(summary):
+    """One line for the log and the report."""
+    if not summary["oof_rows_gated"]:
+        return "[gate] no out-of-fold row was gated: the submission is the normal pass's"
+    test = summary["cost"].get("test", {})
+    return (f"[gate] out-of-fold: {summary['oof_rows_gated']} of {summary['oof_rows']} rows gated, accuracy on them "
+            f"{summary['oof_accuracy_gated_rows_before']:.4f} -> {summary['oof_accuracy_gated_rows_after']:.4f} (CV "
+            f"{summary['cv_accuracy_before']:.4f} -> {summary['cv_accuracy_after']:.4f}); "
+            + ("applied to the submission" if summary["applied"] else "not applied") + f" ({summary['why']}); "
+            f"test: {test.get('gated', 0)} gated row-folds, {test.get('extra_views', 0)} extra views in "
+            f"{test.get('extra_s', 0):.1f} s")
