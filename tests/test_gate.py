@@ -74,6 +74,15 @@ def test_a_bad_gate_setting_names_itself_before_any_work(setting):
         resolve_config("demo", [setting], env={}, verbose=False)
 
 
+def test_a_gate_that_adds_no_view_is_refused_with_the_fix():
+    from mcvqa.core.config import resolve_config
+
+    settings = ["gate_fraction=0.1", "tta_option_views=4", "gate_option_orders=4"]
+    with pytest.raises(ConfigError, match="no view beyond the normal pass's .* Fix: gate_option_orders=24"):
+        resolve_config("demo", settings, env={}, verbose=False)
+    assert extra_views_per_row(resolve_config("demo", settings + ["gate_image_scale=1.5"], env={}, verbose=False)) == 4
+
+
 @pytest.mark.parametrize("orders, scale", [(24, 0.0), (4, 2.0)])
 def test_gated_rows_get_all_their_views_and_the_other_rows_stay_bit_identical(orders, scale, tiny_model, tiny_cfg,
                                                                             hardware, tmp_path):

@@ -140,6 +140,12 @@ class Config:
         if self.gate_image_scale < 0:
             raise ConfigError(f"config: gate_image_scale must be 0 (none) or a positive multiple of max_pixels; "
                               f"got {self.gate_image_scale!r}")
+        adds_orders = self.gate_option_orders == 24 or self.gate_option_orders > self.tta_option_views
+        if self.gate_fraction > 0 and not adds_orders and self.gate_image_scale in (0, 1):
+            raise ConfigError(f"config: gate_fraction={self.gate_fraction:g} gives the gated rows no view beyond the "
+                              f"normal pass's (gate_option_orders={self.gate_option_orders} <= tta_option_views="
+                              f"{self.tta_option_views}, no gate_image_scale). Fix: gate_option_orders=24 or "
+                              "gate_image_scale=1.5")
 
 
 # Profiles: small override sets per environment, like nanoGPT's config files.

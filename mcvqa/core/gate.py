@@ -95,6 +95,9 @@ def gated_probs(model, frame, probs, views, processor, fmt, cfg, hardware, desc,
     perms = gate_perms(cfg)
     todo = [(scale, [p for p in perms if (scale, p) not in have]) for scale in gate_scales(cfg)]
     todo = [(scale, missing) for scale, missing in todo if missing]
+    if not todo:  # (config.py refuses most such settings up front)
+        print(f"[gate] {desc}: the gate's views are all in the normal pass already: nothing to add")
+        return probs, report
     extra = len(rows) * sum(len(missing) for _, missing in todo)
     print(f"[gate] {desc}: the {len(rows)} least certain of {len(frame)} rows (gate_fraction={cfg.gate_fraction:g}, "
           f"{cfg.gate_by} < {report['score_below']:.3g}) get {extra // len(rows)} more views each "
@@ -128,7 +131,8 @@ def _cost(reports):
     views_per_row = total["normal_views"] / total["rows"] if total["rows"] else 1
     return total | {
         "s_per_extra_view": per_extra, "s_per_normal_view": per_normal,
-        # The extra time in units of one single-view pass over all the rows (the cost a reader can picture).
+        # The extra time in units of one single-view pass over all the rows (the cost a reader can picture):
+        # exact when the normal pass is one view (tta_option_views=1), else estimated as its time / views per row.
         "extra_in_single_view_passes": total["extra_s"] / (total["normal_s"] / views_per_row) if total["normal_s"] else None}
 
 
