@@ -177,6 +177,17 @@ def test_the_gate_on_a_finished_run_predicts_again_without_training(first_run, t
     test_probs = pd.read_csv(run / "fold0" / "test_probs.csv")
     submission = pd.read_csv(run / "submission.csv")
     assert (submission["answer"].to_numpy() == letters[test_probs[columns].to_numpy().argmax(1)]).all()
+    # gate_apply=auto on the same folder (nothing predicted again): the submission's side follows the evidence.
+    done = _cli(first_run, data, run, "gate_fraction=0.3", "gate_apply=auto")
+    assert "[fold 0] predictions exist and match the current rows, skipping" in done.stdout
+    gained = right_after[gated].mean() > right_before[gated].mean()
+    assert json.loads((run / "metrics.json").read_text())["gate"]["applied"] == gained
+    chosen = pd.read_csv(run / "oof_probs.csv").set_index("id").sort_index()[columns].to_numpy()
+    assert (chosen == (oof if gained else ungated)[columns].to_numpy()).all()
+    ensemble = pd.read_csv(run / "test_probs_ensemble.csv")[columns].to_numpy()
+    side = test_probs if gained else pd.read_csv(run / "fold0" / "test_probs_ungated.csv")
+    np.testing.assert_allclose(ensemble, side[columns].to_numpy(), atol=1e-12)
+    _cli(first_run, data, run, "gate_fraction=0.3", "gate_apply=always")  # back, for the snapshot below
     # The snapshot's REPORT.md shows the gate's evidence and the run's error analysis, copied with it.
     from mcvqa.snapshot import snapshot_experiment
 
