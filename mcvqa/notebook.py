@@ -39,7 +39,8 @@ LAYOUT = (
         ("Inference: direct-logit scoring with option-order TTA", ("core.inference",)),
         ("Uncertainty gate: extra views only where the model is unsure", ("core.gate",)),
         ("Ensemble, submission, plots", ("core.ensemble", "core.submission", "core.reporting")),
-        ("Error analysis and blending runs", ("toolkit.question_types", "toolkit.analysis", "toolkit.blend")),
+        ("Error analysis and blending runs", ("toolkit.question_types", "toolkit.analysis", "toolkit.blend",
+                                              "toolkit.run_blend")),
     )),
     ("Part II: the engine room (safe to skip: definitions only, nothing runs here)", (
         ("Speed: each image through the vision tower once", ("speed.feature_cache", "speed.replay")),

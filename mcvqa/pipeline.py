@@ -14,7 +14,6 @@ to the speed, scale, demo and toolkit wings.
 import dataclasses
 import json
 import pathlib
-import shutil
 import time
 
 import numpy as np
@@ -27,8 +26,7 @@ from .core.config import check_adapter_source, check_resume, save_config
 from .core.data import (PROB_COLUMNS, add_image_hashes, check_images, letter_indices, letters_from_probs, load_image,
                         make_folds, probs_frame, read_competition_csv)
 from .core.ensemble import apply_temperature, ensemble_folds, fit_temperature, fold_weights
-from .core.files import atomic_write, read_json
-from .core.gate import describe_gate, extra_views_per_row, gate_on, gate_summary, gated_probs, max_gated_rows
+from .core.gate import describe_gate, extra_views_per_row, gate_choice, gate_on, gated_probs, max_gated_rows
 from .core.hardware import apply_memory_cap
 from .core.inference import gather_views, image_scales, predict_views, tta_probs
 from .core.locate import InputNotFoundError, resolve_inputs
@@ -47,7 +45,7 @@ from .speed.fast_vision import compile_vision_choice, compile_vision_elementwise
 from .speed.feature_cache import make_feature_cache
 from .speed.self_check import check_fast_paths
 from .toolkit.analysis import analyze_run
-from .toolkit.blend import BlendError, blend_runs, load_member
+from .toolkit.run_blend import blend_into_submission, check_blend_members
 
 SKIPPED_FOR_TIME = "SKIPPED_FOR_TIME"  # marks a fold the time budget left out (collect_results ensembles the others)
 
@@ -302,28 +300,6 @@ def _test_probs(path, test):
     return saved[PROB_COLUMNS].to_numpy()
 
 
-def _gate_choice(cfg, folds_run, out_dir, oof, test_tta, test):
-    """With the gate on (gate.py): (out-of-fold rows, test probabilities per fold) as the submission takes them,
-    the gate's out-of-fold evidence, and both variants of the test probabilities. Without: unchanged, None."""
-    dirs = [out_dir / f"fold{k}" for k in folds_run]
-    if not gate_on(cfg) or not all((d / "oof_gate.json").exists() for d in dirs):
-        return oof, test_tta, None, None
-    reports = {part: [read_json(d / f"{part}_gate.json") for d in dirs] for part in ("oof", "test")}
-    ungated = pd.concat([pd.read_csv(d / "oof_probs_ungated.csv") for d in dirs])
-    if ungated["id"].astype(str).tolist() != oof["id"].astype(str).tolist():
-        raise RuntimeError(f"{out_dir}: the folds' oof_probs_ungated.csv and oof_probs.csv list other rows; delete the "
-                           "folds' *_probs*.csv files and re-run (they are predicted again with the saved adapters)")
-    gated_ids = {str(i) for report in reports["oof"] for i in report["gated_ids"]}
-    mask = oof["id"].astype(str).isin(gated_ids).to_numpy()
-    summary = gate_summary(ungated[PROB_COLUMNS].to_numpy(), oof[PROB_COLUMNS].to_numpy(), oof["answer"], mask,
-                           cfg.gate_apply, reports)
-    variants = {"gated": test_tta, "ungated": [_test_probs(d / "test_probs_ungated.csv", test) for d in dirs]}
-    oof = oof.assign(gated=mask)
-    if not summary["applied"]:  # the normal pass's probabilities, out-of-fold and test
-        oof[PROB_COLUMNS] = ungated[PROB_COLUMNS].to_numpy()
-    return oof, variants["gated" if summary["applied"] else "ungated"], summary, variants
-
-
 def collect_results(cfg, train, test, folds, out_dir):
     """Read the fold outputs back, ensemble them, and compute the metrics and ablations."""
     skipped = [k for k in folds_to_run(cfg) if (out_dir / f"fold{k}" / SKIPPED_FOR_TIME).exists()]
@@ -333,7 +309,8 @@ def collect_results(cfg, train, test, folds, out_dir):
     oof = pd.concat([pd.read_csv(out_dir / f"fold{k}" / "oof_probs.csv").assign(fold=k) for k in run])
     oof = oof.merge(train[["id", "answer"]], on="id", how="left")
     test_tta = [_test_probs(out_dir / f"fold{k}" / "test_probs.csv", test) for k in run]
-    oof, test_tta, gate, gate_variants = _gate_choice(cfg, run, out_dir, oof, test_tta, test)
+    oof, test_tta, gate, gate_variants = gate_choice(cfg, [out_dir / f"fold{k}" for k in run], oof, test_tta,
+                                                     lambda path: _test_probs(path, test))
     oof.to_csv(out_dir / "oof_probs.csv", index=False)
     oof_view0 = pd.concat([pd.read_csv(out_dir / f"fold{k}" / "oof_probs_view0.csv") for k in run])
     fold_acc = [_accuracy(g[PROB_COLUMNS].to_numpy(), g["answer"]) for _, g in oof.groupby("fold")]
@@ -370,34 +347,6 @@ def collect_results(cfg, train, test, folds, out_dir):
     return ensemble, metrics
 
 
-def blend_members(cfg):
-    """The finished runs `blend_with` names (comma-separated folders), read and checked before any training."""
-    return [load_member(path.strip()) for path in cfg.blend_with.split(",") if path.strip()]
-
-
-def check_blend_members(cfg, test):
-    """blend_with: every member must be a finished run of this test.csv (ids in order), found before any training."""
-    for member in blend_members(cfg):
-        if member.test["id"].astype(str).tolist() != test["id"].astype(str).tolist():
-            raise BlendError(f"blend_with={member.name}: its test_probs_ensemble.csv lists other test ids (or another "
-                             "order) than this run's test.csv. Fix: blend runs of the same competition data")
-        print(f"[blend] after this run: blended with {member.name} (CV {member.metrics.get('cv_accuracy')})")
-
-
-def blend_into_submission(cfg, out_dir, submission):
-    """This run blended with the `blend_with` runs (toolkit/blend.py) into <output_dir>/blend; the blend's
-    submission replaces this run's (kept as submission_this_run.csv). Returns the blend's summary."""
-    report = blend_runs([out_dir, *[m.name for m in blend_members(cfg)]], out_dir / "blend",
-                        per_type=cfg.blend_per_type, data_dir=cfg.data_dir)
-    atomic_write(submission, lambda temp: shutil.copyfile(report["submission"], temp))  # (validated by blend_runs)
-    honest = report["blend"]["out_of_fold"]["accuracy"]
-    print(f"[blend] {submission} is now the blend's (out-of-fold CV {honest:.4f}, members "
-          + ", ".join(f"{m['run']} {m['cv_accuracy']:.4f}" for m in report["members"])
-          + f"); this run's own: {out_dir / 'submission_this_run.csv'}")
-    return {"out_of_fold_accuracy": honest, "members": report["members"], "weights": report["weights"],
-            "report": str(out_dir / "blend" / "blend_report.md")}
-
-
 def finish_run(run):
     """After the folds: ensemble, submission, metrics.json, plots, the error analysis and, with `blend_with`, the
     blend (run_pipeline's last stage)."""
@@ -406,8 +355,6 @@ def finish_run(run):
     ensemble, metrics = collect_results(cfg, train, test, folds, out_dir)
     submission = write_submission(letters_from_probs(ensemble), test["id"].tolist(),
                                   cfg.submission_path or out_dir / "submission.csv", sample_submission)
-    if cfg.blend_with:  # this run's own submission is kept beside the blend's
-        atomic_write(out_dir / "submission_this_run.csv", lambda temp: shutil.copyfile(submission, temp))
     histories = [pd.read_csv(p) for p in sorted(out_dir.glob("fold*/history.csv"))]
     if histories:
         pd.concat(histories).to_csv(out_dir / "history.csv", index=False)

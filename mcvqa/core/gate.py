@@ -18,10 +18,12 @@ import math
 import time
 
 import numpy as np
+import pandas as pd
 
 from .collate import cyclic_perms
 from .config import ConfigError
-from .data import letters_from_probs
+from .data import PROB_COLUMNS, letters_from_probs
+from .files import read_json
 from .inference import average_views, image_scales, predict_views
 
 
@@ -153,6 +155,32 @@ def gate_summary(ungated, gated, answers, mask, apply, reports):
             "oof_accuracy_gated_rows_before": before, "oof_accuracy_gated_rows_after": after,
             "cv_accuracy_before": float(right_before.mean()), "cv_accuracy_after": float(right_after.mean()),
             "cost": {part: _cost(part_reports) for part, part_reports in reports.items()}}
+
+
+def gate_choice(cfg, fold_dirs, oof, test_tta, read_test_probs):
+    """With the gate on: (out-of-fold rows, per-fold test probabilities) as the submission takes them, the gate's
+    out-of-fold evidence (gate_summary), and both variants of the test probabilities, from the folds'
+    `*_gate.json` and `*_probs_ungated.csv`. Without the gate: unchanged, None, None.
+
+    `oof`: the folds' out-of-fold rows (their `*_probs.csv`, gated) with `answer`; `test_tta`: their gated
+    test probabilities; `read_test_probs(path)`: a fold's test probabilities in test.csv order."""
+    if not gate_on(cfg) or not all((d / "oof_gate.json").exists() for d in fold_dirs):
+        return oof, test_tta, None, None
+    reports = {part: [read_json(d / f"{part}_gate.json") for d in fold_dirs] for part in ("oof", "test")}
+    ungated = pd.concat([pd.read_csv(d / "oof_probs_ungated.csv") for d in fold_dirs])
+    if ungated["id"].astype(str).tolist() != oof["id"].astype(str).tolist():
+        raise RuntimeError(f"{fold_dirs[0].parent}: the folds' oof_probs_ungated.csv and oof_probs.csv list other rows; "
+                           "delete the folds' *_probs*.csv files and re-run (they are predicted again with the saved "
+                           "adapters)")
+    gated_ids = {str(i) for report in reports["oof"] for i in report["gated_ids"]}
+    mask = oof["id"].astype(str).isin(gated_ids).to_numpy()
+    summary = gate_summary(ungated[PROB_COLUMNS].to_numpy(), oof[PROB_COLUMNS].to_numpy(), oof["answer"], mask,
+                           cfg.gate_apply, reports)
+    variants = {"gated": test_tta, "ungated": [read_test_probs(d / "test_probs_ungated.csv") for d in fold_dirs]}
+    oof = oof.assign(gated=mask)
+    if not summary["applied"]:  # the normal pass's probabilities, out-of-fold and test
+        oof[PROB_COLUMNS] = ungated[PROB_COLUMNS].to_numpy()
+    return oof, variants["gated" if summary["applied"] else "ungated"], summary, variants
 
 
 def describe_gate(summary):
