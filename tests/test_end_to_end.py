@@ -1,10 +1,12 @@
 """The whole flow on the demo profile: the generated notebook, the CLI, determinism."""
 
+import json
 import os
 import pathlib
 import subprocess
 import sys
 
+import nbformat
 import pandas as pd
 import papermill
 
@@ -28,14 +30,20 @@ def _check_submission(data_dir, submission_path):
 
 
 def test_generated_notebook_runs_on_demo_profile(tmp_path):
+    """The notebook top to bottom on the demo, with the uncertainty gate on: the submission, the gate's report,
+    and the error analysis shown under the last cells (the gallery's rows in the executed notebook)."""
     out = tmp_path / "executed.ipynb"
+    overrides = _fast_overrides(tmp_path) + ["gate_fraction=0.1"]
     papermill.execute_notebook(str(ROOT / "Kaggle_AllInOne_Pro.ipynb"), str(out), cwd=str(ROOT), kernel_name="python3",
-                               parameters={"PROFILE": "demo", "OVERRIDES": "\n".join(_fast_overrides(tmp_path))},
-                               progress_bar=False)
+                               parameters={"PROFILE": "demo", "OVERRIDES": "\n".join(overrides)}, progress_bar=False)
     _check_submission(tmp_path / "demo", tmp_path / "run" / "submission.csv")
     for name in ("config.json", "metrics.json", "oof_probs.csv", "test_probs_ensemble.csv", "folds.csv",
-                 "plots/confusion_matrix.png"):
+                 "plots/confusion_matrix.png", "analysis/analysis.html", "fold0/test_gate.json"):
         assert (tmp_path / "run" / name).exists(), name
+    gate = json.loads((tmp_path / "run" / "metrics.json").read_text())["gate"]
+    assert gate["oof_rows_gated"] == 30 and gate["cost"]["test"]["gated"] == 30  # ceil(0.1 x 100) per fold
+    shown = [o for cell in nbformat.read(out, as_version=4).cells if cell.cell_type == "code" for o in cell.outputs]
+    assert any("gallery-row" in str(o.get("data", {}).get("text/html", "")) for o in shown)
 
 
 def _cli(tmp_path, run_dir):
