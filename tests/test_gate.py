@@ -149,3 +149,15 @@ def test_the_submission_takes_the_gate_only_when_it_raised_out_of_fold_accuracy(
     assert not gate_summary(ungated, worse, answers, mask_worse, "auto", reports)["applied"]
     assert not gate_summary(ungated, ungated, answers, mask, "auto", reports)["applied"]  # no gain: not applied
     assert gate_summary(ungated, worse, answers, mask_worse, "always", reports)["applied"]
+
+
+def test_the_gate_plot_shows_the_before_and_after_it_is_given(tmp_path):
+    from mcvqa.core.reporting import plot_uncertainty_gate
+
+    gate = {"oof_rows_gated": 60, "oof_rows": 300, "oof_accuracy_gated_rows_before": 0.367,
+            "oof_accuracy_gated_rows_after": 0.233, "cv_accuracy_before": 0.783, "cv_accuracy_after": 0.757,
+            "applied": False}
+    fig = plot_uncertainty_gate(gate, tmp_path / "gate.png")
+    heights = [round(bar.get_height(), 3) for bar in fig.axes[0].patches]
+    assert heights == [0.367, 0.783, 0.233, 0.757]  # normal pass (gated, all), then with the gate's views
+    assert "not applied" in fig.axes[0].get_title() and (tmp_path / "gate.png").stat().st_size > 1000

@@ -196,6 +196,7 @@ def test_the_gate_on_a_finished_run_predicts_again_without_training(first_run, t
     assert f"| accuracy on the {gated.sum()} gated of {len(oof)} rows | {right_before[gated].mean():.4f} | " \
            f"{right_after[gated].mean():.4f} |" in report and "Applied to the submission: **yes**" in report
     assert "## Error analysis" in report and (exp / "analysis" / "analysis.html").exists()
+    assert "](plots/uncertainty_gate.png)" in report and (exp / "plots" / "uncertainty_gate.png").exists()
     # Turned off again: predicted again, the gate's files gone, the normal pass's probabilities back.
     done = _cli(first_run, data, run)
     assert "prediction settings changed (gate_fraction: 0.3 then, 0.0 now)" in done.stdout

@@ -13,8 +13,9 @@ import pandas as pd
 from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
 
 from .data import OPTION_LETTERS, PROB_COLUMNS, letters_from_probs
+from .files import read_json
 
-_REPORT_PLOT_NAMES = ("answer_distribution", "training_curves", "confusion_matrix", "reliability")
+_REPORT_PLOT_NAMES = ("answer_distribution", "training_curves", "confusion_matrix", "reliability", "uncertainty_gate")
 
 
 def _report_save(fig, out_path):
@@ -120,6 +121,24 @@ def plot_reliability_diagram(probs, y_true, out_path, n_bins=10):
     return _report_save(fig, out_path)
 
 
+def plot_uncertainty_gate(gate, out_path):
+    """Out-of-fold accuracy before and after the gate's extra views, on the gated rows and on all rows (gate.py)."""
+    groups = [(f"gated rows (n={gate['oof_rows_gated']})", gate["oof_accuracy_gated_rows_before"],
+               gate["oof_accuracy_gated_rows_after"]),
+              (f"all rows (n={gate['oof_rows']})", gate["cv_accuracy_before"], gate["cv_accuracy_after"])]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    x = np.arange(len(groups))
+    for offset, (label, column, color) in enumerate((("normal pass", 1, "#8c8c8c"), ("with the gate's views", 2, "#4c72b0"))):
+        values = [np.nan if g[column] is None else g[column] for g in groups]
+        bars = ax.bar(x + (offset - 0.5) * 0.38, np.nan_to_num(values), width=0.38, color=color, label=label)
+        ax.bar_label(bars, labels=["-" if np.isnan(v) else f"{v:.3f}" for v in values], padding=2, fontsize=8)
+    ax.set_xticks(x, [g[0] for g in groups])
+    ax.set(ylabel="out-of-fold accuracy", ylim=(0, 1.15),
+           title=f"Uncertainty gate: {'applied' if gate['applied'] else 'not applied'} to the submission")
+    ax.legend(fontsize=8, loc="upper right")
+    return _report_save(fig, out_path)
+
+
 def make_run_plots(run_dir, train_df=None) -> dict[str, pathlib.Path]:
     """Write every plot the run folder has data for into `run_dir/plots/`; returns name -> path."""
     run_dir = pathlib.Path(run_dir)
@@ -137,6 +156,9 @@ def make_run_plots(run_dir, train_df=None) -> dict[str, pathlib.Path]:
         preds = letters_from_probs(probs)
         figs["confusion_matrix"] = lambda p: plot_confusion_matrix(oof["answer"], preds, p)
         figs["reliability"] = lambda p: plot_reliability_diagram(probs, oof["answer"], p)
+    gate = read_json(run_dir / "metrics.json").get("gate")
+    if gate:
+        figs["uncertainty_gate"] = lambda p: plot_uncertainty_gate(gate, p)
     for name, draw in figs.items():
         paths[name] = plots_dir / f"{name}.png"
         plt.close(draw(paths[name]))  # only files are returned; open figures would pile up in the notebook
