@@ -48,10 +48,10 @@ def test_agreement_gates_rows_whose_views_disagree_first_ties_by_margin():
     views = {(1.0, 0): np.array([[0.7, 0.1, 0.1, 0.1], [0.6, 0.2, 0.1, 0.1], [0.4, 0.3, 0.2, 0.1]]),
              (1.0, 1): np.array([[0.7, 0.1, 0.1, 0.1], [0.1, 0.7, 0.1, 0.1], [0.1, 0.6, 0.2, 0.1]])}
     probs = tta_probs(views)  # row 0: views agree; rows 1 and 2: one view each picks b
-    rows, score = select_gated(probs, views, _cfg(gate_by="agreement", gate_fraction=0.33))
+    rows, score = select_gated(probs, views, _cfg(gate_by="agreement", gate_fraction=0.33, tta_option_views=2))
     np.testing.assert_allclose(score, [1.0, 0.5, 0.5])
     assert rows.tolist() == [1]  # of the two tied rows, the one with the smaller margin (0.10 vs 0.20)
-    assert select_gated(probs, views, _cfg(gate_by="agreement", gate_fraction=1.0))[0].tolist() == [1, 2]
+    assert select_gated(probs, views, _cfg(gate_by="agreement", gate_fraction=1.0, tta_option_views=2))[0].tolist() == [1, 2]
 
 
 def test_gate_view_plan_and_its_bound():
@@ -81,6 +81,8 @@ def test_a_gate_that_adds_no_view_is_refused_with_the_fix():
     with pytest.raises(ConfigError, match="no view beyond the normal pass's .* Fix: gate_option_orders=24"):
         resolve_config("demo", settings, env={}, verbose=False)
     assert extra_views_per_row(resolve_config("demo", settings + ["gate_image_scale=1.5"], env={}, verbose=False)) == 4
+    with pytest.raises(ConfigError, match="gate_by=agreement needs 2\\+ views"):  # the demo: one view
+        resolve_config("demo", ["gate_fraction=0.1", "gate_by=agreement"], env={}, verbose=False)
 
 
 @pytest.mark.parametrize("orders, scale", [(24, 0.0), (4, 2.0)])

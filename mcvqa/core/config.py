@@ -140,6 +140,10 @@ class Config:
         if self.gate_image_scale < 0:
             raise ConfigError(f"config: gate_image_scale must be 0 (none) or a positive multiple of max_pixels; "
                               f"got {self.gate_image_scale!r}")
+        if self.gate_fraction > 0 and self.gate_by == "agreement" and self.tta_option_views <= 1 \
+                and not self.tta_image_scales.strip():
+            raise ConfigError("config: gate_by=agreement needs 2+ views in the normal pass (one view always agrees "
+                              "with itself: nothing would be gated). Fix: tta_option_views=4, or gate_by=margin")
         adds_orders = self.gate_option_orders == 24 or self.gate_option_orders > self.tta_option_views
         if self.gate_fraction > 0 and not adds_orders and self.gate_image_scale in (0, 1):
             raise ConfigError(f"config: gate_fraction={self.gate_fraction:g} gives the gated rows no view beyond the "
