@@ -163,3 +163,6 @@ def test_the_gate_plot_shows_the_before_and_after_it_is_given(tmp_path):
     heights = [round(bar.get_height(), 3) for bar in fig.axes[0].patches]
     assert heights == [0.367, 0.783, 0.233, 0.757]  # normal pass (gated, all), then with the gate's views
     assert "not applied" in fig.axes[0].get_title() and (tmp_path / "gate.png").stat().st_size > 1000
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)  # (test_reporting checks that no figure is left open)
