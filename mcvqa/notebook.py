@@ -119,7 +119,7 @@ CALL_CELLS = {
         "analysis = pathlib.Path(run.cfg.output_dir, \"analysis\")\n"
         "for name in (\"accuracy_by_type\", \"accuracy_by_answer\", \"accuracy_by_confidence\"):\n"
         "    display(ShowImage(filename=str(analysis / f\"{name}.png\")))\n"
-        "display(HTML(gallery_html(run.cfg.output_dir, run.cfg.data_dir, top_n=8)))  # all of them: analysis/analysis.html\n"
+        "display(HTML((analysis / \"gallery.html\").read_text(encoding=\"utf-8\")))  # all of it: analysis/analysis.html\n"
         "display(pd.read_csv(analysis / \"suspect_labels.csv\").head(10))\n"
         "if metrics.get(\"blend\"):\n"
         "    display(Markdown(pathlib.Path(metrics[\"blend\"][\"report\"]).read_text(encoding=\"utf-8\")))")],

@@ -353,6 +353,10 @@ def finish_run(run):
     cfg, hardware, train, test, folds, out_dir = run.cfg, run.hardware, run.train, run.test, run.folds, run.out_dir
     sample_submission, bad_rows, started = run.sample_submission, run.bad_rows, run.clock.started
     ensemble, metrics = collect_results(cfg, train, test, folds, out_dir)
+
+    def write_metrics():
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False, default=str))
+
     submission = write_submission(letters_from_probs(ensemble), test["id"].tolist(),
                                   cfg.submission_path or out_dir / "submission.csv", sample_submission)
     histories = [pd.read_csv(p) for p in sorted(out_dir.glob("fold*/history.csv"))]
@@ -361,14 +365,14 @@ def finish_run(run):
     metrics.update(runtime_s=round(time.time() - started, 1), hardware=dataclasses.asdict(hardware),
                    bad_images_replaced_by_blank=len(bad_rows), bad_image_rows=bad_rows[:50],
                    submission=str(submission))
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False, default=str))
+    write_metrics()  # (the plots and the blend read it)
     make_run_plots(out_dir, train)
     if "gate" in metrics:
         print(describe_gate(metrics["gate"]))
     analyze_run(out_dir, cfg.data_dir)  # analysis/: the confident mistakes, accuracy by type, suspect labels
     if cfg.blend_with:
         metrics["blend"] = blend_into_submission(cfg, out_dir, submission)
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False, default=str))
+        write_metrics()
     print(f"[done] {'zero-shot (epochs=0: the base model, nothing trained) ' if metrics['zero_shot'] else ''}"
           f"CV accuracy {metrics['cv_accuracy']:.4f} (folds {[round(a, 4) for a in metrics['fold_accuracy']]})")
     for name, value in metrics.get("ablation", {}).items():

@@ -34,11 +34,6 @@ def cyclic_perms(n_shifts):
     return [tuple((j + shift) % 4 for j in range(4)) for shift in range(n_shifts)]
 
 
-def cyclic_views(n_rows, n_shifts):
-    """TTA views, shift by shift: every row in order k = 0, then every row in order k = 1, ..."""
-    return [(row, perm) for perm in cyclic_perms(n_shifts) for row in range(n_rows)]
-
-
 class VqaDataset(torch.utils.data.Dataset):
     """Loads the image and arranges the options of one view; the collator does the rest."""
 

@@ -21,10 +21,9 @@ import numpy as np
 import pandas as pd
 
 from .collate import cyclic_perms
-from .config import ConfigError
 from .data import PROB_COLUMNS, letters_from_probs
 from .files import read_json
-from .inference import average_views, image_scales, predict_views
+from .inference import average_views, gather_views, image_scales, predict_views
 
 
 def gate_on(cfg):
@@ -69,12 +68,7 @@ def agreement(probs, views):
 def select_gated(probs, views, cfg):
     """(gated row indices ascending, score per row): score < gate_threshold, at most the gate_fraction least certain."""
     gaps = margin(probs)
-    if cfg.gate_by == "margin":
-        score = gaps
-    elif cfg.gate_by == "agreement":
-        score = agreement(probs, views)
-    else:
-        raise ConfigError(f"config: gate_by must be 'margin' or 'agreement', got {cfg.gate_by!r}")
+    score = gaps if cfg.gate_by == "margin" else agreement(probs, views)  # (config.py allows only these two)
     least_certain = np.lexsort((np.arange(len(score)), gaps, score))[:max_gated_rows(cfg, len(score))]
     return np.sort(least_certain[score[least_certain] < cfg.gate_threshold]), score
 
@@ -110,11 +104,10 @@ def gated_probs(model, frame, probs, views, processor, fmt, cfg, hardware, desc,
     batch_rows = max(1, cfg.infer_batch_size * max(1, cfg.tta_option_views) // max(len(m) for _, m in todo))
     started = time.perf_counter()
     for scale, missing in todo:
-        parts = map_shards(subset, lambda part: predict_views(
+        new_views = gather_views(map_shards(subset, lambda part: predict_views(
             model, part, processor, fmt, cfg, hardware, desc=f"{desc} gated", feature_cache=feature_cache,
-            perms=missing, scales=[scale], batch_rows=batch_rows))
-        for key in parts[0]:
-            have[(scale, missing[key[1]])] = np.concatenate([part[key] for part in parts])
+            perms=missing, scales=[scale], batch_rows=batch_rows)))
+        have.update({(scale, missing[shift]): view for (_, shift), view in new_views.items()})
     out = probs.copy()
     out[rows] = average_views(list(have.values()), cfg.tta_average)
     changed = int((out[rows].argmax(1) != probs[rows].argmax(1)).sum())

@@ -135,7 +135,7 @@ def predict_views(model, frame, processor, fmt, cfg, hardware, desc="test", feat
                                   encoding=loader_encoding(feature_cache, dedupe_images=True), pixel_dtype=pixel_dtype)
         scorer = feature_cache.view_scorer(k, hardware, f"{desc} x{scale:g}") if shared else None
         stats = {}
-        logits, rows, perms = predict_letter_logits(model, batches, fmt, hardware, desc=f"{desc} x{scale:g}",
+        logits, rows, shown = predict_letter_logits(model, batches, fmt, hardware, desc=f"{desc} x{scale:g}",
                                                     feature_cache=feature_cache, scorer=scorer, stats=stats)
         check = stats["shared_prefix_check"]
         print(f"[predict] {desc} x{scale:g}: {n} rows x {k} views in {stats['wall_s']:.1f} s, "
@@ -144,7 +144,7 @@ def predict_views(model, frame, processor, fmt, cfg, hardware, desc="test", feat
                  f"({stats['loader_start_s']:.1f} s starting its workers)")
               + ("" if check is None else f"; shared prefix checked on the first batch (max |Δ logit| {check:.2g}"
                  + (")" if stats["shared_prefix_used"] else ", failed: view by view)")))
-        probs = to_original_order(softmax(logits), perms)
+        probs = to_original_order(softmax(logits), shown)  # (shown: each sample's option order)
         for shift in range(k):
             part = slice(shift, None, k) if shared else slice(shift * n, (shift + 1) * n)
             assert (rows[part] == np.arange(n)).all(), "views came back out of order"

@@ -15,10 +15,10 @@ options and image of each row from `train.csv` of its data folder (config.json's
 - `suspect_labels.csv`: train rows whose label the model disputes with confidence (out-of-fold
   probability of the label below `suspect_label_max` and of another option above `suspect_other_min`),
   possible label noise to look at by hand.
+- `gallery.html`: the gallery's table alone (what the notebook shows under its last cells).
 - `analysis.json`: all of the above as numbers and ids.
 
-The pipeline can call `analyze_run(out_dir, cfg.data_dir)` at the end of a run, in
-pipeline.finish_run right after `make_run_plots(out_dir, train)` (not wired in yet).
+Every run ends with `analyze_run(out_dir, cfg.data_dir)` (pipeline.finish_run, after its plots).
 """
 
 import base64
@@ -238,13 +238,7 @@ def _gallery_table(gallery):
     return "\n".join(parts + ["</table>"])
 
 
-def gallery_html(run_dir, data_dir=None, top_n=TOP_N):
-    """The run's most confident wrong out-of-fold predictions as an HTML table with inline thumbnails (for a
-    notebook's output: nothing outside the table, no file links)."""
-    return _gallery_table(confident_wrong(oof_table(run_dir, data_dir), top_n))
-
-
-def _page(report, gallery, suspects, run_dir):
+def _page(report, gallery_table, suspects, run_dir):
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>mcvqa error analysis</title><style>"
              "body{font-family:sans-serif;margin:1.5em} table{border-collapse:collapse;margin:.5em 0 1.5em}"
              "td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px;vertical-align:top} .wrong{color:#b00}"
@@ -256,8 +250,8 @@ def _page(report, gallery, suspects, run_dir):
                         ("by_confidence", "Accuracy by confidence (top probability)")):
         parts += [f"<h2>{title}</h2>", _html_table(_stats_rows(report[name]), ("group", "n", "correct", "accuracy")),
                   f"<img src='{html.escape(report['plots'][name])}' alt='{title}'>"]
-    parts += [f"<h2>The {len(gallery)} most confident wrong predictions</h2>",
-              "<p><img src='wrong_gallery.png' alt='gallery' style='max-width:100%'></p>", _gallery_table(gallery)]
+    parts += [f"<h2>The {len(report['gallery'])} most confident wrong predictions</h2>",
+              "<p><img src='wrong_gallery.png' alt='gallery' style='max-width:100%'></p>", gallery_table]
     parts += [f"<h2>Suspect labels ({len(suspects)})</h2>",
               f"<p>Label probability below {report['suspect_label_max']} and another option above "
               f"{report['suspect_other_min']}: possible label noise (suspect_labels.csv).</p>",
@@ -309,7 +303,9 @@ def analyze_run(run_dir, data_dir=None, out_dir=None, top_n=TOP_N, suspect_label
     _bar_chart(report["by_confidence"], "Accuracy by confidence", "top probability", out / "accuracy_by_confidence.png")
     _gallery_png(gallery, out / "wrong_gallery.png", font)
     suspects.to_csv(out / "suspect_labels.csv", index=False)
-    (out / "analysis.html").write_text(_page(report, gallery, suspects, run_dir), encoding="utf-8")
+    table = _gallery_table(gallery)  # (a notebook shows gallery.html: the table alone, thumbnails inline)
+    (out / "gallery.html").write_text(table, encoding="utf-8")
+    (out / "analysis.html").write_text(_page(report, table, suspects, run_dir), encoding="utf-8")
     (out / "analysis.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     print(f"[analysis] {report['n_wrong']} of {report['n_rows']} out-of-fold rows wrong; "
           f"{len(gallery)} in the gallery, {len(suspects)} suspect labels; wrote {out / 'analysis.html'}")

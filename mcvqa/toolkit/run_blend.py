@@ -13,14 +13,14 @@ from ..core.files import atomic_write
 from .blend import BlendError, blend_runs, load_member
 
 
-def blend_members(cfg):
-    """The finished runs `blend_with` names (comma-separated folders), read and checked before any training."""
-    return [load_member(path.strip()) for path in cfg.blend_with.split(",") if path.strip()]
+def blend_paths(cfg):
+    """The finished run folders `blend_with` names (comma-separated)."""
+    return [path.strip() for path in cfg.blend_with.split(",") if path.strip()]
 
 
 def check_blend_members(cfg, test):
     """blend_with: every member must be a finished run of this test.csv (ids in order), found before any training."""
-    for member in blend_members(cfg):
+    for member in map(load_member, blend_paths(cfg)):
         if member.test["id"].astype(str).tolist() != test["id"].astype(str).tolist():
             raise BlendError(f"blend_with={member.name}: its test_probs_ensemble.csv lists other test ids (or another "
                              "order) than this run's test.csv. Fix: blend runs of the same competition data")
@@ -30,7 +30,7 @@ def check_blend_members(cfg, test):
 def blend_into_submission(cfg, out_dir, submission):
     """This run blended with the `blend_with` runs (toolkit/blend.py) into <output_dir>/blend; the blend's
     submission replaces this run's (kept as submission_this_run.csv). Returns the blend's summary."""
-    report = blend_runs([out_dir, *[m.name for m in blend_members(cfg)]], out_dir / "blend",
+    report = blend_runs([out_dir, *blend_paths(cfg)], out_dir / "blend",
                         per_type=cfg.blend_per_type, data_dir=cfg.data_dir)
     atomic_write(out_dir / "submission_this_run.csv", lambda temp: shutil.copyfile(submission, temp))
     atomic_write(submission, lambda temp: shutil.copyfile(report["submission"], temp))  # (validated by blend_runs)
