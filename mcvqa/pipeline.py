@@ -22,25 +22,26 @@ import torch
 
 from .core.budget import RunClock
 from .core.compat import check_versions
-from .core.config import check_adapter_source, check_resume, save_config
+from .core.config import PROFILES, Config, check_adapter_source, check_resume, save_config
 from .core.data import (PROB_COLUMNS, add_image_hashes, check_images, letter_indices, letters_from_probs, load_image,
                         make_folds, probs_frame, read_competition_csv)
 from .core.ensemble import apply_temperature, ensemble_folds, fit_temperature, fold_weights
 from .core.gate import describe_gate, extra_views_per_row, gate_choice, gate_on, gated_probs, max_gated_rows
 from .core.hardware import apply_memory_cap
 from .core.inference import gather_views, image_scales, predict_views, tta_probs
-from .core.locate import InputNotFoundError, resolve_inputs
+from .core.locate import resolve_inputs
 from .core.memory import free_memory, plan_memory
 from .core.modeling import load_model_for_training, load_processor, load_trainable_state
 from .core.process import process_group
+from .core.preflight import preflight
 from .core.prompts import make_prompt_format
 from .core.reporting import make_run_plots
 from .core.resume import fold_manifest, prediction_settings, prepare_fold
-from .core.submission import write_submission
+from .core.submission import read_sample_submission, write_submission
 from .core.training import train_fold
 from .demo.demo_data import generate_demo_dataset
 from .demo.demo_model import build_tiny_qwen_vl
-from .scale.parallel import run_folds
+from .scale.parallel import parallel_workers, run_folds
 from .speed.fast_vision import compile_vision_choice, compile_vision_elementwise, patch_vision_attention
 from .speed.feature_cache import make_feature_cache
 from .speed.self_check import check_fast_paths
@@ -50,17 +51,31 @@ from .toolkit.run_blend import blend_into_submission, check_blend_members
 SKIPPED_FOR_TIME = "SKIPPED_FOR_TIME"  # marks a fold the time budget left out (collect_results ensembles the others)
 
 
+# What the tiny base is built from: a run that changes one of them gets a base of its own (tiny_model_dir).
+TINY_BASE_SETTINGS = {"seed": "seed", "demo_hidden_size": "h", "max_pixels": "px", "demo_image_size": "img",
+                      "demo_warmup_rows": "rows", "demo_warmup_epochs": "ep"}
+
+
+def tiny_model_dir(cfg):
+    """data/tiny_models/<family> for the demo profile's settings, else a folder named after what differs, so
+    that e.g. seed=7 builds its own base instead of silently rebuilding the one every other run shares."""
+    demo = Config(**{k: v for k, v in PROFILES["demo"].items() if k in TINY_BASE_SETTINGS})
+    differs = [f"{short}{getattr(cfg, name)}" for name, short in TINY_BASE_SETTINGS.items()
+               if getattr(cfg, name) != getattr(demo, name)]
+    return pathlib.Path("data/tiny_models") / "_".join([cfg.demo_family, *differs])
+
+
 def prepare_demo(cfg):
     """Build the embedded demo data and tiny model (both cached; seconds on a re-run)."""
     data_dir = generate_demo_dataset(cfg.data_dir, image_size=cfg.demo_image_size)
-    model_dir = cfg.model_name_or_path or f"data/tiny_models/{cfg.demo_family}"
+    model_dir = cfg.model_name_or_path or tiny_model_dir(cfg)
     texts = []
     for name in ("train.csv", "test.csv"):
         frame = pd.read_csv(data_dir / name)
         texts += frame[["question", "a", "b", "c", "d"]].astype(str).to_numpy().ravel().tolist()
     texts += [cfg.instruction, "a. b. c. d.", "You are a helpful assistant."]
     # The base's warm-up uses its own, differently seeded images: nothing from train or test.
-    warmup_dir = generate_demo_dataset(pathlib.Path(model_dir).parent / "warmup_data", n_train=cfg.demo_warmup_rows,
+    warmup_dir = generate_demo_dataset(pathlib.Path(f"{model_dir}_warmup_data"), n_train=cfg.demo_warmup_rows,
                                        n_test=4, image_size=cfg.demo_image_size, seed=cfg.seed + 1000)
     warmup = pd.read_csv(warmup_dir / "train.csv")
     examples = []
@@ -76,16 +91,22 @@ def prepare_demo(cfg):
 
 
 def load_competition(cfg):
-    """Read and validate train/test CSVs and images; returns (train, test, sample_submission, bad rows)."""
+    """Read and validate train/test CSVs, images and sample_submission.csv; returns (train, test,
+    sample_submission path or None, bad rows)."""
     data_dir = pathlib.Path(cfg.data_dir)  # (auto resolved by locate.resolve_inputs)
     train = read_competition_csv(data_dir / "train.csv", "train")
     test = read_competition_csv(data_dir / "test.csv", "test")
+    sample = data_dir / "sample_submission.csv"
+    if sample.exists():  # checked now, not when the submission is written after the training
+        _, sample_ids = read_sample_submission(sample, test["id"])
+        if sample_ids != [str(i).strip() for i in test["id"]]:
+            print(f"[data] {sample} lists the test ids in another order than test.csv: submission.csv follows its "
+                  "order (Kaggle matches the rows by id)")
     train, bad_train = check_images(train, data_dir / "train.csv", cfg.on_bad_image, cfg.max_pixels, cfg.bomb_limit_pixels)
     test, bad_test = check_images(test, data_dir / "test.csv", cfg.on_bad_image, cfg.max_pixels, cfg.bomb_limit_pixels)
     train, test = add_image_hashes(train), add_image_hashes(test)  # folds group by them, resume checks them
     if cfg.max_train_rows:
         train = train.iloc[: cfg.max_train_rows].reset_index(drop=True)
-    sample = data_dir / "sample_submission.csv"
     print(f"[data] {len(train)} train rows, {len(test)} test rows from {data_dir}")
     return train, test, (sample if sample.exists() else None), bad_train + bad_test
 
@@ -121,8 +142,9 @@ class Run:
 
 
 def start_run(cfg, hardware):
-    """Inputs found and checked, the run folder started, the data read, the memory plan, the prompt
-    format and the folds: everything before the first fold, with nothing expensive loaded yet."""
+    """Inputs found and checked, the data read, the memory plan, the prompt format and the folds, and everything
+    the run needs at its end (core/preflight.py): all before the first fold, nothing expensive loaded yet, and
+    nothing written into the run folder until every check has passed (a refused run leaves none behind)."""
     group = process_group()
     clock = RunClock.start(cfg.time_budget_hours)
     check_versions(verbose=group.is_main())
@@ -136,23 +158,26 @@ def start_run(cfg, hardware):
     out_dir = pathlib.Path(cfg.output_dir)
     if group.is_main():
         check_resume(cfg, out_dir)
-        save_config(cfg, out_dir)
     train, test, sample_submission, bad_rows = load_competition(cfg)
     apply_memory_cap(hardware)
     cfg, plan = plan_memory(cfg, hardware, verbose=group.is_main())  # checkpointing and batch sizes for this card
-    if group.is_main():
-        (out_dir / "memory_plan.json").write_text(json.dumps(plan, indent=2) + "\n")
-    processor = load_processor(cfg)
+    processor = load_processor(cfg)  # (its tokenizer checked against the model's vocabulary)
     fmt = make_prompt_format(processor, cfg)
     folds = make_folds(train, cfg.n_folds, cfg.seed)
     folds_frame = pd.DataFrame({"id": train["id"], "fold": folds})
     if cfg.adapters_from:
-        check_adapter_source(cfg, folds_frame)  # the same prompts, images and folds as that run, before any work
-    if group.is_main():
-        folds_frame.to_csv(out_dir / "folds.csv", index=False)
-    print(f"[folds] {cfg.n_folds} folds of {np.bincount(folds).tolist()} rows (stratified by answer, grouped by image)")
+        # The same prompts, images and folds as that run, and an adapter for every fold to predict.
+        check_adapter_source(cfg, folds_frame, folds_to_run(cfg))
     if cfg.blend_with and group.is_main():
         check_blend_members(cfg, test)
+    if group.is_main():
+        workers = max(1, parallel_workers(cfg, hardware, len(folds_to_run(cfg)), verbose=False))
+        n_images = len(set(train["image_hash"]) | set(test["image_hash"]))
+        preflight(cfg, hardware, plan, len(train), len(test), n_images, len(folds_to_run(cfg)), workers)
+        save_config(cfg, out_dir)  # the run folder's first files, after every check
+        (out_dir / "memory_plan.json").write_text(json.dumps(plan, indent=2) + "\n")
+        folds_frame.to_csv(out_dir / "folds.csv", index=False)
+    print(f"[folds] {cfg.n_folds} folds of {np.bincount(folds).tolist()} rows (stratified by answer, grouped by image)")
     return Run(cfg, hardware, out_dir, clock, train, test, folds, processor, fmt, sample_submission, bad_rows)
 
 
@@ -209,10 +234,7 @@ def run_fold(fold, train, test, folds, processor, fmt, cfg, hardware, out_dir, s
     cache, cfg = check_fast_paths(model, train_part, processor, fmt, cfg, hardware, cache)
     if cfg.adapters_from:
         # Inference only: the earlier run's adapter for this fold, copied here so this run folder stands alone.
-        source = pathlib.Path(cfg.adapters_from) / f"fold{fold}" / "best_adapter.pt"
-        if not source.exists():
-            raise InputNotFoundError(f"adapters_from={cfg.adapters_from}: fold{fold}/best_adapter.pt not found (that "
-                                     f"run did not finish fold {fold}). Fix: folds=<the folds it has>, or finish it")
+        source = pathlib.Path(cfg.adapters_from) / f"fold{fold}" / "best_adapter.pt"  # (start_run checked it is there)
         state = torch.load(source, map_location="cpu")
         load_trainable_state(model, state)
         if process_group().is_main():

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from mcvqa.core.config import Config, parse_overrides, resolve_config, save_config
+from mcvqa.core.config import ConfigError, Config, parse_overrides, resolve_config, save_config
 from mcvqa.core.hardware import choose_hardware, detect_hardware
 
 T4 = {"name": "Tesla T4", "capability": (7, 5), "memory_gib": 14.7}
@@ -44,6 +44,25 @@ def test_detect_hardware_prints_its_reasons(capsys):
     detect_hardware(resolve_config("demo", env={}, verbose=False), gpus=[T4, T4])
     out = capsys.readouterr().out
     assert "2 x Tesla T4" in out and "float16" in out and "because" in out
+
+
+def test_a_misspelt_setting_says_what_was_meant_and_where_it_came_from():
+    with pytest.raises(ConfigError, match=r"unknown setting 'epoch' \(override epoch=2\)\. Did you mean epochs\?$"):
+        resolve_config("demo", ["epoch=2"], env={}, verbose=False)
+    with pytest.raises(ConfigError, match=r"'lora_rank' \(environment variable MCVQA_LORA_RANK\)\. Did you mean lora_r"):
+        resolve_config("demo", env={"MCVQA_LORA_RANK": "8"}, verbose=False)
+    with pytest.raises(ConfigError, match="unknown profile 'kaggle_t4' \\(did you mean kaggle_t4x2\\?\\)"):
+        resolve_config("kaggle_t4", env={}, verbose=False)
+
+
+def test_several_settings_on_one_overrides_line_are_refused_with_one_per_line():
+    """OVERRIDES = "epochs=2 max_pixels=602112" made epochs the string "2 max_pixels=602112"."""
+    for line in ("epochs=2 max_pixels=602112", "epochs=2, max_pixels=602112", "epochs=2;max_pixels=602112"):
+        with pytest.raises(ConfigError, match="holds several settings on one line; put one setting per line, "
+                                              "e.g.\nepochs=2\nmax_pixels=602112$"):
+            resolve_config("demo", line, env={}, verbose=False)
+    # A value may hold spaces and "=" where no setting name follows.
+    assert resolve_config("demo", "instruction=a = b, c d", env={}, verbose=False).instruction == "a = b, c d"
 
 
 def test_precedence_defaults_profile_env_overrides(tmp_path):

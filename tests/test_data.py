@@ -1,5 +1,6 @@
 import logging
 import shutil
+import subprocess
 from collections import Counter
 from pathlib import Path
 
@@ -442,3 +443,11 @@ def test_data_readme_describes_the_layout_the_code_reads_and_what_git_ignores():
         assert name in readme, name
     ignored = (root / ".gitignore").read_text()
     assert "data/demo/" in ignored and "data/tiny_models/" in ignored and "data/README.md" not in ignored
+
+
+def test_every_bundle_folder_is_ignored_by_git():
+    """`python -m mcvqa bundle --out kaggle_bundle_py311` (another Python) must not land in a commit either."""
+    root = Path(__file__).resolve().parents[1]
+    for folder in ("kaggle_bundle/", "kaggle_bundle_py311/", "kaggle_bundle-3.10/"):
+        checked = subprocess.run(["git", "check-ignore", "-q", "--no-index", folder + "x.whl"], cwd=root)
+        assert checked.returncode == 0, folder

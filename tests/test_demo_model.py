@@ -136,3 +136,27 @@ def test_answer_letters_are_single_tokens_in_tiny_tokenizer(family, tiny_process
     spaced = [tok.encode(" " + letter, add_special_tokens=False) for letter in "abcd"]
     assert all(len(s) == 1 and s[0] not in ids for s in spaced)  # ' a' is its own token, as in Qwen
     assert tok.encode("<|im_start|>assistant\nc<|im_end|>", add_special_tokens=False)[-2] == ids[2]
+
+
+def test_a_demo_run_with_another_seed_builds_its_own_tiny_base(tmp_path, monkeypatch):
+    """`seed=7` on the demo used to rebuild data/tiny_models/qwen2_5_vl with seed 7, silently changing the base
+    every later demo run used (and rebuilding it again for them). The base's folder now names what differs."""
+    import mcvqa.pipeline as pipeline
+    from mcvqa.core.config import resolve_config
+
+    built = []
+    monkeypatch.setattr(pipeline, "generate_demo_dataset", lambda folder, **kw: tmp_path / "data")
+    monkeypatch.setattr(pipeline, "build_tiny_qwen_vl", lambda folder, texts, **kw: built.append((str(folder), kw)))
+    monkeypatch.setattr(pipeline, "load_image", lambda path: None)
+    (tmp_path / "data").mkdir()
+    import pandas as pd
+
+    for name in ("train.csv", "test.csv"):
+        pd.DataFrame({"question": ["q"], "a": ["1"], "b": ["2"], "c": ["3"], "d": ["4"], "answer": ["a"],
+                      "path": ["x.png"]}).to_csv(tmp_path / "data" / name, index=False)
+    for overrides in ([], ["seed=7"], ["seed=7", "demo_hidden_size=64"], ["demo_family=qwen3_vl"]):
+        pipeline.prepare_demo(resolve_config("demo", overrides, env={}, verbose=False))
+    folders = [folder for folder, _ in built]
+    assert folders == ["data/tiny_models/qwen2_5_vl", "data/tiny_models/qwen2_5_vl_seed7",
+                       "data/tiny_models/qwen2_5_vl_seed7_h64", "data/tiny_models/qwen3_vl"]
+    assert [kw["seed"] for _, kw in built] == [42, 7, 7, 42]

@@ -1,6 +1,6 @@
-"""The training loop under faults, on a tiny 4-bit model: CUDA OOM back-off, non-finite losses, and a
-regression pin on the first losses of a tiny run (label alignment, loss, schedule and optimizer all
-feed into those numbers)."""
+"""The training loop under faults, on a tiny 4-bit model: CUDA OOM back-off, non-finite losses, the evaluation
+schedule that early stopping counts on, and a regression pin on the first losses of a tiny run (label
+alignment, loss, schedule and optimizer all feed into those numbers)."""
 
 import json
 import weakref
@@ -24,9 +24,10 @@ def demo_rows(tmp_path_factory):
     return train.iloc[:16].reset_index(drop=True), train.iloc[16:].reset_index(drop=True)
 
 
-def _train(tiny_cfg, tiny_processor, tiny_fmt, hardware, demo_rows, out_dir, prepare=None, **changes):
-    """Train fold 0 of a fresh tiny 4-bit model for a few steps; returns (result, adapter, history).
-    prepare(model), if given, runs on the loaded model first (e.g. to add hooks)."""
+def _train(tiny_cfg, tiny_processor, tiny_fmt, hardware, demo_rows, out_dir, prepare=None, all_history=False,
+           **changes):
+    """Train fold 0 of a fresh tiny 4-bit model for a few steps; returns (result, adapter, history of the train
+    steps, or of every row with all_history). prepare(model), if given, runs on the loaded model first."""
     settings = dict(epochs=1, micro_batch_size=4, grad_accum_steps=1, evals_per_epoch=1, ema_decay=0.0,
                     shuffle_options=True, warmup_ratio=0.0, learning_rate=1e-3, infer_batch_size=8,
                     loss_over="vocab")
@@ -39,7 +40,7 @@ def _train(tiny_cfg, tiny_processor, tiny_fmt, hardware, demo_rows, out_dir, pre
     train_part, val_part = demo_rows
     result = training.train_fold(model, train_part, val_part, tiny_processor("qwen2_5_vl"), tiny_fmt("qwen2_5_vl"),
                                  cfg, hardware, 0, out_dir)
-    history = [row for row in json.loads(json.dumps(_history(out_dir))) if row["kind"] == "train"]
+    history = [row for row in json.loads(json.dumps(_history(out_dir))) if all_history or row["kind"] == "train"]
     return result, trainable_state(model), history
 
 
@@ -176,3 +177,24 @@ def test_first_losses_of_a_tiny_run_are_pinned(tiny_cfg, tiny_processor, tiny_fm
     losses = [h["loss"] for h in hist]
     print("first losses:", losses)
     assert losses == pytest.approx(PINNED_FIRST_LOSSES, rel=1e-4)
+
+
+def test_evaluations_are_evenly_spaced_once_each_so_patience_counts_whole_evaluations(
+        tiny_cfg, tiny_processor, tiny_fmt, hardware, demo_rows, tmp_path):
+    """5 steps per epoch, 2 evaluations per epoch: after steps 3 and 5 of each epoch. (Every 2 global steps plus
+    the epoch's end evaluated at steps 4 and 5 back to back; the same accuracy twice was "no gain", so patience 2
+    stopped every fold after its first epoch.) With nothing learned (learning rate 0) patience 2 now stops at
+    the third evaluation, in epoch 2."""
+    rows = (demo_rows[0].iloc[:15].reset_index(drop=True), demo_rows[1])
+    settings = dict(micro_batch_size=3, epochs=2, evals_per_epoch=2, loss_over="vocab")
+    result, _, history = _train(tiny_cfg, tiny_processor, tiny_fmt, hardware, rows, tmp_path / "all", all_history=True,
+                                early_stopping_patience=0, **settings)
+    assert [h["step"] for h in history if h["kind"] == "eval"] == [3, 5, 8, 10] and result["steps"] == 10
+    # Every step also records the 4-way letter log-loss, the quantity evaluation reports (plotted on one axis);
+    # with loss_over=vocab the trained loss is the full-vocabulary one, far larger.
+    train = [h for h in history if h["kind"] == "train"]
+    assert all(0 < h["letter_loss"] < h["loss"] for h in train) and all(h["letter_loss"] < 3 for h in train)
+    result, _, history = _train(tiny_cfg, tiny_processor, tiny_fmt, hardware, rows, tmp_path / "patience",
+                                all_history=True, early_stopping_patience=2, learning_rate=0.0, **settings)
+    assert [h["step"] for h in history if h["kind"] == "eval"] == [3, 5, 8] and result["steps"] == 8
+    assert training.eval_steps(1, 2) == {1} and training.eval_steps(4, 1) == {4} and training.eval_steps(7, 3) == {3, 5, 7}

@@ -50,6 +50,26 @@ def test_model_auto_with_none_or_several_lists_them_and_how_to_choose(tmp_path):
     assert f"model_name_or_path={a}" in message and f"model_name_or_path={b}" in message
 
 
+def test_a_model_setting_naming_a_kaggle_models_parent_folder_looks_inside_it(tmp_path, capsys):
+    """model_name_or_path=/kaggle/input/qwen2.5-vl (no config.json there): before, transformers' raw
+    "Unrecognized processing class" traceback; now the folder is searched as auto searches /kaggle/input."""
+    parent = tmp_path / "qwen2.5-vl"
+    wanted = _model_folder(parent / "transformers" / "3b-instruct" / "1")
+    data = _data_folder(tmp_path / "data")
+    cfg = resolve_config("local_gpu", [f"data_dir={data}", f"model_name_or_path={parent}"], env={}, verbose=False)
+    assert resolve_inputs(cfg).model_name_or_path == str(wanted)
+    assert f"model_name_or_path={parent} -> {wanted}" in capsys.readouterr().out
+    other = _model_folder(parent / "transformers" / "7b-instruct" / "1")
+    with pytest.raises(InputNotFoundError, match=rf"model_name_or_path={parent}: 2 candidates") as caught:
+        resolve_inputs(cfg)
+    assert f"model_name_or_path={other}" in str(caught.value)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cfg = resolve_config("local_gpu", [f"data_dir={data}", f"model_name_or_path={empty}"], env={}, verbose=False)
+    with pytest.raises(InputNotFoundError, match=rf"model_name_or_path={empty}: no Qwen-VL model folder.* under {empty}"):
+        resolve_inputs(cfg)
+
+
 def test_data_auto_with_two_datasets_lists_both_lines(tmp_path):
     a, b = _data_folder(tmp_path / "competition"), _data_folder(tmp_path / "old-copy" / "data")
     with pytest.raises(InputNotFoundError) as caught:

@@ -89,7 +89,18 @@ def test_cpu_plan_only_resolves_auto(model_dirs):
     cfg = _cfg("local_gpu", model_dirs["3b"])
     planned, plan = plan_memory(cfg, choose_hardware([]), verbose=False)
     assert planned.gradient_checkpointing == "off" and planned.micro_batch_size == cfg.micro_batch_size
-    assert plan == {"device": "cpu", "gradient_checkpointing": "off"}
+    assert plan["device"] == "cpu" and plan["gradient_checkpointing"] == "off"
+    # The sizes preflight.py checks the disk and the time budget against, from Qwen2.5-VL-3B's config by hand:
+    # per layer q, o: 2048 -> 2048; k, v: 2048 -> 256; gate, up: 2048 -> 11008; down: 11008 -> 2048.
+    pairs = [(2048, 2048)] * 2 + [(2048, 256)] * 2 + [(2048, 11008)] * 2 + [(11008, 2048)]
+    assert plan["lora_params"] == 36 * sum(16 * (i + o) for i, o in pairs) == 29_933_568
+    assert plan["lm_matmul_params"] == 36 * sum(i * o for i, o in pairs)
+    assert plan["tokens_per_sample"] == 448 * 448 // 28**2 + 160
+    assert plan["feature_bytes_per_image"] == 448 * 448 // 28**2 * 2048 * 2  # one bf16/fp16 vector per image token
+    # The tower: 32 blocks of qkv 1280 -> 3840, proj 1280 -> 1280, gate/up 1280 -> 3420, down 3420 -> 1280; the
+    # merger's 5120 -> 5120 -> 2048. 1,024 patches of 14 px in 448 x 448.
+    blocks = 32 * (1280 * 3840 + 1280 * 1280 + 2 * 1280 * 3420 + 3420 * 1280)
+    assert plan["vision_matmul_params"] == blocks + 5120 * 5120 + 5120 * 2048 and plan["patches_per_image"] == 1024
 
 
 def test_gradient_checkpointing_setting_takes_booleans_and_rejects_others():

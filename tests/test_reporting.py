@@ -18,6 +18,7 @@ from mcvqa.core.reporting import (
     make_run_plots,
     plot_confusion_matrix,
     plot_reliability_diagram,
+    plot_training_curves,
 )
 from mcvqa.snapshot import snapshot_experiment
 
@@ -89,6 +90,37 @@ def test_make_run_plots_skips_missing_files(tmp_path):
     assert set(make_run_plots(run)) == {"training_curves"}
     train_df = pd.DataFrame({"answer": list("aabcdd")})
     assert set(make_run_plots(run, train_df=train_df)) == {"training_curves", "answer_distribution"}
+
+
+def _history(vocab_loss):
+    """Two folds of train steps and evaluations as training.py writes them (letter_loss: the 4-way log-loss)."""
+    rows = []
+    for fold in range(2):
+        for step in range(1, 9):
+            letters = 1.4 - 0.05 * step
+            rows.append(dict(fold=fold, step=step, epoch=0, kind="train", loss=letters + 8.0 if vocab_loss else letters,
+                             letter_loss=letters, lr=1e-4, accuracy=np.nan))
+            if step % 4 == 0:
+                rows.append(dict(fold=fold, step=step, epoch=0, kind="eval", loss=1.3, letter_loss=1.3, lr=np.nan,
+                                 accuracy=0.4))
+    return pd.DataFrame(rows)
+
+
+def _curves(ax):
+    return [line for line in ax.get_lines() if len(line.get_xdata()) > 2]  # not the chance line
+
+
+def test_training_curves_put_only_comparable_losses_on_one_axis(tmp_path):
+    """loss_over=vocab trains a full-vocabulary cross-entropy (~9) while evaluation reports the 4-way log-loss
+    (~1.4): one axis made both unreadable. The 4-way losses share an axis; the trained loss gets its own."""
+    fig = plot_training_curves(_history(vocab_loss=True), tmp_path / "curves.png")
+    four_way, trained, accuracy = fig.axes
+    assert max(max(line.get_ydata()) for line in _curves(four_way)) < 2  # train and eval, both 4-way
+    assert {line.get_label() for line in four_way.get_lines()} >= {"fold 0 train", "fold 0 eval", "chance (ln 4)"}
+    assert min(min(line.get_ydata()) for line in _curves(trained)) > 8
+    assert "full vocabulary" in trained.get_title() and accuracy.get_title() == "Eval accuracy"
+    # loss_over=letters: the trained loss is the 4-way one, no third panel.
+    assert len(plot_training_curves(_history(vocab_loss=False), tmp_path / "letters.png").axes) == 2
 
 
 def test_ece_zero_when_confident_and_correct():

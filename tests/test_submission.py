@@ -3,7 +3,7 @@ import os
 import pandas as pd
 import pytest
 
-from mcvqa.core.submission import SubmissionError, validate_submission, write_submission
+from mcvqa.core.submission import SubmissionError, read_sample_submission, validate_submission, write_submission
 
 TEST_IDS = ["t1", "t2", "t3", "t4"]
 
@@ -76,11 +76,24 @@ def test_write_submission_uses_sample_columns(tmp_path):
 
 def test_write_submission_rejects_sample_with_other_ids(tmp_path):
     sample = tmp_path / "sample_submission.csv"
-    sample.write_text("id,answer\nt1,a\nt3,a\nt2,a\nt4,a\n", encoding="utf-8")
+    sample.write_text("id,answer\nt1,a\nt9,a\nt2,a\nt4,a\nt4,a\n", encoding="utf-8")
     out = tmp_path / "submission.csv"
-    with pytest.raises(SubmissionError, match="sample_submission.csv: ids differ"):
+    with pytest.raises(SubmissionError, match="sample_submission.csv: does not match test.csv") as error:
         write_submission(["a"] * 4, TEST_IDS, out, sample)
+    message = str(error.value)
+    assert "line 3: id 't9'" in message  # an id test.csv does not have, at its spreadsheet line
+    assert "line 5: id 't4'; line 6: id 't4'" in message  # a duplicate
+    assert "1 test.csv ids it does not list (e.g. 't3')" in message
     assert not out.exists()
+
+
+def test_sample_submission_in_another_order_gives_the_submission_in_its_order(tmp_path):
+    """Kaggle matches rows by id: the same ids in another order are no error, and the file follows the sample."""
+    sample = tmp_path / "sample_submission.csv"
+    sample.write_text("id,answer\nt3,a\nt1,a\nt4,a\nt2,a\n", encoding="utf-8")
+    assert read_sample_submission(sample, TEST_IDS) == (("id", "answer"), ["t3", "t1", "t4", "t2"])
+    out = write_submission(["a", "b", "c", "d"], TEST_IDS, tmp_path / "submission.csv", sample)
+    assert out.read_text(encoding="utf-8") == "id,answer\nt3,c\nt1,a\nt4,d\nt2,b\n"  # each id keeps its answer
 
 
 def test_write_submission_wrong_answer_count(tmp_path):

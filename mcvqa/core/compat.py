@@ -24,6 +24,7 @@ these entries also check themselves against the stock forward at run time (`scor
 
 import functools
 import inspect
+import logging
 import sys
 
 import torch
@@ -32,6 +33,23 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from .packages import RUN_PACKAGES, SetupError, installed_version
+
+
+class _DropLine(logging.Filter):
+    """Drops one known, harmless library log line a run would otherwise open with."""
+
+    def __init__(self, starts):
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record):
+        return not str(record.msg).startswith(self.starts)
+
+
+# bitsandbytes (0.50), imported on a CPU with AVX512-BF16, asks the hub for a faster CPU 4-bit kernel; offline
+# that fails and it logs a warning, then uses its own kernel: the demo's (and a Kaggle CPU's) first line read
+# as an alarm. Attached before bitsandbytes is imported (this module comes before the model's).
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropLine("Failed to load CPU gemm_4bit_forward"))
 
 _TRANSFORMERS_SPEC = {s.operator: Version(s.version) for s in SpecifierSet(RUN_PACKAGES["transformers"])}
 SUPPORTED_TRANSFORMERS = (_TRANSFORMERS_SPEC[">="], _TRANSFORMERS_SPEC["<"])  # [floor, ceiling): packages.py's
@@ -85,12 +103,17 @@ def image_features(vlm_model, pixel_values, grid_thw):
                     for layer in layers]
 
 
+_SHOWN = {}  # what check_versions printed in this process: the notebook's hardware cell, then start_run
+
+
 def check_versions(verbose=True):
-    """Print the versions a run depends on; stop with the fix when transformers is outside the supported range."""
+    """Print the versions a run depends on (once per process); stop with the fix when transformers is outside
+    the supported range."""
     found = {name: installed_version(name) or "not installed"
              for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate")}
-    if verbose:
+    if verbose and _SHOWN.get("versions") != found:
         print("[versions] " + ", ".join(f"{k} {v}" for k, v in found.items()))
+        _SHOWN["versions"] = found
     problem = version_problem()
     if problem:
         raise SetupError(problem)

@@ -9,10 +9,12 @@ the parameters cell, papermill or the command line. The resolved config is print
 """
 
 import dataclasses
+import difflib
 import importlib.util
 import json
 import os
 import pathlib
+import re
 import typing
 
 from .errors import UserError
@@ -247,7 +249,7 @@ def _parse_value(field, text):
 
 
 def parse_overrides(overrides):
-    """Accept a dict, a list of "key=value" strings, or one string of such lines (comma-free)."""
+    """Accept a dict, a list of "key=value" strings, or one string of such lines (one setting per line)."""
     if not overrides:
         return {}
     if isinstance(overrides, dict):
@@ -259,8 +261,25 @@ def parse_overrides(overrides):
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"config: override {item!r} is not key=value")
+        _refuse_several_on_one_line(item, value)
         parsed[key.strip()] = value.strip()
     return parsed
+
+
+def _refuse_several_on_one_line(item, value):
+    """`epochs=2 max_pixels=602112` on one line would make epochs the string "2 max_pixels=602112"."""
+    names = {field.name for field in dataclasses.fields(Config)}
+    inside = [word.partition("=")[0] for word in re.split(r"[\s,;]+", value) if "=" in word]
+    if any(name in names for name in inside):
+        settings = [part for part in re.split(r"[\s,;]+(?=\w+=)", item.strip()) if part]
+        raise ConfigError(f"config: {item!r} holds several settings on one line; put one setting per line, e.g.\n"
+                          + "\n".join(settings))
+
+
+def _unknown_setting(key, where, fields):
+    close = difflib.get_close_matches(key, fields, n=3, cutoff=0.6)
+    hint = f" Did you mean {' or '.join(close)}?" if close else f" Known settings: {', '.join(fields)}"
+    return ConfigError(f"config: unknown setting {key!r} ({where}).{hint}")
 
 
 def resolve_config(profile="auto", overrides=None, env=None, verbose=True, gpu="detect"):
@@ -270,15 +289,19 @@ def resolve_config(profile="auto", overrides=None, env=None, verbose=True, gpu="
     if profile == "auto":
         profile, reason = detect_environment(env, gpu)
     if profile not in PROFILES:
-        raise ConfigError(f"config: unknown profile {profile!r}; choose one of {sorted(PROFILES)} or 'auto'")
+        close = difflib.get_close_matches(str(profile), list(PROFILES), n=1)
+        raise ConfigError(f"config: unknown profile {profile!r}"
+                          + (f" (did you mean {close[0]}?)" if close else "")
+                          + f"; choose one of {sorted(PROFILES)} or 'auto'")
     fields = {f.name: f for f in dataclasses.fields(Config)}
     values = dict(PROFILES[profile], profile=profile)
-    layers = [{k[len("MCVQA_"):].lower(): v for k, v in env.items() if k.startswith("MCVQA_")},
-              parse_overrides(overrides)]
-    for layer in layers:
-        for key, value in layer.items():
+    from_env = {k[len("MCVQA_"):].lower(): (v, f"environment variable {k}") for k, v in env.items()
+                if k.startswith("MCVQA_")}
+    from_overrides = {k: (v, f"override {k}={v}") for k, v in parse_overrides(overrides).items()}
+    for layer in (from_env, from_overrides):
+        for key, (value, where) in layer.items():
             if key not in fields:
-                raise ConfigError(f"config: unknown setting {key!r}; known: {', '.join(fields)}")
+                raise _unknown_setting(key, where, list(fields))
             values[key] = _parse_value(fields[key], value) if isinstance(value, str) else value
     cfg = Config(**values)
     if verbose:
@@ -305,9 +328,10 @@ def changed_settings(saved, cfg, names=PROMPT_AND_IMAGE_SETTINGS):
     return changed
 
 
-def check_adapter_source(cfg, folds_frame):
-    """adapters_from: the earlier run must have built the same prompts and images, and split train.csv into the
-    same folds (else its out-of-fold rows were training rows); it is only read, never written."""
+def check_adapter_source(cfg, folds_frame, folds):
+    """adapters_from: the earlier run must have built the same prompts and images, split train.csv into the
+    same folds (else its out-of-fold rows were training rows) and saved an adapter for each of `folds`, the
+    folds this run predicts; it is only read, never written."""
     source = pathlib.Path(cfg.adapters_from)
     if source.resolve() == pathlib.Path(cfg.output_dir).resolve():
         raise ConfigError(f"config: adapters_from={source} is the output_dir; set output_dir to a new folder "
@@ -316,6 +340,16 @@ def check_adapter_source(cfg, folds_frame):
         raise ConfigError(f"config: adapters_from={source}: no config.json and folds.csv there; point it at an "
                           "earlier run's output_dir (the folder holding fold0/, fold1/, ...)")
     saved = json.loads((source / "config.json").read_text(encoding="utf-8"))
+    if saved.get("epochs") == 0:
+        raise ConfigError(f"config: adapters_from={source} was a zero-shot run (epochs=0): it trained no adapters. "
+                          "Fix: point adapters_from at a run that trained, or run zero-shot again with epochs=0")
+    missing = [fold for fold in folds if not (source / f"fold{fold}" / "best_adapter.pt").exists()]
+    if missing:
+        has = [fold for fold in folds if fold not in missing]
+        raise ConfigError(f"config: adapters_from={source} has no fold{missing[0]}/best_adapter.pt (that run did not "
+                          f"finish fold{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))}). Fix: "
+                          + (f"folds={','.join(map(str, has))} (the folds it has), or " if has else "")
+                          + "finish that run first")
     # The model's path may differ between sessions (another mount); its adapter's shapes are checked on loading.
     changed = changed_settings(saved, cfg, [n for n in PROMPT_AND_IMAGE_SETTINGS if n != "model_name_or_path"])
     if changed:

@@ -3,7 +3,8 @@
 On Kaggle every input is a read-only folder under `/kaggle/input`, the competition's and the model's
 alike, and Kaggle Models nest a model several levels deep (`<model>/transformers/<variant>/<version>/`).
 `data_dir=auto` takes the one folder holding `train.csv` and `test.csv`; `model_name_or_path=auto` the
-one folder whose `config.json` is a Qwen-VL model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) with weights beside it.
+one folder whose `config.json` is a Qwen-VL model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) with weights beside it;
+a model setting that names a folder without `config.json` (a Kaggle Models parent) is searched the same way.
 With none or several, the message lists what was found and the line that chooses. A hub id (no local
 folder) is tried once up front, so a session without internet says so instead of failing deep inside
 the model loading. On Colab, the profiles keep data and runs on Google Drive: a Drive that is not mounted
@@ -27,15 +28,16 @@ class InputNotFoundError(UserError, FileNotFoundError):
     """A data or model folder that is not where the settings say: names what was looked for and the fix."""
 
 
-def _choose(setting, found, what, search_root):
+def _choose(setting, found, what, search_root, given="auto"):
+    """The one folder found; none or several stop with the candidates and the line that chooses."""
     if len(found) == 1:
-        print(f"[inputs] {setting}=auto -> {found[0]}")
+        print(f"[inputs] {setting}={given} -> {found[0]}")
         return found[0]
     if not found:
-        raise InputNotFoundError(f"{setting}=auto: no {what} under {search_root}. Fix: attach it as an input "
+        raise InputNotFoundError(f"{setting}={given}: no {what} under {search_root}. Fix: attach it as an input "
                                  f"(Kaggle: Add Input), or set {setting}=<folder>")
     listed = "\n  ".join(f"{setting}={path}" for path in found)
-    raise InputNotFoundError(f"{setting}=auto: {len(found)} candidates ({what}) under {search_root}; choose one "
+    raise InputNotFoundError(f"{setting}={given}: {len(found)} candidates ({what}) under {search_root}; choose one "
                              f"with one of these lines in OVERRIDES (or on the command line):\n  {listed}")
 
 
@@ -57,13 +59,13 @@ def _is_qwen_vl_folder(config_path):
     return model_type in QWEN_VL_MODEL_TYPES and has_weights
 
 
-def find_model_dir(search_root=None):
+def find_model_dir(search_root=None, given="auto"):
     """The one Qwen-VL model folder under search_root (the Kaggle inputs; any depth, as Kaggle Models nest them)."""
     search_root = kaggle_input() if search_root is None else search_root
     found = sorted(str(pathlib.Path(p).parent) for p in glob.glob(f"{search_root}/**/config.json", recursive=True)
                    if _is_qwen_vl_folder(p))
     return _choose("model_name_or_path", found, "Qwen-VL model folder: config.json of model_type "
-                   f"{'/'.join(QWEN_VL_MODEL_TYPES)} with weights beside it", search_root)
+                   f"{'/'.join(QWEN_VL_MODEL_TYPES)} with weights beside it", search_root, given)
 
 
 def check_hub_model(name):
@@ -101,12 +103,15 @@ def resolve_inputs(cfg, search_root=None):
     model = cfg.model_name_or_path
     if model == "auto":
         model = find_model_dir(search_root)
+    elif model and os.path.isdir(model) and not os.path.exists(os.path.join(model, "config.json")):
+        # A Kaggle Models parent (/kaggle/input/qwen2.5-vl): the model folder sits some levels inside, as for auto.
+        model = find_model_dir(model, given=model)
     elif model and not os.path.isdir(model):
         if model.startswith(("/", ".", "~")) or model.count("/") != 1:  # a path, not a hub id ("org/name")
             raise InputNotFoundError(f"model_name_or_path={model}: no such folder. Fix: set it to the model's folder, "
                                      "or model_name_or_path=auto on Kaggle")
         check_hub_model(model)
-    if cfg.data_dir == "auto" or cfg.model_name_or_path == "auto":
+    if data_dir != cfg.data_dir or model != cfg.model_name_or_path:
         return dataclasses.replace(cfg, data_dir=str(data_dir), model_name_or_path=model)
     return cfg
 

@@ -42,6 +42,29 @@ def _meta_model(cfg):
         return AutoModelForImageTextToText.from_config(config), config
 
 
+def _quantised_linears(model):
+    """The language model's linear layers (what NF4 stores in 4 bits): (name, module) pairs."""
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and ".visual." not in f".{name}." and not name.endswith("lm_head")]
+
+
+def lora_parameters(model, cfg):
+    """LoRA weights the run trains: r * (in + out) per targeted linear layer."""
+    return sum(cfg.lora_r * (module.in_features + module.out_features)
+               for name, module in _quantised_linears(model) if re.fullmatch(cfg.lora_target_modules, name))
+
+
+def lm_matmul_parameters(model):
+    """Weights of the language model's matmuls, LM head excluded: 2 x this many FLOPs per token forward."""
+    return sum(module.in_features * module.out_features for _, module in _quantised_linears(model))
+
+
+def vision_matmul_parameters(model):
+    """Weights of the vision tower's matmuls (patch merger included): 2 x this many FLOPs per patch."""
+    return sum(module.in_features * module.out_features for name, module in model.named_modules()
+               if isinstance(module, torch.nn.Linear) and ".visual." in f".{name}.")
+
+
 def weight_gib(model, cfg, hardware):
     """Memory of the loaded, LoRA-wrapped model: NF4 language-model linears (0.5 byte + ~4 % for the
     quantisation constants per weight), fp32 for every other weight k-bit training upcasts (embeddings,
@@ -49,12 +72,7 @@ def weight_gib(model, cfg, hardware):
     and the LoRA weights with their gradient, AdamW moments and EMA."""
     compute = 4 if hardware.dtype == "float32" else 2
     other = 4 if cfg.load_in_4bit else compute  # k-bit preparation upcasts what it does not quantise
-    quantised, lora = set(), 0
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and ".visual." not in f".{name}." and not name.endswith("lm_head"):
-            quantised.add(id(module.weight))
-            if re.fullmatch(cfg.lora_target_modules, name):
-                lora += cfg.lora_r * (module.in_features + module.out_features)
+    quantised = {id(module.weight) for _, module in _quantised_linears(model)}
     total, seen = 0.0, set()
     for name, param in model.named_parameters():
         if id(param) in seen:  # tied embeddings count once
@@ -66,12 +84,21 @@ def weight_gib(model, cfg, hardware):
             total += param.numel() * 0.52
         else:
             total += param.numel() * other
-    return (total + lora * 4 * LORA_COPIES) / 2**30
+    return (total + lora_parameters(model, cfg) * 4 * LORA_COPIES) / 2**30
 
 
 def tokens_per_sample(config, cfg):
     vision = config.vision_config
     return cfg.max_pixels // (vision.patch_size * vision.spatial_merge_size) ** 2 + TEXT_TOKENS
+
+
+def feature_bytes_per_image(config, cfg):
+    """A cached image's features: one hidden-size vector per image token (plus Qwen3-VL's deepstack levels), in
+    16 bits (fp32 with feature_cache_fp32)."""
+    vision = config.vision_config
+    levels = 1 + len(getattr(vision, "deepstack_visual_indexes", None) or ())
+    image_tokens = cfg.max_pixels // (vision.patch_size * vision.spatial_merge_size) ** 2
+    return image_tokens * config.text_config.hidden_size * levels * (4 if cfg.feature_cache_fp32 else 2)
 
 
 def activation_gib(config, tokens, checkpointing, bytes_per_value):
@@ -108,15 +135,22 @@ def plan_memory(cfg, hardware, verbose=True):
     """cfg with gradient_checkpointing on/off, and micro_batch_size / grad_accum_steps / infer_batch_size
     fitted to the GPU's memory (hardware.gpu_memory_gib, a cap included). Returns (cfg, plan dict)."""
     say = print if verbose else (lambda *_: None)
+    model, config = _meta_model(cfg)
+    # (The sizes preflight.py checks the disk and the time budget against.)
+    sizes = {"lora_params": lora_parameters(model, cfg), "lm_matmul_params": lm_matmul_parameters(model),
+             "tokens_per_sample": tokens_per_sample(config, cfg),
+             "feature_bytes_per_image": feature_bytes_per_image(config, cfg),
+             "vision_matmul_params": vision_matmul_parameters(model),
+             "patches_per_image": cfg.max_pixels // config.vision_config.patch_size ** 2}
     if hardware.device != "cuda":
         choice = "off" if cfg.gradient_checkpointing == "auto" else cfg.gradient_checkpointing
         say(f"[memory] on the CPU: gradient checkpointing {choice} (RAM, not GPU memory, holds the activations)")
-        return dataclasses.replace(cfg, gradient_checkpointing=choice), {"device": "cpu", "gradient_checkpointing": choice}
-    model, config = _meta_model(cfg)
+        return dataclasses.replace(cfg, gradient_checkpointing=choice), {"device": "cpu", "gradient_checkpointing": choice,
+                                                                         **sizes}
     bytes_per_value = 4 if hardware.dtype == "float32" else 2
     weights = weight_gib(model, cfg, hardware)
     free = hardware.gpu_memory_gib - weights - HEADROOM_GIB
-    tokens = tokens_per_sample(config, cfg)
+    tokens = sizes["tokens_per_sample"]
     with_ckpt = activation_gib(config, tokens, True, bytes_per_value)
     without = activation_gib(config, tokens, False, bytes_per_value)
     micro = cfg.micro_batch_size
@@ -153,9 +187,9 @@ def plan_memory(cfg, hardware, verbose=True):
     say(f"[memory]   plan: gradient checkpointing {checkpointing}, micro-batch {micro} x {accum} accumulation, "
         f"infer_batch_size {infer} (~{weights + micro * per_sample + HEADROOM_GIB:.1f} GiB in training)")
     plan = {"gpu_memory_gib": hardware.gpu_memory_gib, "weights_gib": round(weights, 2), "free_gib": round(free, 2),
-            "tokens_per_sample": tokens, "activation_gib_per_sample": round(per_sample, 3),
+            "activation_gib_per_sample": round(per_sample, 3),
             "gradient_checkpointing": checkpointing, "micro_batch_size": micro, "grad_accum_steps": accum,
-            "infer_batch_size": infer}
+            "infer_batch_size": infer, **sizes}
     return dataclasses.replace(cfg, gradient_checkpointing=checkpointing, micro_batch_size=micro,
                                grad_accum_steps=accum, infer_batch_size=infer), plan
 

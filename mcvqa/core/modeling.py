@@ -11,10 +11,13 @@ vision towers.
 
 import functools
 import os
+import warnings
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+
+from .errors import UserError
 
 # Qwen2.5-VL and Qwen3-VL both call the vision tower `visual` (under `model.` in transformers 5);
 # bitsandbytes skip patterns match from the start of the module name.
@@ -25,9 +28,34 @@ def is_local_model(name_or_path):
     return os.path.isdir(name_or_path)
 
 
+class ModelFolderError(UserError, ValueError):
+    """A model folder the run cannot use (no processor, a broken tokenizer): names the folder and the fix."""
+
+
 def load_processor(cfg):
-    """The checkpoint's processor (tokenizer, chat template, image processor)."""
-    return AutoProcessor.from_pretrained(cfg.model_name_or_path, local_files_only=is_local_model(cfg.model_name_or_path))
+    """The checkpoint's processor (tokenizer, chat template, image processor), its tokenizer checked against the
+    model's vocabulary: before the first fold, not when the first prediction comes out wrong."""
+    name = cfg.model_name_or_path
+    try:
+        processor = AutoProcessor.from_pretrained(name, local_files_only=is_local_model(name))
+    except (OSError, ValueError) as error:
+        raise ModelFolderError(f"model_name_or_path={name}: no processor could be built from this folder "
+                               f"({type(error).__name__}: {str(error).splitlines()[0][:300]}). Fix: point it at the "
+                               "model's own folder (config.json, tokenizer and preprocessor files, weights)") from None
+    check_tokenizer(processor.tokenizer, name)
+    return processor
+
+
+def check_tokenizer(tokenizer, name):
+    """A tokenizer far smaller than the model's embedding is a broken one: transformers builds one silently
+    from a folder without tokenizer.json (a 33-token Qwen3.5 tokenizer, every word unknown)."""
+    config = AutoConfig.from_pretrained(name, local_files_only=is_local_model(name))
+    vocab = getattr(getattr(config, "text_config", config), "vocab_size", None) or getattr(config, "vocab_size", None)
+    if vocab and len(tokenizer) < vocab // 2:
+        raise ModelFolderError(f"model_name_or_path={name}: its tokenizer has {len(tokenizer)} tokens but the model "
+                               f"{vocab} embedding rows: the tokenizer files are missing or broken (tokenizer.json "
+                               "above all). Fix: copy the model's tokenizer.json (and tokenizer_config.json) into the "
+                               "folder, or use the complete model folder")
 
 
 def unwrap_vlm(model):
@@ -88,7 +116,11 @@ def add_lora(model, cfg, hardware):
         run_without_autocast(vision_tower(model))
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=cfg.lora_target_modules, bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+    with warnings.catch_warnings():
+        # peft (0.21) reads transformers' deprecated `is_gradient_checkpointing` (a FutureWarning per fold on
+        # transformers >= 5.25): theirs, harmless, and not the user's to fix.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+        return get_peft_model(model, lora)
 
 
 def run_without_autocast(module):

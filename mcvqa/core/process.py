@@ -34,9 +34,9 @@ class SingleProcess:
         """This process's samples of one optimizer step's batch: all of them."""
         return batch
 
-    def all_reduce_grads(self, params, loss):
-        """The step's gradients and loss summed over processes: this one's, unchanged."""
-        return loss
+    def all_reduce_grads(self, params, losses):
+        """The step's gradients and losses (a tuple) summed over processes: this one's, unchanged."""
+        return losses
 
     def map_shards(self, frame, fn):
         """fn over this process's row shard of frame, every shard's result in row order: [fn(frame)]."""

@@ -47,21 +47,36 @@ def plot_answer_distribution(train_df, out_path):
 
 
 def plot_training_curves(history_df, out_path):
-    """Train loss (left) and eval accuracy (right) against step, one colour per fold."""
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    """Per fold: the 4-way letter log-loss of training steps and of evaluations on one axis (comparable: the
+    same quantity), the trained loss on its own axis where it is another one (loss_over=vocab: full-vocabulary
+    cross-entropy, ~9 where the 4-way loss is ~1.4), and eval accuracy."""
+    history_df = history_df.copy()
+    if "letter_loss" not in history_df:  # (histories written before the letter log-loss was recorded)
+        history_df["letter_loss"] = np.where(history_df["kind"] == "eval", history_df["loss"], np.nan)
+    train_rows = history_df[history_df["kind"] == "train"]
+    other_trained = bool((train_rows["loss"] - train_rows["letter_loss"]).abs().gt(1e-6).any()
+                         or (train_rows["loss"].notna() & train_rows["letter_loss"].isna()).any())
+    fig, axes = plt.subplots(1, 3 if other_trained else 2, figsize=(16 if other_trained else 11, 4))
+    ax_4way, ax_acc = axes[0], axes[-1]
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (fold, rows) in enumerate(history_df.groupby("fold", sort=True)):
         colour = colours[i % len(colours)]
-        train = rows[rows["kind"] == "train"].dropna(subset=["loss"]).sort_values("step")
+        train = rows[rows["kind"] == "train"].sort_values("step")
         evals = rows[rows["kind"] == "eval"].sort_values("step")
-        ax_loss.plot(train["step"], train["loss"], color=colour, lw=1.2, label=f"fold {fold} train")
-        if evals["loss"].notna().any():  # eval loss on the same axes shows over-fitting
-            ax_loss.plot(evals["step"], evals["loss"], "x--", color=colour, lw=0.8, label=f"fold {fold} eval")
+        steps = train.dropna(subset=["letter_loss"])
+        ax_4way.plot(steps["step"], steps["letter_loss"], color=colour, lw=1.2, label=f"fold {fold} train")
+        ax_4way.plot(evals["step"], evals["letter_loss"], "x--", color=colour, lw=0.8, label=f"fold {fold} eval")
+        if other_trained:
+            trained = train.dropna(subset=["loss"])
+            axes[1].plot(trained["step"], trained["loss"], color=colour, lw=1.2, label=f"fold {fold}")
         ax_acc.plot(evals["step"], evals["accuracy"], "o-", color=colour, ms=5, label=f"fold {fold}")
-    ax_loss.set(xlabel="step", ylabel="loss", title="Loss")
+    ax_4way.axhline(np.log(4), color="grey", ls=":", lw=1, label="chance (ln 4)")
+    ax_4way.set(xlabel="step", ylabel="log-loss over a, b, c, d", title="4-way log-loss: train vs eval")
+    if other_trained:
+        axes[1].set(xlabel="step", ylabel="cross-entropy", title="Trained loss (full vocabulary)")
     ax_acc.set(xlabel="step", ylabel="accuracy", title="Eval accuracy", ylim=(0, 1.02))
     ax_acc.axhline(0.25, color="grey", ls=":", lw=1, label="chance")
-    for ax in (ax_loss, ax_acc):
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     return _report_save(fig, out_path)

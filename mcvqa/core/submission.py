@@ -1,7 +1,9 @@
 """## Submission: validate and write the answer file atomically
 
 Builds the `id, answer` table from the predicted letters and checks it against the test ids before
-anything touches the disk: same count, same order, unique ids, only letters a-d. The file is written
+anything touches the disk: same count, same order, unique ids, only letters a-d. With the competition's
+`sample_submission.csv` (checked before the first fold by `read_sample_submission`) it takes that file's
+column names and row order. The file is written
 to a temporary file in the same folder and moved into place with `os.replace`, so a crash never leaves
 a half-written CSV and a rejected submission never overwrites a good one from an earlier run.
 """
@@ -62,18 +64,36 @@ def validate_submission(sub_df, test_ids, alphabet=OPTION_LETTERS):
         raise SubmissionError("invalid submission: " + "\n  ".join(problems))
 
 
-def _sample_submission_columns(sample_submission_path, test_ids):
-    sample = pd.read_csv(sample_submission_path, dtype=str, keep_default_na=False,
-                         encoding="utf-8-sig")
+def read_sample_submission(sample_submission_path, test_ids):
+    """(column names, ids in the sample's order) of sample_submission.csv, checked against test_ids.
+
+    Read before the first fold, so a wrong file stops the run in seconds, not after the training. Kaggle
+    matches a submission to its answers by id, so the same ids in another order are accepted and the
+    submission is written in the sample's order; other ids, duplicates or another shape are refused."""
+    sample = pd.read_csv(sample_submission_path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
     if len(sample.columns) != 2:
-        raise SubmissionError(f"{sample_submission_path}: expected 2 columns, "
-                              f"got {list(sample.columns)}")
+        raise SubmissionError(f"{sample_submission_path}: expected 2 columns (id, answer), got "
+                              f"{list(sample.columns)}. Fix: use the competition's sample_submission.csv")
     sample_ids = sample.iloc[:, 0].str.strip().tolist()
-    if sample_ids != test_ids:
-        problems = _submission_problems(sample_ids, [], test_ids, ())[:2]
-        raise SubmissionError(f"{sample_submission_path}: ids differ from the test CSV: "
-                              + "\n  ".join(problems))
-    return tuple(sample.columns)
+    test_ids = [str(value).strip() for value in test_ids]
+    duplicated = pd.Series(sample_ids).duplicated(keep=False)
+    problems = []
+    if duplicated.any():
+        problems.append(_describe_offenders("rows with duplicate ids",
+                                            [(i, f"id {sample_ids[i]!r}") for i in duplicated[duplicated].index]))
+    known = set(test_ids)
+    extra = [(i, f"id {value!r}") for i, value in enumerate(sample_ids) if value not in known]
+    if extra:
+        problems.append(_describe_offenders("ids that test.csv does not have", extra))
+    listed = set(sample_ids)
+    missing = [value for value in test_ids if value not in listed]
+    if missing:
+        problems.append(f"{len(missing)} test.csv ids it does not list (e.g. {', '.join(map(repr, missing[:5]))})")
+    if problems:
+        raise SubmissionError(f"{sample_submission_path}: does not match test.csv: " + "\n  ".join(problems)
+                              + "\nFix: the sample submission and test.csv must come from the same competition "
+                                "data (same ids); remove sample_submission.csv to write id,answer without it")
+    return tuple(sample.columns), sample_ids
 
 
 def _write_csv_atomically(frame, out_path):
@@ -95,7 +115,11 @@ def write_submission(answers, test_ids, out_path, sample_submission_path=None):
     submission = pd.DataFrame({"id": test_ids, "answer": answers})
     validate_submission(submission, test_ids)
     if sample_submission_path is not None:
-        submission.columns = _sample_submission_columns(sample_submission_path, test_ids)
+        columns, sample_ids = read_sample_submission(sample_submission_path, test_ids)
+        if sample_ids != test_ids:  # the same ids in the sample's order (read_sample_submission checked the set)
+            submission = submission.set_index("id").loc[sample_ids].reset_index()
+            validate_submission(submission, sample_ids)
+        submission.columns = columns
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     _write_csv_atomically(submission, out_path)

@@ -24,6 +24,7 @@ import time
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -168,22 +169,25 @@ def epoch_views(cfg, fold, epoch, n_rows):
 
 def accumulate(run, batch, weight, size, fmt, cfg, hardware):
     """Forward+backward of a step's samples in micro-batches of `size`; gradients add up in the LoRA
-    weights. Returns the weighted loss (NaN when one is not finite: the step is skipped)."""
+    weights. Returns the weighted (loss, 4-way letter log-loss) (NaN when the loss is not finite: the step
+    is skipped). The letter log-loss is what evaluation reports, so the two curves can share an axis; with
+    loss_over=vocab the trained loss is the full-vocabulary one, on another scale."""
     device, pixel_dtype = model_device(run.model), tower_dtype(run.model)
-    n, total = batch["input_ids"].shape[0], 0.0
+    n, total, letters = batch["input_ids"].shape[0], 0.0, 0.0
     for part in micro_batches(batch, size):
         with compute_autocast(hardware):
-            loss, _ = answer_loss(run.model, part, fmt.letter_ids, device, pixel_dtype, cfg.loss_over)
+            loss, logits4 = answer_loss(run.model, part, fmt.letter_ids, device, pixel_dtype, cfg.loss_over)
         if not torch.isfinite(loss):
-            return float("nan")
+            return float("nan"), float("nan")
         share = weight * part["input_ids"].shape[0] / n
         run.scaler.scale(loss * share).backward()
         total += float(loss.detach()) * share
-    return total
+        letters += float(F.cross_entropy(logits4.float(), part["answer_index"].to(logits4.device))) * share
+    return total, letters
 
 
 def forward_backward(run, batch, fmt, cfg, hardware, feature_cache):
-    """One optimizer step's forward+backward; (loss over all processes, this process's tokens).
+    """One optimizer step's forward+backward; ((loss, letter log-loss) over all processes, this process's tokens).
 
     The loader yields one step's samples; the process group keeps this process's slice (all of them in
     one process), weighted so that the gradient summed over processes is the mean over the step's samples
@@ -194,7 +198,7 @@ def forward_backward(run, batch, fmt, cfg, hardware, feature_cache):
     group, n_step = process_group(), batch["input_ids"].shape[0]
     batch = group.rank_slice(batch)
     share = batch["input_ids"].shape[0]
-    loss = 0.0
+    losses = (0.0, 0.0)
     if share:
         if feature_cache is not None:
             with compute_autocast(hardware):  # misses are encoded with the same precision as the uncached forward
@@ -205,10 +209,10 @@ def forward_backward(run, batch, fmt, cfg, hardware, feature_cache):
                   f"(gradient accumulation keeps the effective batch; this step starts again)")
 
         tried = min(run.state.chunk, share)
-        loss, fitted = halve_on_oom(lambda size: accumulate(run, batch, share / n_step, size, fmt, cfg, hardware),
-                                    tried, on_retry=lambda: run.optimizer.zero_grad(set_to_none=True), say=say)
+        losses, fitted = halve_on_oom(lambda size: accumulate(run, batch, share / n_step, size, fmt, cfg, hardware),
+                                      tried, on_retry=lambda: run.optimizer.zero_grad(set_to_none=True), say=say)
         run.state.chunk = fitted if fitted < tried else run.state.chunk
-    return group.all_reduce_grads(run.params, loss), int(batch["attention_mask"].sum())
+    return group.all_reduce_grads(run.params, losses), int(batch["attention_mask"].sum())
 
 
 def optimizer_step(run, loss, cfg, fold):
@@ -237,6 +241,14 @@ def optimizer_step(run, loss, cfg, fold):
     return run.scheduler.get_last_lr()[0]
 
 
+def eval_steps(steps_per_epoch, evals_per_epoch):
+    """The steps of an epoch (1-based, within the epoch) after which validation runs: evenly spaced, the last at
+    the epoch's end, each once. (Every `steps // evals` global steps plus the epoch's end evaluated twice in a
+    row where the epoch's steps were not a multiple, and the same accuracy twice counted as "no gain".)"""
+    evals = max(1, min(evals_per_epoch, steps_per_epoch))
+    return {math.ceil(k * steps_per_epoch / evals) for k in range(1, evals + 1)}
+
+
 def train_fold(model, train_frame, val_frame, processor, fmt, cfg, hardware, fold, fold_dir, feature_cache=None,
                clock=None, reserve_views=0):
     """Train one fold (resuming if a checkpoint exists); returns its result (also in DONE.json).
@@ -256,7 +268,7 @@ def train_fold(model, train_frame, val_frame, processor, fmt, cfg, hardware, fol
     state = run.state
     if state.step:
         print(f"[train] fold {fold}: resumed at epoch {state.epoch}, step {state.step}")
-    eval_every = max(1, run.steps_per_epoch // max(1, cfg.evals_per_epoch))
+    evals_at = eval_steps(run.steps_per_epoch, cfg.evals_per_epoch)
     last_save = time.time()
     while state.epoch < cfg.epochs and not state.stopped_early:
         views = epoch_views(cfg, fold, state.epoch, len(train_frame))
@@ -267,19 +279,19 @@ def train_fold(model, train_frame, val_frame, processor, fmt, cfg, hardware, fol
         tick = time.perf_counter()
         for batch in bar:
             n_step = batch["input_ids"].shape[0]
-            loss, tokens = forward_backward(run, batch, fmt, cfg, hardware, feature_cache)
+            (loss, letter_loss), tokens = forward_backward(run, batch, fmt, cfg, hardware, feature_cache)
             state.next_sample += n_step
             state.step += 1
             lr = optimizer_step(run, loss, cfg, fold)
             state.history.append({"fold": fold, "step": state.step, "epoch": state.epoch, "kind": "train",
-                                  "loss": loss, "lr": lr, "accuracy": None})
+                                  "loss": loss, "letter_loss": letter_loss, "lr": lr, "accuracy": None})
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             state.samples_trained += n_step
             state.tokens_trained += tokens
             state.train_s += time.perf_counter() - tick
             out_of_time = clock is not None and clock.out_of_time(
                 prediction_reserve_s(reserve_views, state.train_s / state.samples_trained))
-            if out_of_time or state.step % eval_every == 0 or state.next_sample >= len(views):
+            if out_of_time or math.ceil(state.next_sample / run.batch_size) in evals_at:
                 tick = time.perf_counter()
                 evaluate_and_keep_best(run, val_frame, processor, fmt, cfg, hardware, fold, fold_dir, feature_cache)
                 state.eval_s += time.perf_counter() - tick
@@ -347,7 +359,7 @@ def evaluate_and_keep_best(run, val_frame, processor, fmt, cfg, hardware, fold, 
         if improved and process_group().is_main():
             _save(trainable_state(model), pathlib.Path(fold_dir) / "best_adapter.pt")
     state.history.append({"fold": fold, "step": state.step, "epoch": state.epoch, "kind": "eval",
-                          "loss": loss, "lr": None, "accuracy": accuracy})
+                          "loss": loss, "letter_loss": loss, "lr": None, "accuracy": accuracy})
     state.best_acc = max(state.best_acc, accuracy)
     state.evals_without_gain = 0 if improved else state.evals_without_gain + 1
     print(f"[train] fold {fold} step {state.step}: val accuracy {accuracy:.4f}, val loss {loss:.4f}"

@@ -98,8 +98,8 @@ class DdpGroup:
         """This rank's contiguous share of one optimizer step's collated samples."""
         return slice_rows(batch, *self.rank_bounds(batch["input_ids"].shape[0]))
 
-    def all_reduce_grads(self, params, loss):
-        """Sum the gradients of `params` and the (share-weighted) loss over all ranks; returns the summed loss.
+    def all_reduce_grads(self, params, losses):
+        """Sum the gradients of `params` and the (share-weighted) losses over all ranks; returns the summed losses.
 
         Each rank weighted its loss by its share of the step's samples, so the sums are exactly the
         single-process gradient and mean loss of the whole step (up to the order of the additions). A rank
@@ -117,9 +117,9 @@ class DdpGroup:
             grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
             param.grad = grad
             offset += grad.numel()
-        total = torch.tensor([loss], dtype=torch.float64, device=flat.device)
+        total = torch.tensor(list(losses), dtype=torch.float64, device=flat.device)
         dist.all_reduce(total)
-        return float(total)
+        return tuple(total.tolist())
 
     def map_shards(self, frame, fn):
         """`fn` on this rank's contiguous row shard of `frame`; every shard's result, in row order, on every
