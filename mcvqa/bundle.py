@@ -69,8 +69,15 @@ def write_bundle_metadata(out, python_version, platforms, packages):
     (pathlib.Path(out) / BUNDLE_METADATA).write_text(json.dumps(target, indent=2) + "\n")
 
 
-def make_bundle(out, python_version=KAGGLE_PYTHON, packages=(), title="mcvqa wheels", platforms=MANYLINUX):
-    """Download the wheels into `out` and write its dataset metadata and bundle metadata; returns the wheel file names."""
+def _upload_steps(out):
+    return (f"Upload: put your Kaggle user name into {out / 'dataset-metadata.json'}, then `kaggle datasets create -p "
+            f"{out}`; in the notebook, Add Input -> Datasets -> this one. The setup cell installs from it what is missing.")
+
+
+def make_bundle(out, python_version=KAGGLE_PYTHON, packages=(), title="mcvqa wheels", platforms=MANYLINUX,
+                next_steps=_upload_steps):
+    """Download the wheels into `out`, write its dataset metadata and bundle metadata and print `next_steps(out)`;
+    returns the wheel file names."""
     if not re.fullmatch(r"3\.\d+", str(python_version)):
         raise SetupError(f"bundle: Python version {python_version!r} is not major.minor. Fix: --python-version 3.12 "
                          "(the kernel's: python -c 'import sys; print(sys.version)')")
@@ -96,9 +103,7 @@ def make_bundle(out, python_version=KAGGLE_PYTHON, packages=(), title="mcvqa whe
     write_bundle_metadata(out, python_version, platforms, wanted)
     wheels = sorted(p.name for p in out.glob("*.whl"))
     size = sum(p.stat().st_size for p in out.glob("*.whl")) / 2**20
-    print(f"[bundle] {len(wheels)} wheels, {size:.0f} MiB in {out}. Upload: put your Kaggle user name into "
-          f"{out / 'dataset-metadata.json'}, then `kaggle datasets create -p {out}`; in the notebook, Add Input -> "
-          "Datasets -> this one. The setup cell installs from it what is missing.")
+    print(f"[bundle] {len(wheels)} wheels, {size:.0f} MiB in {out}. {next_steps(out)}")
     return wheels
 
 
@@ -111,7 +116,7 @@ def bundle_folder():
 
 
 def _keep_steps(out):
-    return (f"[bundle] made for this kernel ({describe_kernel()}): {out}. Next:\n"
+    return (f"Made for this kernel ({describe_kernel()}). Next:\n"
             "  1. Keep it as a dataset: Save Version (Save & Run All), open that version, Output -> New Dataset;\n"
             f"     or, from a session with your Kaggle API token: put your user name into {out / 'dataset-metadata.json'}"
             f", then `kaggle datasets create -p {out}`\n"
@@ -127,7 +132,6 @@ def make_kernel_bundle(out=None):
         raise SetupError("MAKE_BUNDLE = True downloads the wheels, but this session has no internet. Fix: turn the "
                          "notebook's internet on (Settings -> Internet) and run again, or set MAKE_BUNDLE = False")
     lacking = [name for name, _, _ in package_problems() if name not in KAGGLE_LACKS]  # beyond what Kaggle lacks
-    make_bundle(out, kernel_python(), [*KAGGLE_LACKS, *lacking], platforms=kernel_platforms())
-    print(_keep_steps(out))
+    make_bundle(out, kernel_python(), [*KAGGLE_LACKS, *lacking], platforms=kernel_platforms(), next_steps=_keep_steps)
     raise BundleMade(f"MAKE_BUNDLE = True: the wheel folder {out} is made (the steps above make it a dataset); the "
                      "run stops here on purpose. For the run itself: MAKE_BUNDLE = False and that dataset attached")
