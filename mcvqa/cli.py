@@ -2,7 +2,7 @@
 
     python -m mcvqa run --profile demo [key=value ...]
     python -m mcvqa setup [--wheels DIR]      # check the packages a run needs, install only what is missing
-    python -m mcvqa bundle --out kaggle_bundle  # wheels of those packages for an offline Kaggle notebook
+    python -m mcvqa bundle --out kaggle_bundle  # wheels of those packages for an offline Kaggle notebook (Python 3.12)
     python -m mcvqa snapshot --run runs/demo --name first_try
     python -m mcvqa blend runs/a runs/b --out runs/blend [--per-type]  # weights fitted on out-of-fold probabilities
     python -m mcvqa analyze runs/a [--out DIR]  # error analysis page: confident mistakes, accuracy by type, label noise
@@ -12,6 +12,7 @@
 import argparse
 import sys
 
+from .bundle import KAGGLE_PYTHON
 from .core.errors import UserError
 from .core.packages import SetupError, ensure_packages, package_problems
 
@@ -28,7 +29,8 @@ def _parser():
     setup.add_argument("--offline", action="store_true", help="never use the package index")
     bundle = sub.add_parser("bundle", help="download the wheels an offline Kaggle notebook needs into a dataset folder")
     bundle.add_argument("--out", default="kaggle_bundle")
-    bundle.add_argument("--python-version", default="3.12", help="Kaggle's Python (major.minor)")
+    bundle.add_argument("--python-version", default=KAGGLE_PYTHON, help="the kernel's Python (major.minor; Kaggle's: "
+                        f"{KAGGLE_PYTHON}); the setup cell names it when a bundle does not fit")
     bundle.add_argument("--packages", default="", help="comma-separated; default: the run's packages Kaggle lacks")
     bundle.add_argument("--title", default="mcvqa wheels")
     snap = sub.add_parser("snapshot", help="copy a finished run into experiments/<YYMMDD>_<name>/")

@@ -5,7 +5,7 @@ it must carry every stage's code. It is generated, never hand-edited, in the ord
 module becomes a markdown cell (its docstring) and code cells (the rest, minus the intra-package imports,
 which a single flat notebook namespace makes unnecessary, cut at `# %% ` lines), each naming its source
 file; short call cells (`CALL_CELLS`) run a stage right after its definitions. What only the command
-line needs (DDP, sharded prediction, snapshots, bundles) is not in `LAYOUT` and stays out.
+line needs (DDP, sharded prediction, snapshots) is not in `LAYOUT` and stays out.
 
     python -m mcvqa.notebook           # write the notebook
     python -m mcvqa.notebook --check   # exit 1 when the committed notebook is stale
@@ -54,7 +54,8 @@ LAYOUT = (
         ("Run the pipeline", ("pipeline",)),
     )),
 )
-SETUP_MODULES = ("core.errors", "core.packages")  # right after the parameters: nothing else may need a package
+# Right after the parameters: nothing else may need a package. The bundle too: a notebook alone can make one.
+SETUP_MODULES = ("core.errors", "core.packages", "bundle")
 FLOW_MODULES = SETUP_MODULES + tuple(m for _, stages in LAYOUT for _, modules in stages for m in modules)
 CELL_MARKER = "# %% "  # a module's code is cut into cells at these lines; the text is the next cell's heading
 
@@ -65,15 +66,17 @@ This notebook fine-tunes a Qwen vision-language model with 4-bit QLoRA on a mult
 question answering competition, cross-validates it over folds, and writes `submission.csv`.
 It is self-contained: every stage's code is in the cells below. The setup cell right after the
 parameters installs only what the image lacks (peft, bitsandbytes, ...), from an attached wheel dataset
-when there is no internet.
+when there is no internet; this notebook makes that dataset too (`MAKE_BUNDLE = True`).
 
 It is **generated** from the `mcvqa` package by `python -m mcvqa.notebook`; do not edit it by hand,
 change the package and regenerate it instead.
 
 - **Kaggle** (2x T4, often no internet): attach the competition data and a Qwen-VL model (Kaggle
   Models); both are found under `/kaggle/input` by themselves. Without internet, also attach the wheel
-  dataset that `python -m mcvqa bundle --out kaggle_bundle` makes on any machine with internet. Leave
-  `PROFILE = "auto"`, then *Run All*.
+  dataset, made once in a session with internet: run this notebook with `MAKE_BUNDLE = True` and the
+  internet on (it writes `/kaggle/working/mcvqa_wheels` for this kernel's Python, prints how to keep it
+  as a dataset: *Save Version*, then *Output -> New Dataset*, and stops), or, with the package,
+  `python -m mcvqa bundle --out kaggle_bundle`. Leave `PROFILE = "auto"`, then *Run All*.
 - **Colab**: mount Google Drive (`from google.colab import drive; drive.mount('/content/drive')`) and put
   the competition files in `MyDrive/mcvqa/data`; `PROFILE = "auto"` picks `colab_a100` (7B at 768x768) on
   a GPU of 30 GiB or more and `colab_t4` (3B at 448x448) below, then *Run all*.
@@ -89,13 +92,19 @@ PARAMETERS_CELL = """\
 # One flag switches the environment: "auto" picks kaggle_t4x2 on Kaggle, colab_a100 on Colab, demo on a CPU.
 PROFILE = "auto"
 # Extra settings as "key=value" lines, e.g. "epochs=2\\nmax_pixels=602112"; they win over the profile.
-OVERRIDES = \"\""""
+OVERRIDES = \"\"
+# True, with the internet on: only write the wheel dataset this notebook needs offline (peft, bitsandbytes, ...)
+# to /kaggle/working/mcvqa_wheels, print how to keep it, and stop; nothing trains.
+MAKE_BUNDLE = False"""
 
 # Call cells: after a module's definitions (key "module") or after one of its marked cells ("module: heading").
 CALL_CELLS = {
-    "core.packages": ("Check the packages, install only what is missing. Nothing below imports transformers, "
-                      "peft or bitsandbytes before this cell has run.",
-                      "installed_now = ensure_packages()  # wheels: any folder of .whl files under /kaggle/input"),
+    "bundle": ("Check the packages, install only what is missing. Nothing below imports transformers, peft or "
+               "bitsandbytes before this cell has run. With `MAKE_BUNDLE = True` it makes the wheel dataset instead "
+               "and stops.",
+               "if MAKE_BUNDLE:  # a session with internet whose one job is the wheel dataset for the offline run\n"
+               "    make_kernel_bundle()  # to /kaggle/working/mcvqa_wheels; prints how to keep it; stops the run\n"
+               "installed_now = ensure_packages()  # wheels: any folder of .whl files under /kaggle/input"),
     "core.config": ("The profile for this environment, your overrides on top, printed and kept.",
                     "cfg = resolve_config(PROFILE, OVERRIDES)"),
     "core.memory": ("The GPU, its precision and attention kernel, and why; the package versions.",

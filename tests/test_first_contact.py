@@ -1,8 +1,10 @@
 """First contact on Kaggle, rehearsed: only the notebook copied into a working folder, the competition data
 and a Qwen-VL model folder (nested as Kaggle Models nest it) under a stand-in for /kaggle/input, no
 internet, peft / bitsandbytes / accelerate / cloudpickle missing. The notebook first stops with the one
-message naming what is missing and the two fixes; with the wheel bundle (`python -m mcvqa bundle`)
-attached it installs them from that folder alone and runs top to bottom, no path typed by hand."""
+message naming what is missing and the two fixes; MAKE_BUNDLE without internet says it needs it; the
+default bundle (made for Kaggle's Python 3.12, not this kernel's) stops before pip with the command that
+rebuilds it; with a bundle for this kernel (`python -m mcvqa bundle --python-version ...`) attached too it
+installs them from that folder alone and runs top to bottom, no path typed by hand."""
 
 import json
 import os
@@ -19,6 +21,7 @@ import pytest
 from conftest import TINY_TEXTS
 from mcvqa.demo.demo_data import generate_demo_dataset
 from mcvqa.demo.demo_model import build_tiny_qwen_vl
+from mcvqa.bundle import KAGGLE_PYTHON, MANYLINUX, write_bundle_metadata
 from mcvqa.core.packages import RUN_PACKAGES
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -82,13 +85,13 @@ def _overrides(working):
                       "micro_batch_size=16", "evals_per_epoch=1", "max_question_tokens=64", "max_option_tokens=16"])
 
 
-def _run_notebook(kaggle, name):
+def _run_notebook(kaggle, name, **parameters):
     os.environ["JUPYTER_PATH"] = str(kaggle["tmp"] / "jupyter")
     out = kaggle["working"] / name
+    parameters = {"PROFILE": "auto", "OVERRIDES": _overrides(kaggle["working"])} | parameters
     try:
         papermill.execute_notebook(str(kaggle["working"] / "notebook.ipynb"), str(out), cwd=str(kaggle["working"]),
-                                   kernel_name="kaggle", parameters={"PROFILE": "auto", "OVERRIDES": _overrides(kaggle["working"])},
-                                   progress_bar=False)
+                                   kernel_name="kaggle", parameters=parameters, progress_bar=False)
         error = None
     except papermill.PapermillExecutionError as raised:
         error = raised
@@ -113,6 +116,28 @@ def test_kaggle_first_contact_without_then_with_the_wheel_bundle(kaggle):
     for name in KAGGLE_LACKS:
         assert name in message
     assert "python -m mcvqa bundle" in message and "Internet" in message  # the two fixes
+    assert "MAKE_BUNDLE = True" in message  # the bundle made by the notebook alone
+
+    # MAKE_BUNDLE in this session without internet: it says so before writing anything.
+    notebook, error = _run_notebook(kaggle, "make_bundle_offline.ipynb", MAKE_BUNDLE=True)
+    assert error is not None and error.ename == "SetupError"
+    assert "MAKE_BUNDLE = True downloads the wheels, but this session has no internet" in str(error.evalue)
+
+    # The default bundle (no --python-version: Kaggle's 3.12) on a kernel of another Python: stopped before pip.
+    here = f"{sys.version_info.major}.{sys.version_info.minor}"
+    made_for = KAGGLE_PYTHON if KAGGLE_PYTHON != here else "3.10"  # this environment: 3.11 against the default 3.12
+    default = kaggle["inputs"] / "mcvqa-wheels-default"
+    default.mkdir()
+    tag = f"cp{made_for.replace('.', '')}"
+    (default / f"regex-2024.11.6-{tag}-{tag}-manylinux_2_17_x86_64.whl").write_bytes(b"")  # never opened
+    write_bundle_metadata(default, made_for, MANYLINUX, {"regex": "2024.11.6"})
+    notebook, error = _run_notebook(kaggle, "default_bundle.ipynb")
+    assert error is not None and error.ename == "SetupError"
+    message = str(error.evalue)
+    assert f"the wheel folder {default} was made for Python {made_for} on Linux x86_64" in message
+    assert f"this kernel is Python {here} on Linux" in message
+    assert f"`python -m mcvqa bundle --out kaggle_bundle --python-version {here}`" in message
+    assert "pip install" not in "".join(o.get("text", "") for c in notebook.cells for o in c.get("outputs", []))
 
     # Made where there is internet (here: this test's own environment and package index), then attached.
     bundle = subprocess.run([sys.executable, "-m", "mcvqa", "bundle", "--out", str(kaggle["inputs"] / "mcvqa-wheels"),
@@ -126,6 +151,7 @@ def test_kaggle_first_contact_without_then_with_the_wheel_bundle(kaggle):
     outputs = "\n".join(o.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
                         for o in cell.get("outputs", []) if o.get("output_type") == "stream")
     assert "installing " in outputs and "from the wheel folder(s)" in outputs
+    assert f"leaving out {default}: made for Python {made_for}" in outputs  # the bundle for this kernel is used
     assert "profile=kaggle_t4x2 (KAGGLE_KERNEL_RUN_TYPE is set)" in outputs
     assert f"data_dir=auto -> {kaggle['inputs'] / 'vqa-competition'}" in outputs
     assert f"model_name_or_path=auto -> {kaggle['inputs'] / 'qwen2.5-vl' / 'transformers' / 'tiny' / '1'}" in outputs

@@ -228,15 +228,32 @@ def test_real_notebook_follows_the_users_path():
     assert len(parts) == 3 and "safe to skip" in parts[1]
     code = [c.source for c in cells if c.cell_type == "code"]
     calls = [s.splitlines()[0] for s in code[1:] if not s.startswith("# mcvqa/")]
-    assert calls == ["installed_now = ensure_packages()  # wheels: any folder of .whl files under /kaggle/input",
+    assert calls == ["if MAKE_BUNDLE:  # a session with internet whose one job is the wheel dataset for the offline run",
                      "cfg = resolve_config(PROFILE, OVERRIDES)", "check_versions()", "run = start_run(cfg, hardware)",
                      "run_all_folds(run)", "metrics = finish_run(run)", 'analysis = pathlib.Path(run.cfg.output_dir, "analysis")']
     sources = [c.source.splitlines()[0] for c in cells if c.cell_type == "code" and c.source.startswith("# mcvqa/")]
-    assert not [s for s in sources if "distributed" in s or "sharded" in s or "snapshot" in s or "bundle" in s]
+    assert not [s for s in sources if "distributed" in s or "sharded" in s or "snapshot" in s]
     model = next(i for i, c in enumerate(cells) if c.source.startswith("# mcvqa/core/modeling.py"))
     hardware = next(i for i, c in enumerate(cells) if c.source.startswith("# mcvqa/core/hardware.py"))
     between = sum(len(c.source.splitlines()) for c in cells[hardware + 1:model] if c.cell_type == "code")
     assert between < 400, f"{between} code lines between Hardware and Model"
+
+
+def test_real_notebook_can_make_the_bundle_itself():
+    """A Kaggle user has only the notebook: MAKE_BUNDLE in the parameters (off), the bundle's code in the setup
+    section, and the setup call cell making the bundle instead of installing when it is on."""
+    cells = build_notebook().cells
+    namespace = {}
+    exec(cells[1].source, namespace)  # the parameters cell
+    assert namespace["MAKE_BUNDLE"] is False
+    sources = [c.source for c in cells]
+    setup, part_one = sources.index("## Setup"), next(i for i, s in enumerate(sources) if s.startswith("# Part I"))
+    bundle = next(i for i, s in enumerate(sources) if s.startswith("# mcvqa/bundle.py"))
+    assert setup < sources.index(next(s for s in sources if s.startswith("# mcvqa/core/packages.py"))) < bundle < part_one
+    assert "def make_kernel_bundle(" in sources[bundle] and "def make_bundle(" in sources[bundle]
+    call = next(s for s in sources[bundle + 1:part_one] if "ensure_packages()" in s).splitlines()
+    assert call[0].startswith("if MAKE_BUNDLE:") and call[1].strip().startswith("make_kernel_bundle()")
+    assert call[2].startswith("installed_now = ensure_packages()")
 
 
 def test_core_imports_neither_speed_nor_scale():

@@ -3,21 +3,28 @@
 Kaggle's image (a Colab base) ships torch, transformers and the scientific stack, but not peft or
 bitsandbytes, and a competition notebook often has no internet. This cell runs before anything imports
 them: it lists every package the run needs and its supported versions, and installs only what is
-missing or too old, from wheel folders attached under `/kaggle/input` (`python -m mcvqa bundle` makes
-one) when there are any, else from the package index when it is reachable; otherwise it stops with one
-message naming what is missing and the two ways to fix it. Nothing that is already good is reinstalled,
-and torch is never touched (a constraint pins the installed build): Kaggle's and Colab's CUDA builds must
-stay. Standard library only, so it runs on a bare image.
+missing or too old, from wheel folders attached under `/kaggle/input` (`MAKE_BUNDLE = True` in this
+notebook, or `python -m mcvqa bundle`, makes one) when there are any, else from the package index when it
+is reachable; otherwise it stops with one message naming what is missing and the ways to fix it. A wheel
+folder made by the bundle says in its `mcvqa_bundle.json` which Python and platform its wheels are for:
+one made for another kernel stops the cell before pip runs, naming the folder, both Pythons and the
+command that rebuilds it. Nothing that is already good is reinstalled, and torch is never touched (a
+constraint pins the installed build): Kaggle's and Colab's CUDA builds must stay. Standard library only,
+so it runs on a bare image.
 """
 
 import glob
 import importlib
 import importlib.metadata
+import json
 import os
 import pathlib
+import platform
+import re
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 
 from .errors import UserError
@@ -38,6 +45,7 @@ RUN_PACKAGES = {
     "cloudpickle": ">=2.0",
 }
 PLATFORM_PACKAGES = ("torch", "torchvision")  # checked, never installed: the platform's CUDA builds
+BUNDLE_METADATA = "mcvqa_bundle.json"  # written by the bundle beside its wheels: the Python and platform they are for
 
 
 def kaggle_input():
@@ -87,6 +95,111 @@ def index_reachable(host="pypi.org", port=443, timeout=3.0):
         return False
 
 
+def index_allowed():
+    """Whether pip may use the package index: PIP_NO_INDEX (pip's own switch: a session without internet) unset,
+    and the index reachable."""
+    return os.environ.get("PIP_NO_INDEX", "").lower() not in ("1", "true", "yes") and index_reachable()
+
+
+def kernel_python():
+    """This kernel's Python as major.minor: what a wheel folder must have been made for."""
+    return f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def kernel_platforms():
+    """The wheel platform tags this kernel installs, newest first (on Linux: manylinux up to its glibc)."""
+    machine = platform.machine().lower()
+    if not sys.platform.startswith("linux"):
+        return [re.sub(r"[-.]", "_", sysconfig.get_platform())]
+    libc, version = platform.libc_ver()
+    tags = []
+    if libc == "glibc" and version:
+        major, minor = (int(part) for part in version.split(".")[:2])
+        legacy = {17: "manylinux2014", 12: "manylinux2010", 5: "manylinux1"}  # the old names of those glibc versions
+        for n in range(minor, 4, -1):
+            tags += [f"manylinux_{major}_{n}_{machine}"] + ([f"{legacy[n]}_{machine}"] if n in legacy else [])
+    return tags + [f"linux_{machine}"]
+
+
+def describe_platforms(tags):
+    """A person's name for wheel platform tags: "Linux x86_64 (manylinux, glibc 2.17-2.39)", else the tags."""
+    arches = {re.sub(r"^(many)?linux(1|2010|2014|_\d+_\d+)?_", "", tag) for tag in tags}
+    if len(arches) != 1 or not all("linux" in tag for tag in tags):
+        return ", ".join(tags)
+    glibc = sorted(int(m.group(1)) for tag in tags if (m := re.match(r"manylinux_2_(\d+)_", tag)))
+    return f"Linux {arches.pop()}" + (f" (manylinux, glibc 2.{glibc[0]}-2.{glibc[-1]})" if glibc else "")
+
+
+def describe_kernel():
+    libc, version = platform.libc_ver()
+    where = f"Linux {platform.machine().lower()}" if sys.platform.startswith("linux") else sysconfig.get_platform()
+    return f"Python {kernel_python()} on {where}" + (f" (glibc {version})" if libc == "glibc" and version else "")
+
+
+def bundle_target(folder):
+    """What a wheel folder was made for (its mcvqa_bundle.json), or None for a folder made by hand."""
+    path = pathlib.Path(folder, BUNDLE_METADATA)
+    if not path.is_file():
+        return None
+    try:
+        target = json.loads(path.read_text(encoding="utf-8"))
+        return {"python": str(target["python"]), "platforms": list(target["platforms"]),
+                "packages": dict(target.get("packages", {}))}
+    except (ValueError, KeyError, TypeError) as error:
+        raise SetupError(f"{path} is not a bundle's metadata ({error}). Fix: make the wheel folder again "
+                         f"({_rebuild_how()}) and attach it instead") from error
+
+
+def fits_kernel(target):
+    """Whether this kernel can install wheels made for `target`: the same Python, a platform tag in common."""
+    return target["python"] == kernel_python() and bool(set(target["platforms"]) & set(kernel_platforms()))
+
+
+def _describe_target(target):
+    return f"Python {target['python']} on {describe_platforms(target['platforms'])}"
+
+
+def _rebuild_how():
+    return ("in this notebook: MAKE_BUNDLE = True in the parameters cell, the internet on (Settings -> Internet), "
+            "Run All; or with the package, on any machine with internet: "
+            f"`python -m mcvqa bundle --out kaggle_bundle --python-version {kernel_python()}`")
+
+
+def usable_wheel_folders(folders):
+    """The folders pip may use. A bundle made for another Python or platform is left out when a bundle made for
+    this kernel is attached too; otherwise the cell stops here, before pip, saying what to rebuild. Folders
+    made by hand (no metadata) are tried as they are."""
+    targets = {folder: bundle_target(folder) for folder in folders}
+    wrong = [folder for folder, target in targets.items() if target and not fits_kernel(target)]
+    if not wrong:
+        return folders
+    if any(target and fits_kernel(target) for target in targets.values()):
+        for folder in wrong:
+            print(f"[setup] leaving out {folder}: made for {_describe_target(targets[folder])}, "
+                  f"this kernel is {describe_kernel()}")
+        return [folder for folder in folders if folder not in wrong]
+    made_for = "; ".join(f"{folder} was made for {_describe_target(targets[folder])}, says its {BUNDLE_METADATA}"
+                         for folder in wrong)
+    raise SetupError(f"the wheel folder {made_for}, but this kernel is {describe_kernel()}: pip would find none of "
+                     f"its wheels. Fix: make the wheels for this kernel ({_rebuild_how()}), attach that dataset "
+                     "instead (Add Input -> Datasets) and run this cell again")
+
+
+def _made_for(folder):
+    target = bundle_target(folder)
+    return f"made for {_describe_target(target)}" if target else f"made by hand: no {BUNDLE_METADATA}"
+
+
+def _no_wheel_message(stderr, folders):
+    """pip's "Could not find a version that satisfies the requirement" from wheel folders, said for a person."""
+    match = re.search(r"satisfies the requirement (\S+)", stderr)
+    wanted = match.group(1) if match else "a requirement"
+    made_for = ", ".join(f"{folder} ({_made_for(folder)})" for folder in folders)
+    return (f"no wheel of {wanted} that this kernel ({describe_kernel()}) can install in the wheel folder(s) "
+            f"{made_for}. Fix: make the wheels for this kernel ({_rebuild_how()}), attach that dataset instead "
+            "(Add Input -> Datasets) and run this cell again")
+
+
 def _describe(problems):
     return ", ".join(f"{name}{spec} ({'missing' if version is None else version + ' installed'})"
                      for name, spec, version in problems)
@@ -105,6 +218,8 @@ def _pip_install(requirements, folders):
     print("[setup] pip install " + " ".join(command[4:]))
     done = subprocess.run(command, capture_output=True, text=True)
     os.unlink(constraints.name)
+    if done.returncode and folders and re.search(r"Could not find a version|No matching distribution", done.stderr):
+        raise SetupError(_no_wheel_message(done.stderr, folders))
     if done.returncode:
         raise SetupError(f"pip could not install {', '.join(requirements)}:\n{done.stderr.strip()[-1500:]}")
 
@@ -122,15 +237,14 @@ def ensure_packages(wheels="auto", online="auto", required=None):
         print("[setup] every package is there: " + ", ".join(f"{n} {installed_version(n)}" for n in required))
         return []
     folders = wheel_folders() if wheels == "auto" else [wheels] if isinstance(wheels, (str, pathlib.Path)) else wheels or []
-    folders = [str(f) for f in folders]
-    if online == "auto":  # PIP_NO_INDEX: pip's own switch for "never use the index" (a session without internet)
-        online = os.environ.get("PIP_NO_INDEX", "").lower() not in ("1", "true", "yes") and index_reachable()
+    folders = usable_wheel_folders([str(f) for f in folders])  # before pip: a bundle for another Python stops here
+    if online == "auto":
+        online = index_allowed()
     if not folders and not online:
         raise SetupError(
             f"missing: {_describe(problems)}; no wheel folder under {kaggle_input()} and no internet. Fix, either: "
-            "(1) attach the wheel dataset made by `python -m mcvqa bundle --out kaggle_bundle` "
-            "(Add Input -> Datasets) and run this cell again; or (2) turn the notebook's internet on "
-            "(Settings -> Internet) and run this cell again")
+            f"(1) make the wheel dataset ({_rebuild_how()}), attach it (Add Input -> Datasets) and run this cell "
+            "again; or (2) turn the notebook's internet on (Settings -> Internet) and run this cell again")
     print(f"[setup] installing {_describe(problems)} from "
           + (f"the wheel folder(s) {', '.join(folders)}" if folders else "the package index"))
     _pip_install([f"{name}{spec}" for name, spec, _ in problems], folders)
