@@ -171,6 +171,14 @@ def test_snapshot_creates_folder_report_and_scoreboard_rows(tmp_path):
     assert scoreboard.read_text().startswith("# Experiment scoreboard")
 
 
+def test_a_run_without_a_model_name_is_n_a_on_the_scoreboard(tmp_path):
+    run = _write_run(tmp_path / "run")
+    (run / "config.json").write_text(json.dumps({"n_folds": 3}))
+    snapshot_experiment(run, "x", experiments_dir=tmp_path / "experiments", report_path=tmp_path / "REPORT.md",
+                        today=TODAY)
+    assert _table_rows(tmp_path / "REPORT.md")[0].split("|")[3].strip() == "n/a"  # (not "a", the tail of "n/a")
+
+
 def test_snapshot_never_overwrites(tmp_path):
     run = _write_run(tmp_path / "run")
     kwargs = dict(experiments_dir=tmp_path / "experiments", report_path=tmp_path / "REPORT.md", today=TODAY)
