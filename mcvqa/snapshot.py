@@ -2,7 +2,9 @@
 
 Freezes a finished run into `experiments/<YYMMDD>_<name>/` with a filled-in `REPORT.md` (settings, folds,
 ablation, plots, the uncertainty gate's evidence, the error analysis and the blend, where the run has
-them), and adds one row to the top-level scoreboard so runs can be compared side by side.
+them), and adds one row to the top-level scoreboard so runs can be compared side by side. A folder of
+`python -m mcvqa blend` (config.json's `blend_of`) is reported as the blend it is: its members (run
+folders, models, CV), their weights and the blend's CV, out-of-fold and in-sample.
 """
 
 import datetime
@@ -17,6 +19,7 @@ from .core.reporting import _REPORT_PLOT_NAMES
 # Report label -> config keys to try; mcvqa.config spells the learning rate `learning_rate`.
 _REPORT_SETTINGS = {"n_folds": ("n_folds",), "epochs": ("epochs",), "lr": ("lr", "learning_rate"),
                     "lora_r": ("lora_r",), "max_pixels": ("max_pixels",), "tta_option_views": ("tta_option_views",)}
+_BLEND_SETTINGS = {"per_type": ("per_type",), "min_type_rows": ("min_type_rows",)}  # (a blend folder's config.json)
 _REPORT_SCOREBOARD_HEADER = (
     "| date | experiment | model | CV acc | Public LB | notes |\n"
     "|---|---|---|---|---|---|\n"
@@ -49,6 +52,16 @@ def _report_fmt(value, digits=4):
     return str(value).replace("|", "\\|")  # a bare pipe would split the markdown cell
 
 
+def _report_model(model):
+    """The model's last path part (Qwen2.5-VL-7B-Instruct of Qwen/... or /kaggle/input/.../), or None."""
+    return str(model).rstrip("/").split("/")[-1] if model else None
+
+
+def _report_member_models(blend):
+    """Each blend member's model (its run folder's name when its config has none)."""
+    return [_report_model(m.get("model")) or pathlib.Path(m["run"]).name for m in blend["members"]]
+
+
 def _report_runtime(seconds):
     if seconds is None:
         return "n/a"
@@ -56,17 +69,23 @@ def _report_runtime(seconds):
     return f"{h}h {rem // 60:02d}m {rem % 60:02d}s ({float(seconds):.0f} s)"
 
 
-def _report_experiment_md(name, date, run_dir, cfg, metrics, plots, analysis=None):
-    """Markdown body of the per-experiment REPORT.md."""
-    model = _report_find(cfg, "model_name_or_path")
+def _report_experiment_md(name, date, run_dir, cfg, metrics, plots, analysis=None, blend=None):
+    """Markdown body of the per-experiment REPORT.md; blend: the blend_report.json the run has, if any."""
+    blend_folder = "blend_of" in cfg  # (written by `python -m mcvqa blend`: no model, no training settings)
+    model = (f"blend of {', '.join(_report_member_models(blend))}" if blend_folder and blend
+             else f"`{_report_fmt(_report_find(cfg, 'model_name_or_path'))}`")
     lines = [f"# Experiment {name}", "", f"- Date: {date.isoformat()}", f"- Run folder: `{run_dir}`",
-             f"- Profile: {_report_fmt(metrics.get('profile'))}", f"- Model: `{_report_fmt(model)}`",
+             f"- Profile: {_report_fmt(metrics.get('profile'))}", f"- Model: {model}",
              f"- CV accuracy (OOF): **{_report_fmt(metrics.get('cv_accuracy'))}**", "- Public LB: (fill in)",
              "", "## Key settings", "", "| setting | value |", "|---|---|"]
-    lines += [f"| {label} | {_report_fmt(_report_find(cfg, *keys))} |" for label, keys in _REPORT_SETTINGS.items()]
+    settings = _BLEND_SETTINGS if blend_folder else _REPORT_SETTINGS
+    lines += [f"| {label} | {_report_fmt(_report_find(cfg, *keys))} |" for label, keys in settings.items()]
     lines += ["", "## Cross-validation", "", "| fold | accuracy |", "|---|---|"]
     lines += [f"| {i} | {_report_fmt(acc)} |" for i, acc in enumerate(metrics.get("fold_accuracy") or [])]
-    lines += [f"| CV (OOF) | {_report_fmt(metrics.get('cv_accuracy'))} |", "", "## Ablation", ""]
+    lines += [f"| CV (OOF) | {_report_fmt(metrics.get('cv_accuracy'))} |"]
+    if metrics.get("cv_accuracy_in_sample") is not None:  # (a blend's weights fitted on the scored rows)
+        lines.append(f"| CV in-sample (optimistic) | {_report_fmt(metrics['cv_accuracy_in_sample'])} |")
+    lines += ["", "## Ablation", ""]
     ablation = metrics.get("ablation") or {}
     if ablation:
         lines += ["| variant | accuracy |", "|---|---|"]
@@ -78,7 +97,8 @@ def _report_experiment_md(name, date, run_dir, cfg, metrics, plots, analysis=Non
     lines += ["", "## Runtime and hardware", "", f"- Runtime: {_report_runtime(metrics.get('runtime_s'))}",
               f"- Hardware: {hw}", "", "## Plots", ""]
     lines += [f"![{p.stem.replace('_', ' ')}](plots/{p.name})\n" for p in plots] or ["(no plots)"]
-    lines += _report_gate_md(metrics.get("gate")) + _report_analysis_md(analysis) + _report_blend_md(metrics.get("blend"))
+    lines += (_report_gate_md(metrics.get("gate")) + _report_analysis_md(analysis)
+              + _report_blend_md(blend, "Blend" if blend_folder else "Blend (the submission)"))
     return "\n".join(lines + ["", "## Notes", "", "(fill in)", ""])
 
 
@@ -108,16 +128,35 @@ def _report_analysis_md(analysis):
     return lines + [""] + [f"![{name.replace('_', ' ')}](analysis/{png})\n" for name, png in analysis["plots"].items()]
 
 
-def _report_blend_md(blend):
-    """The blend this run's submission came from (blend_with), when it had one."""
+def _report_blend_md(blend, title):
+    """The blend (toolkit/blend.py's blend_report.json): members, their weights, the blend's CV both ways."""
     if not blend:
         return []
-    lines = ["", "## Blend (the submission)", "", "| member | CV accuracy | weight |", "|---|---|---|"]
-    weights = blend["weights"]["global"]  # {member: weight}
-    lines += [f"| {_report_fmt(m['run'])} | {_report_fmt(m['cv_accuracy'])} | {_report_fmt(weights.get(m['run']))} |"
-              for m in blend["members"]]
-    return lines + ["", f"- Out-of-fold CV of the blend (weights fitted without the scored rows): "
-                        f"**{_report_fmt(blend['out_of_fold_accuracy'])}**"]
+    weights, cv = blend["weights"]["global"], blend["blend"]
+    lines = ["", f"## {title}", "", "| member | model | profile | CV accuracy | log-loss | weight |", "|---|---|---|---|---|---|"]
+    lines += [f"| `{_report_fmt(m['run'])}` | {_report_fmt(model)} | {_report_fmt(m.get('profile'))} | "
+              f"{_report_fmt(m['cv_accuracy'])} | {_report_fmt(m['log_loss'])} | {_report_fmt(weights[m['run']], 3)} |"
+              for m, model in zip(blend["members"], _report_member_models(blend))]
+    lines += ["", "| blend | CV accuracy | log-loss |", "|---|---|---|",
+              f"| out-of-fold (honest: weights fitted without the scored rows) | "
+              f"{_report_fmt(cv['out_of_fold']['accuracy'])} | {_report_fmt(cv['out_of_fold']['log_loss'])} |",
+              f"| in-sample (weights fitted on these rows: optimistic) | {_report_fmt(cv['in_sample']['accuracy'])} | "
+              f"{_report_fmt(cv['in_sample']['log_loss'])} |", "",
+              f"- Honest estimate split by {cv['out_of_fold']['split']}.",
+              f"- Weights {'per question type' if blend.get('per_type') else 'global'}; the whole report, with "
+              "per-type weights, disagreement and notes: [blend/blend_report.md](blend/blend_report.md)"]
+    return lines
+
+
+def _report_scoreboard_model_notes(cfg, metrics, blend):
+    """The scoreboard's model and notes cells: a blend folder names its members' models, CVs and weights."""
+    if "blend_of" not in cfg or not blend:
+        return _report_model(_report_find(cfg, "model_name_or_path")), f"profile: {_report_fmt(metrics.get('profile'))}"
+    weights = blend["weights"]["global"]
+    members = ", ".join(f"{pathlib.Path(m['run']).name} {_report_fmt(m['cv_accuracy'])} (w {weights[m['run']]:.2f})"
+                        for m in blend["members"])
+    return (f"blend: {' + '.join(_report_member_models(blend))}",
+            f"blend of {members}; in-sample {_report_fmt(blend['blend']['in_sample']['accuracy'])}")
 
 
 def _report_add_scoreboard_row(report_path, row):
@@ -153,21 +192,23 @@ def snapshot_experiment(run_dir, name, experiments_dir="experiments", report_pat
     for folder in ("plots", "analysis"):
         if (run_dir / folder).is_dir():
             shutil.copytree(run_dir / folder, exp_dir / folder)
+    # A blend folder has its report at the top, a run with blend_with in blend/: the snapshot keeps it in blend/.
+    blend_dir = run_dir if (run_dir / "blend_report.json").exists() else run_dir / "blend"
     for fname in ("blend_report.md", "blend_report.json"):
-        if (run_dir / "blend" / fname).exists():
+        if (blend_dir / fname).exists():
             (exp_dir / "blend").mkdir(exist_ok=True)
-            shutil.copy2(run_dir / "blend" / fname, exp_dir / "blend" / fname)
+            shutil.copy2(blend_dir / fname, exp_dir / "blend" / fname)
     if notebook_path is not None:
         shutil.copy2(notebook_path, exp_dir / pathlib.Path(notebook_path).name)
     cfg, metrics = read_json(run_dir / "config.json"), read_json(run_dir / "metrics.json")
+    blend = read_json(exp_dir / "blend" / "blend_report.json")
     plots = [exp_dir / "plots" / f"{n}.png" for n in _REPORT_PLOT_NAMES if (exp_dir / "plots" / f"{n}.png").exists()]
     (exp_dir / "REPORT.md").write_text(
         _report_experiment_md(exp_dir.name, today, run_dir, cfg, metrics, plots,
-                              read_json(exp_dir / "analysis" / "analysis.json")), encoding="utf-8")
-    model = str(_report_find(cfg, "model_name_or_path") or "n/a").rstrip("/").split("/")[-1]
+                              read_json(exp_dir / "analysis" / "analysis.json"), blend), encoding="utf-8")
+    model, notes = _report_scoreboard_model_notes(cfg, metrics, blend)
     # Relative link, so the scoreboard still works when the repo is cloned elsewhere.
     link = pathlib.Path(os.path.relpath(exp_dir.resolve(), pathlib.Path(report_path).resolve().parent))
-    notes = f"profile: {_report_fmt(metrics.get('profile'))}"
     _report_add_scoreboard_row(report_path, f"| {today.isoformat()} | [{exp_dir.name}]({link.as_posix()}/) | "
                                             f"{_report_fmt(model)} | {_report_fmt(metrics.get('cv_accuracy'))} |   | {notes} |")
     return exp_dir

@@ -2,10 +2,18 @@
 hand below, and the question-type rules (mcvqa/question_types.py) on the real demo questions."""
 
 import json
+import pathlib
 import re
+import shutil
 
 import pandas as pd
 import pytest
+from fontTools.fontBuilder import FontBuilder
+from fontTools.pens.ttGlyphPen import TTGlyphPen
+from matplotlib import font_manager
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.text import Text
 from PIL import Image
 
 import mcvqa.toolkit.analysis as analysis
@@ -38,23 +46,33 @@ PLANTED = {
     "R11": ("color", "a", (0.05, 0.75, 0.18, 0.02)),  # b 0.75 wrong, not suspect (label 0.05 but b only 0.75)
 }
 WRONG_BY_CONFIDENCE = ["R03", "R06", "R09", "R11", "R01", "R08"]
+OPTIONS = {"a": "사과", "b": "배", "c": "포도", "d": "귤"}
+# Longer than a gallery cell is wide: the question takes its lines and is cut, each option its one line.
+LONG_TAIL = " 사진 속 장면을 처음부터 끝까지 자세히 살펴본 다음 보기 가운데 가장 알맞은 답을 하나만 고르십시오" * 3
+LONG_OPTIONS = {letter: f"{word} 한 상자와 그 옆에 놓인 바구니 안의 {word} 여러 개" for letter, word in OPTIONS.items()}
+HANGUL = re.compile("[\u1100-\u11ff\u3130-\u318f\uac00-\ud7a3]")
+TEST_FONT = "Mcvqa Test Hangul"
 
 
-@pytest.fixture
-def planted_run(tmp_path):
+def _plant(tmp_path, tail="", options=OPTIONS):
     data, run = tmp_path / "data", tmp_path / "run"
     (data / "train").mkdir(parents=True)
     run.mkdir()
     rows, oof = [], []
     for k, (row_id, (kind, label, probs)) in enumerate(PLANTED.items()):
         Image.new("RGB", (40, 30), (20 * k, 100, 200)).save(data / "train" / f"{row_id}.png")
-        rows.append({"id": row_id, "path": f"train/{row_id}.png", "question": QUESTIONS[kind], "a": "사과",
-                     "b": "배", "c": "포도", "d": "귤", "answer": label})
+        rows.append({"id": row_id, "path": f"train/{row_id}.png", "question": QUESTIONS[kind] + tail, **options,
+                     "answer": label})
         oof.append({"id": row_id, **dict(zip(("p_a", "p_b", "p_c", "p_d"), probs)), "fold": k % 3, "answer": label})
     pd.DataFrame(rows).to_csv(data / "train.csv", index=False)
     pd.DataFrame(oof).to_csv(run / "oof_probs.csv", index=False)
     (run / "config.json").write_text(json.dumps({"data_dir": str(data)}))
     return run
+
+
+@pytest.fixture
+def planted_run(tmp_path):
+    return _plant(tmp_path)
 
 
 def _by_key(rows):
@@ -139,3 +157,128 @@ def test_question_type_precedence(question, kind):
 def test_a_folder_without_oof_probs_is_refused_with_the_fix(tmp_path):
     with pytest.raises(AnalysisError, match=r"oof_probs\.csv: not found.*Fix: pass the output_dir"):
         analyze_run(tmp_path)
+
+
+# --- the gallery PNG: the Hangul font and the layout ------------------------------------------------------
+
+def _make_hangul_font(path):
+    """A small TrueType font with glyphs for ASCII and every Hangul syllable (plain boxes, Hangul 1 em wide as in
+    CJK fonts), made here: the tests need no Hangul font on the machine."""
+    def box(advance):
+        pen = TTGlyphPen(None)
+        for point in ((60, 0), (60, 700), (advance - 60, 700), (advance - 60, 0)):
+            (pen.lineTo if pen.points else pen.moveTo)(point)
+        pen.closePath()
+        return pen.glyph()
+
+    builder = FontBuilder(1000, isTTF=True)
+    builder.setupGlyphOrder([".notdef", "latin", "hangul"])
+    builder.setupCharacterMap({**{c: "latin" for c in range(0x20, 0x7F)}, **{c: "hangul" for c in range(0xAC00, 0xD7A4)}})
+    builder.setupGlyf({".notdef": TTGlyphPen(None).glyph(), "latin": box(600), "hangul": box(1000)})
+    builder.setupHorizontalMetrics({".notdef": (500, 0), "latin": (600, 60), "hangul": (1000, 60)})
+    builder.setupHorizontalHeader(ascent=880, descent=-120)
+    builder.setupNameTable({"familyName": TEST_FONT, "styleName": "Regular"})
+    builder.setupOS2(sTypoAscender=880, sTypoDescender=-120, usWinAscent=880, usWinDescent=120)
+    builder.setupPost()
+    builder.save(path)
+    return path
+
+
+@pytest.fixture
+def font_folder(tmp_path, monkeypatch):
+    """The machine's font folders are this empty folder, and matplotlib's font cache (fontManager) knows no Hangul
+    font: as on a machine where none is installed, or where one was installed after the cache was built (Colab's
+    `apt-get install fonts-nanum`). What the code adds to the cache goes when the test ends."""
+    folder = tmp_path / "fonts"
+    folder.mkdir()
+    search = font_manager.findSystemFonts
+    monkeypatch.setattr(font_manager, "findSystemFonts", lambda fontpaths=None, fontext="ttf": search([str(folder)], fontext))
+    manager = font_manager.fontManager
+    monkeypatch.setattr(manager, "ttflist", [font for font in manager.ttflist
+                                             if font.name not in analysis.HANGUL_FONTS and font.name != TEST_FONT])
+    return folder
+
+
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """{file name: figure} of every figure the analysis saves."""
+    saved = {}
+
+    class Recorded(Figure):
+        def savefig(self, fname, *args, **kwargs):
+            saved[pathlib.Path(fname).name] = self
+            self.saved_dpi = kwargs.get("dpi", self.dpi)  # (text scales with dpi in whole pixels: measure at it)
+            return super().savefig(fname, *args, **kwargs)
+
+    monkeypatch.setattr(analysis, "Figure", Recorded)
+    return saved
+
+
+def _drawn_texts(fig):
+    """The figure's non-empty texts that are drawn (not the tick labels of axes turned off)."""
+    hidden = {t for ax in fig.axes if not ax.axison for axis in (ax.xaxis, ax.yaxis) for t in axis.findobj(Text)}
+    return [t for t in fig.findobj(Text) if t.get_visible() and t.get_text() and t not in hidden]
+
+
+def _assert_legible(fig):
+    """No text overlaps another text or an image, and all of it lies inside the figure. Each line of a text needs at
+    least its font size of height: matplotlib spaces lines by the height of "lp" above the baseline, and Hangul
+    glyphs, as tall as the em and reaching below the baseline, then run into the next line. Boxes get a margin of
+    0.15 em: the layout measures glyphs without hinting, the renderer draws them hinted."""
+    fig.set_dpi(fig.saved_dpi)
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    texts = []
+    for t in _drawn_texts(fig):
+        em = t.get_fontsize() * fig.dpi / 72
+        box = t.get_window_extent(renderer)
+        assert box.height >= (t.get_text().count("\n") + 1) * em, f"lines overlap in {t.get_text()!r}"
+        texts.append((t.get_text(), box.padded(0.15 * em)))
+    images = [ax.get_window_extent(renderer) for ax in fig.axes if ax.images]
+    assert texts and images
+    for i, (text, box) in enumerate(texts):
+        assert 0 <= box.x0 and box.x1 <= fig.bbox.x1 and 0 <= box.y0 and box.y1 <= fig.bbox.y1, text
+        assert not [other for other, other_box in texts[i + 1:] if box.overlaps(other_box)], text
+        assert not any(box.overlaps(image) for image in images), text
+
+
+def test_a_hangul_font_installed_after_matplotlibs_cache_was_built_is_found(font_folder):
+    assert analysis.hangul_font() is None
+    (font_folder / "truetype" / "nanum").mkdir(parents=True)  # where apt-get install fonts-nanum puts it
+    nanum = _make_hangul_font(font_folder / "truetype" / "nanum" / "NanumGothic.ttf")
+    assert TEST_FONT not in {font.name for font in font_manager.fontManager.ttflist}  # the stale cache
+    assert analysis.hangul_font() == TEST_FONT  # found by its file, and added to the cache for the plots
+    assert font_manager.findfont(font_manager.FontProperties(family=TEST_FONT), fallback_to_default=False) == str(nanum)
+
+
+def test_a_font_file_named_like_a_hangul_font_without_its_glyphs_is_not_taken(font_folder):
+    shutil.copy(font_manager.findfont("DejaVu Sans"), font_folder / "NanumGothic.ttf")  # it would draw boxes
+    assert analysis.hangul_font() is None
+
+
+def test_the_gallery_draws_the_korean_text_wrapped_beside_nothing_it_overlaps(tmp_path, font_folder, saved_figures):
+    _make_hangul_font(font_folder / "NanumGothic.ttf")
+    run = _plant(tmp_path, LONG_TAIL, LONG_OPTIONS)
+    report = analyze_run(run)
+    assert report["gallery_font"] == TEST_FONT
+    gallery = saved_figures["wrong_gallery.png"]
+    drawn = [t.get_text() for t in _drawn_texts(gallery)]
+    assert len([ax for ax in gallery.axes if ax.images]) == len(WRONG_BY_CONFIDENCE)
+    # Each cell: its question from the start over several lines, cut at the end; each option in one line.
+    assert sum(line.startswith(QUESTIONS["color"]) for line in drawn) == 2  # R03 and R11
+    assert any(line.endswith("...") for line in drawn)
+    assert sum(LONG_OPTIONS["b"][:6] in line for line in drawn) == len(WRONG_BY_CONFIDENCE)
+    _assert_legible(gallery)
+    assert "fonts-nanum" not in (run / "analysis" / "gallery.html").read_text()
+
+
+def test_without_a_hangul_font_no_hangul_reaches_the_png_and_the_page_says_how_to_get_one(tmp_path, font_folder,
+                                                                                       saved_figures):
+    run = _plant(tmp_path, LONG_TAIL, LONG_OPTIONS)
+    report = analyze_run(run)
+    assert report["gallery_font"].startswith("none")
+    drawn = [t.get_text() for fig in saved_figures.values() for t in _drawn_texts(fig)]
+    assert any("R03" in line for line in drawn)  # the ids, letters and probabilities are drawn ...
+    assert not [line for line in drawn if HANGUL.search(line)]  # ... and no Hangul, which would be boxes
+    _assert_legible(saved_figures["wrong_gallery.png"])
+    for page in ("gallery.html", "analysis.html"):
+        assert "apt-get install -y fonts-nanum" in (run / "analysis" / page).read_text(), page

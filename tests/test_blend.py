@@ -1,10 +1,12 @@
 """Blending finished runs (mcvqa/blend.py): synthetic run folders with planted probabilities, then one
 end-to-end CLI blend of two real demo runs (Qwen2.5-VL and Qwen3-VL tiny models)."""
 
+import datetime
 import hashlib
 import json
 import os
 import pathlib
+import shutil
 import stat
 import subprocess
 import sys
@@ -17,6 +19,7 @@ from mcvqa.cli import main
 from mcvqa.toolkit.blend import BlendError, blend_runs, fit_weights, log_loss
 from mcvqa.core.data import PROB_COLUMNS
 from mcvqa.core.submission import validate_submission
+from mcvqa.snapshot import snapshot_experiment
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LETTERS = "abcd"
@@ -215,6 +218,41 @@ def test_per_type_weights_follow_the_member_good_at_each_type(planted, tmp_path)
     assert "fewer than 30 rows use the global weights: position (20)" in markdown
     with pytest.raises(BlendError, match="--per-type needs the question text.*Fix: --data-dir"):
         blend_runs([run_a, run_b], tmp_path / "blend3", per_type=True, data_dir=tmp_path / "nowhere")
+
+
+def test_a_snapshot_of_a_blend_folder_reports_the_members_their_weights_and_the_blends_cv(planted, tmp_path):
+    a, b = planted(_informative(planted.labels, planted.rng, 1.5), _informative(planted.labels, planted.rng, 1.5))
+    for run, model in ((a, "Qwen/Qwen2.5-VL-7B-Instruct"), (b, "/kaggle/input/qwen3-vl/Qwen3-VL-8B-Instruct/")):
+        config = json.loads((run / "config.json").read_text())
+        (run / "config.json").write_text(json.dumps({**config, "model_name_or_path": model}))
+    report = blend_runs([a, b], tmp_path / "blend")
+    exp = snapshot_experiment(tmp_path / "blend", "ab", experiments_dir=tmp_path / "exp",
+                              report_path=tmp_path / "REPORT.md", today=datetime.date(2025, 3, 7))
+    text = (exp / "REPORT.md").read_text()
+    weights, blend = report["weights"]["global"], report["blend"]
+    for member, model in zip(report["members"], ("Qwen2.5-VL-7B-Instruct", "Qwen3-VL-8B-Instruct")):
+        assert (f"| `{member['run']}` | {model} | x | {member['cv_accuracy']:.4f} | {member['log_loss']:.4f} | "
+                f"{weights[member['run']]:.3f} |") in text, member["run"]
+    assert f"| out-of-fold (honest: weights fitted without the scored rows) | {blend['out_of_fold']['accuracy']:.4f} |" in text
+    assert f"| in-sample (weights fitted on these rows: optimistic) | {blend['in_sample']['accuracy']:.4f} |" in text
+    assert "- Model: blend of Qwen2.5-VL-7B-Instruct, Qwen3-VL-8B-Instruct" in text
+    assert json.loads((exp / "blend" / "blend_report.json").read_text()) == report
+    rows = [line for line in (tmp_path / "REPORT.md").read_text().splitlines() if line.startswith("| 2025-03-07")]
+    assert len(rows) == 1
+    date, experiment, model, cv, lb, notes = (cell.strip() for cell in rows[0].strip("|").split("|"))
+    assert model == "blend: Qwen2.5-VL-7B-Instruct + Qwen3-VL-8B-Instruct"
+    assert cv == f"{blend['out_of_fold']['accuracy']:.4f}" and f"in-sample {blend['in_sample']['accuracy']:.4f}" in notes
+    assert all(f"{pathlib.Path(m['run']).name} {m['cv_accuracy']:.4f} (w {weights[m['run']]:.2f})" in notes
+               for m in report["members"])
+    # A run with blend_with has its blend in <run>/blend/: the same tables, as the run's submission.
+    shutil.copytree(tmp_path / "blend", a / "blend")
+    exp = snapshot_experiment(a, "a", experiments_dir=tmp_path / "exp", report_path=tmp_path / "REPORT.md",
+                              today=datetime.date(2025, 3, 7))
+    text = (exp / "REPORT.md").read_text()
+    assert "## Blend (the submission)" in text and "- Model: `Qwen/Qwen2.5-VL-7B-Instruct`" in text
+    assert f"| out-of-fold (honest: weights fitted without the scored rows) | {blend['out_of_fold']['accuracy']:.4f} |" in text
+    row = (tmp_path / "REPORT.md").read_text().splitlines()[-1]
+    assert row.split("|")[3].strip() == "Qwen2.5-VL-7B-Instruct" and "profile: x" in row
 
 
 # --- end to end: two real demo runs through the CLI ------------------------------------------------------

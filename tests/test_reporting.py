@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 from sklearn.calibration import calibration_curve
 
+import mcvqa.core.reporting as reporting
 from mcvqa.core.reporting import (
     expected_calibration_error,
     make_run_plots,
@@ -123,6 +124,44 @@ def test_training_curves_put_only_comparable_losses_on_one_axis(tmp_path):
     assert len(plot_training_curves(_history(vocab_loss=False), tmp_path / "letters.png").axes) == 2
 
 
+def _bars(ax):
+    """Per bar group (legend label): heights and the count labels on the bars."""
+    labels = [t.get_text() for t in ax.texts]
+    groups, k = {}, 0
+    for container in ax.containers:
+        n = len(container.patches)
+        groups[container.get_label()] = ([round(p.get_height(), 6) for p in container.patches], labels[k:k + n])
+        k += n
+    return groups
+
+
+def test_the_test_predictions_letters_are_plotted_beside_the_train_answers_and_reported(tmp_path, monkeypatch):
+    run = _write_run(tmp_path / "run")
+    predicted = ["a"] * 10 + ["b"] * 25 + ["d"] * 5  # skewed to b, no c at all
+    probs = np.full((len(predicted), 4), 0.1)
+    probs[np.arange(len(predicted)), [LETTERS.index(x) for x in predicted]] = 0.7
+    test = pd.DataFrame(probs, columns=["p_a", "p_b", "p_c", "p_d"])
+    test.insert(0, "id", [f"TEST_{i:03d}" for i in range(len(predicted))])
+    test.to_csv(run / "test_probs_ensemble.csv", index=False)
+    closed = []  # (make_run_plots closes each figure it drew: keep them to read their bars)
+    monkeypatch.setattr(reporting.plt, "close", closed.append)
+    paths = make_run_plots(run)
+    _assert_png(paths["prediction_distribution"])
+    fig = closed[list(paths).index("prediction_distribution")]
+    answers = pd.read_csv(run / "oof_probs.csv")["answer"].value_counts().reindex(LETTERS, fill_value=0)
+    bars = _bars(fig.axes[0])
+    assert bars["test predictions (n=40)"] == ([0.25, 0.625, 0.0, 0.125], ["10", "25", "0", "5"])
+    assert bars["train answers (n=90)"] == ([round(c / 90, 6) for c in answers], [str(c) for c in answers])
+    exp = snapshot_experiment(run, "p", experiments_dir=tmp_path / "experiments", report_path=tmp_path / "REPORT.md",
+                              today=TODAY)
+    assert "](plots/prediction_distribution.png)" in (exp / "REPORT.md").read_text()
+    (run / "test_probs_ensemble.csv").unlink()  # the submission's letters serve as well
+    pd.DataFrame({"id": test["id"], "answer": ["c"] * 40}).to_csv(run / "submission.csv", index=False)
+    paths = make_run_plots(run)
+    assert _bars(closed[-len(paths) + list(paths).index("prediction_distribution")].axes[0])[
+        "test predictions (n=40)"] == ([0.0, 0.0, 1.0, 0.0], ["0", "0", "40", "0"])
+
+
 def test_ece_zero_when_confident_and_correct():
     probs = np.tile([0.0, 1.0, 0.0, 0.0], (20, 1))
     assert expected_calibration_error(probs, ["b"] * 20) == pytest.approx(0.0)
@@ -201,6 +240,14 @@ def test_snapshot_creates_folder_report_and_scoreboard_rows(tmp_path):
     snapshot_experiment(run, "second", experiments_dir=exp_root, report_path=scoreboard, today=TODAY)
     assert len(_table_rows(scoreboard)) == 2
     assert scoreboard.read_text().startswith("# Experiment scoreboard")
+
+
+def test_a_run_without_a_model_name_is_n_a_on_the_scoreboard(tmp_path):
+    run = _write_run(tmp_path / "run")
+    (run / "config.json").write_text(json.dumps({"n_folds": 3}))
+    snapshot_experiment(run, "x", experiments_dir=tmp_path / "experiments", report_path=tmp_path / "REPORT.md",
+                        today=TODAY)
+    assert _table_rows(tmp_path / "REPORT.md")[0].split("|")[3].strip() == "n/a"  # (not "a", the tail of "n/a")
 
 
 def test_snapshot_never_overwrites(tmp_path):

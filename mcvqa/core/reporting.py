@@ -1,8 +1,9 @@
 """## Reports: the run's plots
 
-These helpers turn a finished run folder (`history.csv`, `oof_probs.csv`, `metrics.json`,
-`config.json`) into plots: the answer-letter balance, training curves per fold, the out-of-fold
-confusion matrix and a reliability diagram with its expected calibration error (ECE).
+These helpers turn a finished run folder (`history.csv`, `oof_probs.csv`, `test_probs_ensemble.csv`,
+`metrics.json`, `config.json`) into plots: the answer-letter balance, the letters predicted on the test
+set beside it, training curves per fold, the out-of-fold confusion matrix and a reliability diagram with
+its expected calibration error (ECE).
 `python -m mcvqa snapshot` (mcvqa/snapshot.py) then freezes a run into `experiments/`.
 """
 import pathlib
@@ -15,7 +16,8 @@ from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
 from .data import OPTION_LETTERS, PROB_COLUMNS, letters_from_probs
 from .files import read_json
 
-_REPORT_PLOT_NAMES = ("answer_distribution", "training_curves", "confusion_matrix", "reliability", "uncertainty_gate")
+_REPORT_PLOT_NAMES = ("answer_distribution", "prediction_distribution", "training_curves", "confusion_matrix",
+                      "reliability", "uncertainty_gate")
 
 
 def _report_save(fig, out_path):
@@ -44,6 +46,40 @@ def plot_answer_distribution(train_df, out_path):
     ax.set(xlabel="answer", ylabel="questions", title=f"Answer distribution (n={int(counts.sum())})")
     ax.margins(y=0.12)  # room for the count labels above the tallest bar
     return _report_save(fig, out_path)
+
+
+def _letter_counts(letters):
+    return pd.Series(letters).astype(str).str.strip().str.lower().value_counts().reindex(OPTION_LETTERS, fill_value=0)
+
+
+def plot_prediction_distribution(test_letters, train_answers, out_path):
+    """Letters predicted on the test set beside the train answers, as shares with the counts on the bars: predictions
+    piled onto one letter (a position bias, a collapsed model) show here before the leaderboard does."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    x, width = np.arange(len(OPTION_LETTERS)), 0.4
+    groups = [("train answers", train_answers, "#8c8c8c"), ("test predictions", test_letters, "#4c72b0")]
+    groups = [(name, _letter_counts(letters), colour) for name, letters, colour in groups if letters is not None]
+    for k, (name, counts, colour) in enumerate(groups):
+        offset = (k - (len(groups) - 1) / 2) * width
+        bars = ax.bar(x + offset, counts / max(counts.sum(), 1), width=width, color=colour,
+                      label=f"{name} (n={int(counts.sum())})")
+        ax.bar_label(bars, labels=[str(int(c)) for c in counts], padding=2, fontsize=8)
+    ax.axhline(0.25, color="grey", ls=":", lw=1, label="even (0.25)")
+    ax.set_xticks(x, OPTION_LETTERS)
+    ax.set(xlabel="letter", ylabel="share of rows", title="Predicted letters (test) vs answers (train)")
+    ax.margins(y=0.15)  # room for the count labels above the tallest bar
+    ax.legend(fontsize=8)
+    return _report_save(fig, out_path)
+
+
+def _test_letters(run_dir):
+    """The run's predicted test letters: test_probs_ensemble.csv (always in the run folder), else submission.csv."""
+    if (run_dir / "test_probs_ensemble.csv").exists():
+        test = pd.read_csv(run_dir / "test_probs_ensemble.csv")
+        return letters_from_probs(test[list(PROB_COLUMNS)].to_numpy(dtype=float))
+    if (run_dir / "submission.csv").exists():
+        return pd.read_csv(run_dir / "submission.csv", dtype=str)["answer"]
+    return None
 
 
 def plot_training_curves(history_df, out_path):
@@ -163,6 +199,10 @@ def make_run_plots(run_dir, train_df=None) -> dict[str, pathlib.Path]:
     answers_df = train_df if train_df is not None else oof
     if answers_df is not None:
         figs["answer_distribution"] = lambda p: plot_answer_distribution(answers_df, p)
+    test_letters = _test_letters(run_dir)
+    if test_letters is not None:
+        train_answers = None if answers_df is None else answers_df["answer"]
+        figs["prediction_distribution"] = lambda p: plot_prediction_distribution(test_letters, train_answers, p)
     if (run_dir / "history.csv").exists():
         history = pd.read_csv(run_dir / "history.csv")
         figs["training_curves"] = lambda p: plot_training_curves(history, p)

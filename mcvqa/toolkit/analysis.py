@@ -8,8 +8,10 @@ options and image of each row from `train.csv` of its data folder (config.json's
 
 - `wrong_gallery.png` and `analysis.html`: the `top_n` most confident wrong out-of-fold predictions
   (highest probability on a wrong option first) with thumbnail, question, options, probabilities and
-  label. The HTML page embeds small thumbnails (base64), so it stands alone when copied. Without a
-  font with Hangul glyphs, the PNG shows ids, letters and probabilities only; the text is in the page.
+  label. The HTML page embeds small thumbnails (base64), so it stands alone when copied. The PNG draws
+  the Korean text with a font with Hangul glyphs (hangul_font: matplotlib's font cache, else the font
+  files on disk, so `apt-get install fonts-nanum` counts from the next analysis on); without one it
+  shows ids, letters and probabilities only (no boxes for Hangul), and the pages say how to get one.
 - `accuracy_by_type.png`, `accuracy_by_answer.png`, `accuracy_by_confidence.png`: bar charts with the
   row counts; question types come from question_types.question_type (the blend's --per-type uses it too).
 - `suspect_labels.csv`: train rows whose label the model disputes with confidence (out-of-fold
@@ -25,13 +27,15 @@ import base64
 import html
 import io
 import json
+import os
 import pathlib
 import warnings
 
 import numpy as np
 import pandas as pd
-from matplotlib import font_manager
+from matplotlib import font_manager, ft2font
 from matplotlib.figure import Figure  # (no pyplot: figures render with Agg, the session's backend stays as it is)
+from matplotlib.textpath import text_to_path
 
 from ..core.errors import UserError
 from ..core.data import OPTION_LETTERS, PROB_COLUMNS, letter_indices, letters_from_probs, read_competition_csv
@@ -46,16 +50,46 @@ THUMB_PX = 128
 # Fonts with Hangul glyphs matplotlib may find (Linux, Windows, macOS, Colab's apt fonts-nanum).
 HANGUL_FONTS = ("NanumGothic", "NanumBarunGothic", "Noto Sans CJK KR", "Noto Sans KR", "Noto Sans CJK JP",
                 "Malgun Gothic", "AppleGothic", "Apple SD Gothic Neo", "UnDotum", "Baekmuk Gulim", "Source Han Sans KR")
+# How their files begin (lower case, no separators): NanumGothic.ttf, NotoSansCJK-Regular.ttc, malgun.ttf, gulim.ttf ...
+HANGUL_FONT_FILES = ("nanumgothic", "nanumbarungothic", "notosanscjk", "notosanskr", "sourcehansans", "malgun",
+                     "applegothic", "applesdgothicneo", "undotum", "gulim")
+FONT_HINT = ("No font with Hangul glyphs was found, so the PNG gallery shows ids, letters and probabilities only (the "
+             "questions and options are in the table). To draw them in it as well: <code>apt-get install -y "
+             "fonts-nanum</code> (Colab; Kaggle with internet on), then run the analysis again (the next run, or "
+             "<code>python -m mcvqa analyze &lt;run folder&gt;</code>): the font is found by its file, no restart.")
+GALLERY_COLS = 4
+GALLERY_PT, GALLERY_DPI = 9, 100  # 12.5 px a line: smaller Hangul blurs into blots
+GALLERY_CELL_W, GALLERY_IMAGE_H, GALLERY_PAD = 3.6, 2.0, 0.15  # inches
+GALLERY_LINE_H = 1.5 * GALLERY_PT / 72  # inches: Hangul fills the em, so lines need more than matplotlib's 1.2
+QUESTION_LINES = 3
 
 
 class AnalysisError(UserError, ValueError):
     """The run folder or its data folder lacks what the analysis reads, or cannot be written."""
 
 
+def _has_hangul(path):
+    try:
+        charmap = ft2font.FT2Font(path).get_charmap()
+    except (OSError, RuntimeError, ValueError):  # (not a font FreeType reads)
+        return False
+    return all(ord(glyph) in charmap for glyph in "가힣")
+
+
 def hangul_font():
-    """The name of an installed font with Hangul glyphs, or None."""
-    installed = {font.name for font in font_manager.fontManager.ttflist}
-    return next((name for name in HANGUL_FONTS if name in installed), None)
+    """The family name of a font with Hangul glyphs, or None. matplotlib's font cache (fontManager, built once and
+    kept on disk) misses fonts installed after it was built, e.g. Colab's `apt-get install fonts-nanum`: so the font
+    folders are searched by file name too, and a font found there joins fontManager (the figures find it by name)."""
+    cached = {font.name for font in font_manager.fontManager.ttflist if os.path.exists(font.fname)}
+    name = next((name for name in HANGUL_FONTS if name in cached), None)
+    if name:
+        return name
+    for path in sorted(font_manager.findSystemFonts()):  # (walks the font folders: what is on disk now)
+        stem = pathlib.Path(path).stem.lower().replace("-", "").replace("_", "").replace(" ", "")
+        if stem.startswith(HANGUL_FONT_FILES) and _has_hangul(path):  # (a name alone could draw boxes)
+            font_manager.fontManager.addfont(path)
+            return font_manager.FontProperties(fname=path).get_name()
+    return None
 
 
 # --- the numbers --------------------------------------------------------------------------------------
@@ -183,28 +217,79 @@ def _bar_chart(rows, title, xlabel, out_path):
     return out_path
 
 
-def _gallery_png(rows, out_path, font):
-    n = max(len(rows), 1)
-    cols = min(4, n)
-    grid = (n + cols - 1) // cols
-    fig = Figure(figsize=(3.4 * cols, 3.9 * grid))
-    axes = fig.subplots(grid, cols, squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
+def _fit(text, prop, width_pt, max_lines):
+    """text in at most max_lines lines no wider than width_pt in prop's font, broken at the last space that fits
+    (else inside the word: Korean may break anywhere); text left over cuts the last line with '...'."""
+    def fits(line):
+        return text_to_path.get_text_width_height_descent(line, prop, ismath=False)[0] <= width_pt
+
+    lines, rest = [], " ".join(str(text).split())
+    while rest and len(lines) < max_lines:
+        if fits(rest):
+            return [*lines, rest]
+        lo, hi = 1, len(rest)  # the longest prefix that fits (widths grow with length: bisect)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(rest[:mid]) else (lo, mid - 1)
+        cut = rest.rfind(" ", 0, lo + 1)
+        cut = cut if cut > 0 else lo
+        lines.append(rest[:cut].rstrip())
+        rest = rest[cut:].lstrip()
+    if rest:
+        while len(lines[-1]) > 1 and not fits(lines[-1] + "..."):
+            lines[-1] = lines[-1][:-1]
+        lines[-1] += "..."
+    return lines
+
+
+def _cell_lines(rank, row, font, prop, width_pt):
+    """A cell's text as (line, colour), the same number of lines in every cell: its text area is fixed."""
+    def one(text, colour="black"):
+        return _fit(text, prop, width_pt, 1)[0], colour
+
+    lines = [one(f"#{rank}  {row.id}  [{row.type}]"),
+             one(f"label {row.answer}, predicted {row.pred} ({row.confidence:.2f})")]
+    if not font:  # (no Hangul glyphs: the question and options would be boxes; they are in the HTML table)
+        return lines + [one("  ".join(f"{letter} {getattr(row, 'p_' + letter):.2f}" for letter in OPTION_LETTERS))]
+    question = _fit(row.question, prop, width_pt, QUESTION_LINES)
+    lines += [(line, "black") for line in question + [""] * (QUESTION_LINES - len(question))]
+    return lines + [one(f"{letter} {getattr(row, 'p_' + letter):.2f}  {getattr(row, letter)}",
+                        "#070" if letter == row.answer else "#b00" if letter == row.pred else "black")
+                    for letter in OPTION_LETTERS]
+
+
+def _gallery_figure(rows, font):
+    """The thumbnails in a grid, each over a text area of fixed lines: positions in inches, so no text can run
+    into an image or another text whatever the fonts measure (tight_layout cannot promise that)."""
+    n_lines = 3 if not font else 2 + QUESTION_LINES + len(OPTION_LETTERS)
+    cols = min(GALLERY_COLS, max(len(rows), 1))
+    grid = (max(len(rows), 1) + cols - 1) // cols
+    cell_h = GALLERY_IMAGE_H + n_lines * GALLERY_LINE_H + 3 * GALLERY_PAD
+    fig_w, fig_h = cols * GALLERY_CELL_W, grid * cell_h
+    fig = Figure(figsize=(fig_w, fig_h), dpi=GALLERY_DPI)
+    prop = font_manager.FontProperties(family=[font, "DejaVu Sans"] if font else "DejaVu Sans", size=GALLERY_PT)
+    width_pt = 0.95 * (GALLERY_CELL_W - 2 * GALLERY_PAD) * 72  # (measured unhinted; drawn hinted: a margin)
     if not len(rows):
-        axes[0, 0].text(0.5, 0.5, "no wrong out-of-fold predictions", ha="center", va="center")
-    for ax, row in zip(axes.ravel(), rows.itertuples()):
+        fig.text(0.5, 0.5, "no wrong out-of-fold predictions", ha="center", va="center")
+    for k, row in enumerate(rows.itertuples()):
+        left, top = (k % cols) * GALLERY_CELL_W + GALLERY_PAD, fig_h - (k // cols) * cell_h - GALLERY_PAD
+        ax = fig.add_axes((left / fig_w, (top - GALLERY_IMAGE_H) / fig_h,
+                           (GALLERY_CELL_W - 2 * GALLERY_PAD) / fig_w, GALLERY_IMAGE_H / fig_h))
         ax.imshow(_thumbnail(row.image_path))
-        probs = " ".join(f"{letter}={getattr(row, 'p_' + letter):.2f}" for letter in OPTION_LETTERS)
-        lines = [f"{row.id}  [{row.type}]", f"label {row.answer}, predicted {row.pred}", probs]
-        if font:
-            options = [f"{letter}. {str(getattr(row, letter))[:12]}" for letter in OPTION_LETTERS]
-            lines = [row.question[:28], *options, *lines]
-        ax.set_title("\n".join(lines), fontsize=7, family=font or "DejaVu Sans", loc="left")
-    with warnings.catch_warnings():  # (a font without some glyph warns once per glyph: boxes, not an error)
+        ax.set_anchor("W")  # (the thumbnail over the text's left edge)
+        ax.axis("off")
+        text_top = top - GALLERY_IMAGE_H - GALLERY_PAD
+        for i, (line, colour) in enumerate(_cell_lines(k + 1, row, font, prop, width_pt)):
+            if line:
+                    fig.text(left, text_top - i * GALLERY_LINE_H, line, transform=fig.dpi_scale_trans, va="top",
+                         fontproperties=prop, color=colour, parse_math=False)  # ($ in a question is no math)
+    return fig
+
+
+def _gallery_png(rows, out_path, font):
+    with warnings.catch_warnings():  # (a font without some glyph warns per glyph, measured or drawn: boxes, no error)
         warnings.simplefilter("ignore")
-        fig.tight_layout()
-        fig.savefig(out_path, dpi=90)
+        _gallery_figure(rows, font).savefig(out_path, dpi=GALLERY_DPI)
     return out_path
 
 
@@ -293,8 +378,8 @@ def analyze_run(run_dir, data_dir=None, out_dir=None, top_n=TOP_N, suspect_label
                     for r in gallery.itertuples()],
         "top_n": top_n, "suspect_label_max": suspect_label_max, "suspect_other_min": suspect_other_min,
         "suspect_ids": suspects["id"].tolist(),
-        "gallery_font": font or "none with Hangul glyphs: the PNG shows ids and probabilities, the text is in "
-                                "analysis.html",
+        "gallery_font": font or "none with Hangul glyphs: the PNG shows ids, letters and probabilities, the text "
+                                "is in analysis.html (apt-get install -y fonts-nanum, then analyze again)",
         "plots": {"by_type": "accuracy_by_type.png", "by_answer": "accuracy_by_answer.png",
                   "by_confidence": "accuracy_by_confidence.png", "gallery": "wrong_gallery.png"},
     }
@@ -304,6 +389,8 @@ def analyze_run(run_dir, data_dir=None, out_dir=None, top_n=TOP_N, suspect_label
     _gallery_png(gallery, out / "wrong_gallery.png", font)
     suspects.to_csv(out / "suspect_labels.csv", index=False)
     table = _gallery_table(gallery)  # (a notebook shows gallery.html: the table alone, thumbnails inline)
+    if not font:
+        table = f"<p class='font-hint'>{FONT_HINT}</p>\n{table}"
     (out / "gallery.html").write_text(table, encoding="utf-8")
     (out / "analysis.html").write_text(_page(report, table, suspects, run_dir), encoding="utf-8")
     (out / "analysis.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
