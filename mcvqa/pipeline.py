@@ -31,7 +31,8 @@ from .core.hardware import apply_memory_cap
 from .core.inference import gather_views, image_scales, predict_views, tta_probs
 from .core.locate import resolve_inputs
 from .core.memory import free_memory, plan_memory
-from .core.modeling import load_model_for_training, load_processor, load_trainable_state
+from .core.modeling import (describe_kernels, load_model_for_training, load_processor, load_trainable_state,
+                            model_family)
 from .core.process import process_group
 from .core.preflight import preflight
 from .core.prompts import make_prompt_format
@@ -220,6 +221,9 @@ def run_fold(fold, train, test, folds, processor, fmt, cfg, hardware, out_dir, s
         torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(cfg.seed + fold)  # same LoRA initialisation on every (re-)run of this fold
     model = load_model_for_training(cfg, hardware, device=process_group().local_device(hardware))  # DDP: this rank's GPU
+    kernels = describe_kernels(model_family(cfg.model_name_or_path), hardware)  # (Qwen3.5's linear attention)
+    if kernels:
+        print(kernels)
     if cfg.fast_vision_attention:
         print(f"[model] grouped SDPA vision attention in {patch_vision_attention(model)} layers")
     compile_on, why = compile_vision_choice(cfg.compile_vision, hardware)

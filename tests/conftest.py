@@ -17,7 +17,7 @@ from mcvqa.core.hardware import choose_hardware
 from mcvqa.core.modeling import load_model_for_training, load_processor
 from mcvqa.core.prompts import make_prompt_format
 
-REAL_PROCESSOR_NAMES = ("Qwen2.5-VL-7B-Instruct", "Qwen2-VL-2B-Instruct", "Qwen3-VL-4B-Instruct")
+REAL_PROCESSOR_NAMES = ("Qwen2.5-VL-7B-Instruct", "Qwen2-VL-2B-Instruct", "Qwen3-VL-4B-Instruct", "Qwen3.5-0.8B")
 TINY_FAMILIES = ("qwen2_5_vl", "qwen3_vl")
 # The real processor whose chat template the tiny template of each family reproduces.
 REAL_FOR_FAMILY = {"qwen2_5_vl": ("Qwen2.5-VL-7B-Instruct", "Qwen2-VL-2B-Instruct"),
@@ -161,7 +161,7 @@ def tiny_model(tiny_cfg, hardware):
     def get(family, load_in_4bit=True):
         key = (family, load_in_4bit)
         if key not in cache:
-            model = load_model_for_training(tiny_cfg(family, load_in_4bit=load_in_4bit), hardware)
+            model = load_model_for_training(tiny_cfg(family, quantization="nf4" if load_in_4bit else "none"), hardware)
             cache[key] = randomise_lora(model).eval()
         return cache[key]
 

@@ -64,7 +64,7 @@ def test_tiny_folder_loads_like_a_real_checkpoint(family, tiny_model_dir, tiny_c
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_4bit_load_quantises_language_model_only(family, tiny_cfg, hardware):
-    model = load_base_model(tiny_cfg(family, load_in_4bit=True), hardware)
+    model = load_base_model(tiny_cfg(family, quantization="nf4"), hardware)
     assert type(model).__name__ == CLASS_NAMES[family]
     linears = {name: type(m) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     language = {n: t for n, t in linears.items() if n.startswith("model.language_model.")}
@@ -83,7 +83,7 @@ def test_4bit_load_quantises_language_model_only(family, tiny_cfg, hardware):
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 @pytest.mark.parametrize("load_in_4bit", [True, False], ids=["4bit", "fp32"])
 def test_lora_only_on_language_model(family, load_in_4bit, tiny_cfg, hardware):
-    cfg = tiny_cfg(family, load_in_4bit=load_in_4bit)
+    cfg = tiny_cfg(family, quantization="nf4" if load_in_4bit else "none")
     model = add_lora(load_base_model(cfg, hardware), cfg, hardware)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)

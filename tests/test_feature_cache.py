@@ -189,7 +189,7 @@ def test_train_fold_with_cache_matches_without(tiny_cfg, tiny_processor, tiny_fm
     family = "qwen3_vl"
     processor, fmt = tiny_processor(family), tiny_fmt(family)
     frame = _frame(tmp_path)
-    cfg = tiny_cfg(family, load_in_4bit=False, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, num_workers=0, epochs=2,
+    cfg = tiny_cfg(family, quantization="none", min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, num_workers=0, epochs=2,
                    micro_batch_size=1, grad_accum_steps=2, learning_rate=1e-2, evals_per_epoch=1, infer_batch_size=2)
     results, stepping = [], training.optimizer_step
     for use_cache in (False, True):
@@ -332,7 +332,7 @@ def test_grouped_vision_attention_equals_stock(family, tiny_model, tiny_processo
 def test_compiled_vision_elementwise_equals_stock(family, tiny_cfg, hardware, tiny_processor, tiny_fmt):
     """torch.compile of the blocks' norms, MLP and the grouped attention's rotary: same tower outputs in
     fp32, and the compiled code really runs (dynamo compiled graphs, rotary through the compiled function)."""
-    model = load_model_for_training(tiny_cfg(family, load_in_4bit=False), hardware).eval()  # own copy: compiled in place
+    model = load_model_for_training(tiny_cfg(family, quantization="none"), hardware).eval()  # own copy: compiled in place
     items = [dict(it, image=_image(size, rgb))
              for it, size, (_, rgb, _, _) in zip(_items(), [(112, 84), (84, 112), (56, 112)], SPECS)]
     batch = _collate(family, tiny_processor, tiny_fmt, items)

@@ -39,14 +39,14 @@ def test_model_auto_finds_the_one_qwen_vl_folder_however_deep_kaggle_nests_it(tm
 
 
 def test_model_auto_with_none_or_several_lists_them_and_how_to_choose(tmp_path):
-    with pytest.raises(InputNotFoundError, match=r"model_name_or_path=auto: no Qwen-VL model folder.*Fix: attach it"):
+    with pytest.raises(InputNotFoundError, match=r"model_name_or_path=auto: no model folder.*Fix: attach it"):
         find_model_dir(tmp_path)
     a = _model_folder(tmp_path / "qwen2.5-vl-3b" / "1")
     b = _model_folder(tmp_path / "qwen3-vl-8b" / "1", model_type="qwen3_vl")
     with pytest.raises(InputNotFoundError) as caught:
         find_model_dir(tmp_path)
     message = str(caught.value)
-    assert "2 candidates (Qwen-VL model folder" in message
+    assert "2 candidates (model folder" in message
     assert f"model_name_or_path={a}" in message and f"model_name_or_path={b}" in message
 
 
@@ -66,7 +66,7 @@ def test_a_model_setting_naming_a_kaggle_models_parent_folder_looks_inside_it(tm
     empty = tmp_path / "empty"
     empty.mkdir()
     cfg = resolve_config("local_gpu", [f"data_dir={data}", f"model_name_or_path={empty}"], env={}, verbose=False)
-    with pytest.raises(InputNotFoundError, match=rf"model_name_or_path={empty}: no Qwen-VL model folder.* under {empty}"):
+    with pytest.raises(InputNotFoundError, match=rf"model_name_or_path={empty}: no model folder.* under {empty}"):
         resolve_inputs(cfg)
 
 

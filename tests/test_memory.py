@@ -49,8 +49,8 @@ def test_weight_estimate_matches_the_measured_load(model_dirs, name, measured):
     load_model_for_training, fp16, NF4, fp32 vision tower); the estimate adds the LoRA optimizer state."""
     cfg = _cfg("kaggle_t4x2", model_dirs[name])
     model, _ = _meta_model(cfg)
-    weights = weight_gib(model, cfg, choose_hardware([T4]))
-    base = weight_gib(model, dataclasses.replace(cfg, lora_r=0), choose_hardware([T4]))
+    weights = weight_gib(model, cfg, choose_hardware([T4]), nf4=True)
+    base = weight_gib(model, dataclasses.replace(cfg, lora_r=0), choose_hardware([T4]), nf4=True)
     lora_state = weights - base  # LoRA weights, gradients, two AdamW moments, EMA: 5 fp32 copies
     assert lora_state > 0.2
     assert abs(base + lora_state / LORA_COPIES - measured) / measured < 0.12  # the load held the LoRA weights only
@@ -81,8 +81,8 @@ def test_a_bigger_card_drops_checkpointing_where_the_micro_batch_fits_without_it
 
 
 def test_a_model_too_big_for_the_card_stops_with_the_fix(model_dirs):
-    with pytest.raises(ValueError, match=r"needs ~.* GiB for its weights alone.*Fix: a smaller model"):
-        plan_memory(_cfg("kaggle_t4x2", model_dirs["8b"], "load_in_4bit=false"), choose_hardware([T4]))
+    with pytest.raises(ValueError, match=r"needs ~.* GiB for its weights alone.*Fix: a smaller model.*or quantization=nf4"):
+        plan_memory(_cfg("kaggle_t4x2", model_dirs["8b"], "quantization=none"), choose_hardware([T4]))
 
 
 def test_cpu_plan_only_resolves_auto(model_dirs):

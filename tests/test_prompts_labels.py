@@ -24,14 +24,25 @@ from mcvqa.core.prompts import (
 )
 
 MIN_PIXELS, MAX_PIXELS = 28 * 28 * 4, 112 * 112
-IM_START, IM_END, NEWLINE, ASSISTANT, USER = 151644, 151645, 198, 77091, 872  # real Qwen vocabulary
+IM_START, IM_END, NEWLINE, ASSISTANT, USER = 151644, 151645, 198, 77091, 872  # real Qwen2/2.5/3-VL vocabulary
+# Where each real template puts the answer letter: the generation prompt's last tokens, and the end of the turn.
+# Qwen3.5 (thinking off) writes an empty thinking block first: <think> \n\n </think> \n\n.
+ANSWER_HEADER = {name: [IM_START, ASSISTANT, NEWLINE] for name in REAL_PROCESSOR_NAMES}
+ANSWER_HEADER["Qwen3.5-0.8B"] = [248045, 74455, NEWLINE, 248068, 271, 248069, 271]
+TURN_END = {name: [IM_END, NEWLINE] for name in REAL_PROCESSOR_NAMES}
+TURN_END["Qwen3.5-0.8B"] = [248046, NEWLINE]
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
 @pytest.fixture(params=REAL_PROCESSOR_NAMES)
-def real(request, real_processor):
-    return real_processor(request.param)
+def real_name(request):
+    return request.param
+
+
+@pytest.fixture
+def real(real_name, real_processor):
+    return real_processor(real_name)
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +58,11 @@ def assert_scored_id_is_trained_id(processor, fmt, user_text="질문?\na. 1\nb. 
     """For every letter: REAL template's answered conversation == prompt + [letter id] + suffix."""
     tok = processor.tokenizer
     prompt = processor.apply_chat_template(build_messages(user_text, fmt.system_prompt),
-                                           add_generation_prompt=True, tokenize=False)
+                                           add_generation_prompt=True, tokenize=False, enable_thinking=False)
     prompt_ids = _tokens(tok, prompt)
     for letter, letter_id in zip(OPTION_LETTERS, fmt.letter_ids):
-        full = processor.apply_chat_template(build_messages(user_text, fmt.system_prompt, letter), tokenize=False)
+        full = processor.apply_chat_template(build_messages(user_text, fmt.system_prompt, letter), tokenize=False,
+                                             enable_thinking=False)
         assert _tokens(tok, full) == prompt_ids + [letter_id] + fmt.suffix_ids, letter
 
 
@@ -64,19 +76,19 @@ def test_answer_letter_ids_are_bare_letters(real):
 
 
 # ---------------------------------------------------------------------------------------------- 2
-def test_prompt_format_matches_real_template(real, cfg):
+def test_prompt_format_matches_real_template(real, real_name, cfg):
     fmt = make_prompt_format(real, cfg)
     assert fmt.letter_ids == [64, 65, 66, 67]
-    assert fmt.suffix_ids == [IM_END, NEWLINE]
+    assert fmt.suffix_ids == TURN_END[real_name]
     assert real.tokenizer.decode(fmt.suffix_ids) == "<|im_end|>\n"
     assert_scored_id_is_trained_id(real, fmt)
     assert_scored_id_is_trained_id(real, fmt, format_user_text("그림 속 도형은?", ["빨간색", "원, 별", "1개", "왼쪽 위"],
                                                                 cfg.instruction))
 
 
-def test_prompt_format_with_system_prompt(real, cfg):
+def test_prompt_format_with_system_prompt(real, real_name, cfg):
     fmt = make_prompt_format(real, demo_config(system_prompt="당신은 시험 도우미입니다."))
-    assert fmt.suffix_ids == [IM_END, NEWLINE]
+    assert fmt.suffix_ids == TURN_END[real_name]
     assert_scored_id_is_trained_id(real, fmt)
 
 
@@ -102,7 +114,7 @@ def _items():
     ]
 
 
-def test_collator_labels_against_real_processor(real, cfg):
+def test_collator_labels_against_real_processor(real, real_name, cfg):
     fmt = make_prompt_format(real, cfg)
     items = _items()
     batch = VqaCollator(real, fmt, MIN_PIXELS, MAX_PIXELS)(items)
@@ -125,12 +137,13 @@ def test_collator_labels_against_real_processor(real, cfg):
         assert (mm[i, n:] == 0).all()
         user_text = format_user_text(item["question"], item["options"], cfg.instruction, cfg.instruction_first)
         prompt = real.apply_chat_template(build_messages(user_text, cfg.system_prompt),
-                                          add_generation_prompt=True, tokenize=False)
+                                          add_generation_prompt=True, tokenize=False, enable_thinking=False)
         own = real(text=[prompt], images=[item["image"]], size=size)
         grids.append(own["image_grid_thw"][0].tolist())
         p = int(pos[i])
         assert ids[i, :p + 1].tolist() == list(own["input_ids"][0])
-        assert ids[i, p - 2:p + 1].tolist() == [IM_START, ASSISTANT, NEWLINE]
+        header = ANSWER_HEADER[real_name]  # the scored position is the template's last header token
+        assert ids[i, p - len(header) + 1:p + 1].tolist() == header
         # mm_token_type_ids marks exactly the image pad tokens.
         assert mm[i].tolist() == (ids[i] == image_id).long().tolist()
         assert int(mm[i].sum()) == int(torch.tensor(grids[-1]).prod()) // 4
@@ -145,7 +158,7 @@ def test_collator_labels_against_real_processor(real, cfg):
         assert n == p + 1 + 1 + len(fmt.suffix_ids)
         # The whole answered conversation, rendered by the real template, tokenised by the processor.
         full = real.apply_chat_template(build_messages(user_text, cfg.system_prompt, OPTION_LETTERS[item["answer"]]),
-                                        tokenize=False)
+                                        tokenize=False, enable_thinking=False)
         assert ids[i, :n].tolist() == list(real(text=[full], images=[item["image"]], size=size)["input_ids"][0])
     assert batch["image_grid_thw"].tolist() == grids
     assert len({tuple(g) for g in grids}) == 3  # three image sizes really gave three grids
@@ -273,7 +286,7 @@ KOREAN_LONG = "".join(chr(0xAC00 + (i * 7919) % 11172) for i in range(2000))  # 
 
 
 @pytest.mark.parametrize("long_text", ["x" * 2000, "빨간색 파란색 " * 250, KOREAN_LONG], ids=["ascii", "words", "syllables"])
-def test_long_question_and_option_are_cut_but_answer_position_is_kept(real, long_text):
+def test_long_question_and_option_are_cut_but_answer_position_is_kept(real, real_name, long_text):
     cfg = demo_config(max_question_tokens=24, max_option_tokens=8)
     fmt = make_prompt_format(real, cfg)
     tok = real.tokenizer
@@ -288,13 +301,14 @@ def test_long_question_and_option_are_cut_but_answer_position_is_kept(real, long
     assert lines[lines.index(option_lines[0]) - 1] == cfg.instruction  # never cut (instruction_first: before the options)
     question = "\n".join(lines[:lines.index(option_lines[0]) - 1])
     assert 0 < len(_tokens(tok, question)) <= cfg.max_question_tokens
-    assert text.endswith("<|im_start|>assistant\n")
+    assert tok.encode(text, add_special_tokens=False)[-len(ANSWER_HEADER[real_name]):] == ANSWER_HEADER[real_name]
     # Collated with an answer: the one label is still the letter right after the assistant header.
     item = {"row": 0, "perm": (0, 1, 2, 3), "image": Image.new("RGB", (64, 64)), "question": long_text,
             "options": options, "answer": 1}
     batch = VqaCollator(real, fmt, MIN_PIXELS, MAX_PIXELS)([item])
     p = int(batch["answer_positions"][0])
-    assert batch["input_ids"][0, p - 2:p + 2].tolist() == [IM_START, ASSISTANT, NEWLINE, 65]
+    header = ANSWER_HEADER[real_name]
+    assert batch["input_ids"][0, p - len(header) + 1:p + 2].tolist() == header + [65]
     assert (batch["labels"][0] != IGNORE_INDEX).nonzero().flatten().tolist() == [p + 1]
     assert batch["input_ids"].shape[1] < 200  # a 2000-character field did not survive
 

@@ -221,7 +221,7 @@ def test_fp16_hardware_runs_the_vision_tower_outside_autocast(family, setup, tin
     from mcvqa.core.modeling import add_lora, load_base_model
 
     t4 = dataclasses.replace(hardware, dtype="float16")
-    cfg = tiny_cfg(family, load_in_4bit=False)
+    cfg = tiny_cfg(family, quantization="none")
     model = add_lora(load_base_model(cfg, hardware), cfg, t4)  # fp32 weights on the CPU, fp16 "hardware"
     vlm = model.get_base_model().model
     assert vlm.visual.patch_embed.proj.weight.dtype == torch.float32

@@ -46,8 +46,9 @@ class Config:
     lora_r: int = 16  # LoRA rank: adapter capacity (16 is QLoRA's usual; 32-64 for more capacity, more memory)
     lora_alpha: int = 32  # LoRA scale = alpha / r; keep alpha = 2 r when changing r
     lora_dropout: float = 0.05  # dropout on the LoRA inputs; 0 trains 35-70 % faster on the T4 path (BENCHMARKS.md)
-    # Language-model linear layers only: the vision tower stays frozen (see README for why).
-    lora_target_modules: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    # Language-model linear layers only: the vision tower stays frozen (see README for why). auto: the model family's
+    # (attention and MLP projections; Qwen3.5 adds its DeltaNet projections: families/)
+    lora_target_modules: str = "auto"
     n_folds: int = 3  # stratified by answer, grouped by image: each fold trains a model, all of them predict the test set
     folds: str = "all"  # which folds to train, e.g. "0" or "0,2"
     epochs: int = 2  # passes over each fold's training rows; 0 = zero-shot (the base model scores, nothing trained)
@@ -91,7 +92,9 @@ class Config:
     bomb_limit_pixels: int = 200_000_000  # larger decoded images are refused as possible decompression bombs
     blank_images: bool = False  # control experiment: every image blank (accuracy should fall to chance)
     # --- engine room: precision, memory, speed, robustness (chosen per card and profile; rarely touched) ---
-    load_in_4bit: bool = True  # NF4 weights + double quantisation (QLoRA); False: plain weights
+    # nf4: NF4 weights + double quantisation (QLoRA) | none: 16-bit weights (LoRA) | auto: the model family's choice
+    # where the card's memory allows it (Qwen2/2.5/3-VL: nf4; Qwen3.5: 16-bit where it fits, else nf4; memory.py)
+    quantization: str = "auto"
     dtype: str = "auto"  # auto: from the hardware (fp16 below sm80, bf16 from sm80, fp32 on CPU)
     attn_implementation: str = "auto"  # auto: flash_attention_2 where installed and supported, else sdpa
     gpu_memory_gib: float = 0.0  # 0: the card's own; less caps this process per GPU (e.g. 15 rehearses a T4 on a bigger card)
@@ -130,7 +133,8 @@ class Config:
             raise ConfigError(f"config: gradient_checkpointing must be auto, on or off, got {self.gradient_checkpointing!r}")
         self.gradient_checkpointing = value
         # Settings read only at prediction time are checked here, before any training.
-        choices = {"tta_average": ("prob", "logprob"), "gate_by": ("margin", "agreement"), "gate_apply": ("auto", "always")}
+        choices = {"tta_average": ("prob", "logprob"), "gate_by": ("margin", "agreement"), "gate_apply": ("auto", "always"),
+                   "quantization": ("auto", "nf4", "none")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"config: {name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
@@ -158,7 +162,7 @@ class Config:
 PROFILES = {
     "demo": dict(
         data_dir="data/demo", output_dir="runs/demo", model_name_or_path="",  # "": data/tiny_models/<demo_family>
-        demo=True, load_in_4bit=True, min_pixels=56 * 56, max_pixels=56 * 56,
+        demo=True, quantization="nf4", min_pixels=56 * 56, max_pixels=56 * 56,
         gradient_checkpointing=False, epochs=5, micro_batch_size=16, grad_accum_steps=1, loss_over="letters",
         learning_rate=2e-3, warmup_ratio=0.1, ema_decay=0.9, lora_r=16, lora_alpha=32, lora_dropout=0.0,
         evals_per_epoch=1, early_stopping_patience=0, num_workers=0, infer_batch_size=32,
@@ -276,7 +280,12 @@ def _refuse_several_on_one_line(item, value):
                           + "\n".join(settings))
 
 
+RENAMED = {"load_in_4bit": "quantization=nf4 (true) or quantization=none (false); auto: the model family's choice"}
+
+
 def _unknown_setting(key, where, fields):
+    if key in RENAMED:
+        return ConfigError(f"config: {key} ({where}) was renamed: {RENAMED[key]}")
     close = difflib.get_close_matches(key, fields, n=3, cutoff=0.6)
     hint = f" Did you mean {' or '.join(close)}?" if close else f" Known settings: {', '.join(fields)}"
     return ConfigError(f"config: unknown setting {key!r} ({where}).{hint}")

@@ -3,7 +3,8 @@
 On Kaggle every input is a read-only folder under `/kaggle/input`, the competition's and the model's
 alike, and Kaggle Models nest a model several levels deep (`<model>/transformers/<variant>/<version>/`).
 `data_dir=auto` takes the one folder holding `train.csv` and `test.csv`; `model_name_or_path=auto` the
-one folder whose `config.json` is a Qwen-VL model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) with weights beside it;
+one folder whose `config.json` is a model of a family the pipeline loads (families/: Qwen2-VL, Qwen2.5-VL,
+Qwen3-VL, Qwen3.5) with weights beside it, and checks that the installed transformers has that family;
 a model setting that names a folder without `config.json` (a Kaggle Models parent) is searched the same way.
 With none or several, the message lists what was found and the line that chooses. A hub id (no local
 folder) is tried once up front, so a session without internet says so instead of failing deep inside
@@ -17,10 +18,13 @@ import json
 import os
 import pathlib
 
-from .errors import UserError
-from .packages import kaggle_input
+from packaging.version import Version
 
-QWEN_VL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+from ..families.registry import MODEL_TYPES, family_of
+from .compat import transformers_version
+from .errors import UserError
+from .packages import SetupError, kaggle_input
+
 DRIVE_ROOT = "/content/drive"
 
 
@@ -49,23 +53,43 @@ def find_data_dir(search_root=None):
     return _choose("data_dir", found, "folder with train.csv and test.csv", search_root)
 
 
-def _is_qwen_vl_folder(config_path):
+def _model_type(config_path):
     try:
-        model_type = json.loads(pathlib.Path(config_path).read_text(encoding="utf-8")).get("model_type")
+        return json.loads(pathlib.Path(config_path).read_text(encoding="utf-8")).get("model_type")
     except (OSError, ValueError):
-        return False
+        return None
+
+
+def _is_model_folder(config_path):
+    """A checkpoint of a family the pipeline loads (families/registry.py), with weights beside its config."""
     folder = pathlib.Path(config_path).parent
     has_weights = any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
-    return model_type in QWEN_VL_MODEL_TYPES and has_weights
+    return _model_type(config_path) in MODEL_TYPES and has_weights
 
 
 def find_model_dir(search_root=None, given="auto"):
-    """The one Qwen-VL model folder under search_root (the Kaggle inputs; any depth, as Kaggle Models nest them)."""
+    """The one model folder under search_root (the Kaggle inputs; any depth, as Kaggle Models nest them)."""
     search_root = kaggle_input() if search_root is None else search_root
     found = sorted(str(pathlib.Path(p).parent) for p in glob.glob(f"{search_root}/**/config.json", recursive=True)
-                   if _is_qwen_vl_folder(p))
-    return _choose("model_name_or_path", found, "Qwen-VL model folder: config.json of model_type "
-                   f"{'/'.join(QWEN_VL_MODEL_TYPES)} with weights beside it", search_root, given)
+                   if _is_model_folder(p))
+    return _choose("model_name_or_path", found, "model folder (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5): config.json "
+                   f"of model_type {'/'.join(MODEL_TYPES)} with weights beside it", search_root, given)
+
+
+def check_family_release(model_dir):
+    """A model line newer than the installed transformers (Qwen3.5 on Kaggle's 5.0.0) stops here, before its
+    config is parsed into an unhelpful "unrecognized model type"."""
+    model_type = _model_type(pathlib.Path(model_dir) / "config.json")
+    if model_type is None:
+        return
+    family = family_of(model_type)
+    installed = transformers_version()
+    if installed < Version(family.transformers_floor):
+        raise SetupError(f"model_name_or_path={model_dir} is {family.name} (model_type {model_type}), which needs "
+                         f"transformers >= {family.transformers_floor} (>= {family.shared_prefix_since} for the fast "
+                         f"option-order TTA); {installed} is installed. Fix: the setup cell installs a newer one when "
+                         f"it sees such a model attached (or pip install -U 'transformers>={family.shared_prefix_since},<6'; "
+                         "offline: the wheel bundle), then restart the kernel")
 
 
 def check_hub_model(name):
@@ -111,6 +135,8 @@ def resolve_inputs(cfg, search_root=None):
             raise InputNotFoundError(f"model_name_or_path={model}: no such folder. Fix: set it to the model's folder, "
                                      "or model_name_or_path=auto on Kaggle")
         check_hub_model(model)
+    if model and os.path.isdir(model):
+        check_family_release(model)
     if data_dir != cfg.data_dir or model != cfg.model_name_or_path:
         return dataclasses.replace(cfg, data_dir=str(data_dir), model_name_or_path=model)
     return cfg

@@ -26,6 +26,7 @@ import torch
 from transformers import AutoConfig, AutoModelForImageTextToText
 
 from .config import ConfigError
+from .modeling import lora_targets, model_family
 
 TEXT_TOKENS = 160  # template + Korean question + instruction + four options, typical (the image dominates)
 # Measured peak over estimated activations (Qwen2.5-VL-3B, fp16, 4-bit, 384x384, checkpointing, micro-batch 32,
@@ -42,21 +43,28 @@ def _meta_model(cfg):
         return AutoModelForImageTextToText.from_config(config), config
 
 
-def _quantised_linears(model):
-    """The language model's linear layers (what NF4 stores in 4 bits): (name, module) pairs."""
+def _language_linears(model):
+    """The language model's linear layers, LM head excluded: (name, module) pairs."""
     return [(name, module) for name, module in model.named_modules()
             if isinstance(module, torch.nn.Linear) and ".visual." not in f".{name}." and not name.endswith("lm_head")]
 
 
+def _quantised_linears(model, family):
+    """What NF4 stores in 4 bits: the language model's linear layers but the family's small gates."""
+    return [(name, module) for name, module in _language_linears(model)
+            if name.rsplit(".", 1)[-1] not in family.kbit_skip]
+
+
 def lora_parameters(model, cfg):
     """LoRA weights the run trains: r * (in + out) per targeted linear layer."""
+    targets = lora_targets(cfg)
     return sum(cfg.lora_r * (module.in_features + module.out_features)
-               for name, module in _quantised_linears(model) if re.fullmatch(cfg.lora_target_modules, name))
+               for name, module in _language_linears(model) if re.fullmatch(targets, name))
 
 
 def lm_matmul_parameters(model):
     """Weights of the language model's matmuls, LM head excluded: 2 x this many FLOPs per token forward."""
-    return sum(module.in_features * module.out_features for _, module in _quantised_linears(model))
+    return sum(module.in_features * module.out_features for _, module in _language_linears(model))
 
 
 def vision_matmul_parameters(model):
@@ -65,14 +73,17 @@ def vision_matmul_parameters(model):
                if isinstance(module, torch.nn.Linear) and ".visual." in f".{name}.")
 
 
-def weight_gib(model, cfg, hardware):
-    """Memory of the loaded, LoRA-wrapped model: NF4 language-model linears (0.5 byte + ~4 % for the
-    quantisation constants per weight), fp32 for every other weight k-bit training upcasts (embeddings,
-    untied LM head, norms, biases), the vision tower in fp32 on fp16 cards else in the compute dtype,
-    and the LoRA weights with their gradient, AdamW moments and EMA."""
+def weight_gib(model, cfg, hardware, nf4):
+    """Memory of the loaded, LoRA-wrapped model. With nf4: NF4 language-model linears (0.5 byte + ~4 % for the
+    quantisation constants per weight), fp32 for every other weight k-bit training upcasts (norms, biases, the
+    embeddings and untied LM head unless the family gives them back 16 bits); without: every weight in the
+    compute dtype. The vision tower in fp32 on fp16 cards, else in the compute dtype; the LoRA weights with
+    their gradient, AdamW moments and EMA."""
+    family = model_family(cfg.model_name_or_path)
     compute = 4 if hardware.dtype == "float32" else 2
-    other = 4 if cfg.load_in_4bit else compute  # k-bit preparation upcasts what it does not quantise
-    quantised = {id(module.weight) for _, module in _quantised_linears(model)}
+    other = 4 if nf4 else compute  # k-bit preparation upcasts what it does not quantise
+    quantised = {id(module.weight) for _, module in _quantised_linears(model, family)}
+    embeddings = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) for p in m.parameters()}
     total, seen = 0.0, set()
     for name, param in model.named_parameters():
         if id(param) in seen:  # tied embeddings count once
@@ -80,8 +91,10 @@ def weight_gib(model, cfg, hardware):
         seen.add(id(param))
         if ".visual." in f".{name}":
             total += param.numel() * (4 if hardware.dtype == "float16" else compute)
-        elif id(param) in quantised and cfg.load_in_4bit:
+        elif id(param) in quantised and nf4:
             total += param.numel() * 0.52
+        elif id(param) in embeddings and family.embeddings_16bit:
+            total += param.numel() * compute
         else:
             total += param.numel() * other
     return (total + lora_parameters(model, cfg) * 4 * LORA_COPIES) / 2**30
@@ -106,19 +119,30 @@ def activation_gib(config, tokens, checkpointing, bytes_per_value):
     layer at a time is recomputed (and back-propagated); without, every layer keeps ~14 hidden-size and
     5 intermediate-size values per token (attention, norms, MLP, LoRA inputs)."""
     text = config.text_config
-    layers, hidden, inner = text.num_hidden_layers, text.hidden_size, text.intermediate_size
+    layers, hidden, inner = text.num_hidden_layers, text.hidden_size, _mlp_width(text)
     one_layer = tokens * (14 * hidden + 5 * inner) * bytes_per_value
     kept = layers * tokens * hidden * bytes_per_value + 2 * one_layer if checkpointing else layers * one_layer
     return ACTIVATION_MARGIN * kept / 2**30
 
 
-def kv_cache_gib_per_row(config, tokens, views, bytes_per_value):
-    """Shared-prefix prediction: a row's prefix KV cache, repeated once per option view, plus one layer's activations."""
+def _mlp_width(text):
+    """The MLP's inner width per token: dense, or MoE's routed experts plus its shared one."""
+    dense = getattr(text, "intermediate_size", None)
+    if dense:
+        return dense
+    return text.moe_intermediate_size * text.num_experts_per_tok + getattr(text, "shared_expert_intermediate_size", 0)
+
+
+def kv_cache_gib_per_row(config, family, tokens, views, bytes_per_value):
+    """Shared-prefix prediction: a row's prefix cache, repeated once per option view, plus one layer's
+    activations. The cache: keys and values of the layers that keep them (all of them but Qwen3.5's linear
+    ones), and the fixed per-sequence state of the others."""
     text = config.text_config
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    kv = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * tokens * bytes_per_value
-    one_layer = tokens * (4 * text.hidden_size + 2 * text.intermediate_size) * bytes_per_value
-    return (kv * (1 + views) + ACTIVATION_MARGIN * one_layer) / 2**30  # (the KV cache's size is exact)
+    kv = 2 * family.kv_layers(text) * text.num_key_value_heads * head_dim * tokens * bytes_per_value
+    one_layer = tokens * (4 * text.hidden_size + 2 * _mlp_width(text)) * bytes_per_value
+    cache = kv + family.state_bytes(text)
+    return (cache * (1 + views) + ACTIVATION_MARGIN * one_layer) / 2**30  # (the cache's size is exact)
 
 
 def _largest_fitting(limit, fits):
@@ -131,14 +155,39 @@ def _largest_fitting(limit, fits):
     return size
 
 
+def choose_quantization(cfg, family, model, config, hardware):
+    """(nf4 | none, why): the setting, or with `auto` the family's choice. A family that prefers 16 bits
+    (Qwen3.5: larger quantisation error in 4 bits) gets them where the 16-bit weights and one checkpointed
+    training sample fit the card; else NF4. On the CPU (RAM, not GPU memory) the family's choice as is."""
+    if cfg.quantization != "auto":
+        return cfg.quantization, f"quantization={cfg.quantization} set"
+    if family.quantization == "nf4":
+        return "nf4", f"the {family.name} family trains QLoRA: 4-bit weights"
+    if hardware.device != "cuda":
+        return "none", f"{family.name} trains 16-bit LoRA where it fits (on the CPU: RAM)"
+    bytes_per_value = 4 if hardware.dtype == "float32" else 2
+    need = weight_gib(model, cfg, hardware, nf4=False) + HEADROOM_GIB + \
+        activation_gib(config, tokens_per_sample(config, cfg), True, bytes_per_value)
+    if need <= hardware.gpu_memory_gib:
+        return "none", (f"{family.name} trains 16-bit LoRA (4-bit QLoRA loses more accuracy on it): ~{need:.1f} GiB "
+                        f"for the 16-bit weights and one sample fit the {hardware.gpu_memory_gib:g} GiB")
+    return "nf4", (f"{family.name} prefers 16-bit LoRA, but its 16-bit weights and one sample need ~{need:.1f} GiB, "
+                   f"more than the {hardware.gpu_memory_gib:g} GiB: NF4 (QLoRA)")
+
+
 def plan_memory(cfg, hardware, verbose=True):
-    """cfg with gradient_checkpointing on/off, and micro_batch_size / grad_accum_steps / infer_batch_size
-    fitted to the GPU's memory (hardware.gpu_memory_gib, a cap included). Returns (cfg, plan dict)."""
+    """cfg with quantization (auto resolved), gradient_checkpointing on/off, and micro_batch_size /
+    grad_accum_steps / infer_batch_size fitted to the GPU's memory (hardware.gpu_memory_gib, a cap included).
+    Returns (cfg, plan dict)."""
     say = print if verbose else (lambda *_: None)
     model, config = _meta_model(cfg)
+    family = model_family(cfg.model_name_or_path)
+    quantization, why = choose_quantization(cfg, family, model, config, hardware)
+    say(f"[memory] {quantization}: {why}")
+    cfg = dataclasses.replace(cfg, quantization=quantization)
     # (The sizes preflight.py checks the disk and the time budget against.)
-    sizes = {"lora_params": lora_parameters(model, cfg), "lm_matmul_params": lm_matmul_parameters(model),
-             "tokens_per_sample": tokens_per_sample(config, cfg),
+    sizes = {"quantization": quantization, "lora_params": lora_parameters(model, cfg),
+             "lm_matmul_params": lm_matmul_parameters(model), "tokens_per_sample": tokens_per_sample(config, cfg),
              "feature_bytes_per_image": feature_bytes_per_image(config, cfg),
              "vision_matmul_params": vision_matmul_parameters(model),
              "patches_per_image": cfg.max_pixels // config.vision_config.patch_size ** 2}
@@ -148,20 +197,20 @@ def plan_memory(cfg, hardware, verbose=True):
         return dataclasses.replace(cfg, gradient_checkpointing=choice), {"device": "cpu", "gradient_checkpointing": choice,
                                                                          **sizes}
     bytes_per_value = 4 if hardware.dtype == "float32" else 2
-    weights = weight_gib(model, cfg, hardware)
+    weights = weight_gib(model, cfg, hardware, nf4=quantization == "nf4")
     free = hardware.gpu_memory_gib - weights - HEADROOM_GIB
     tokens = sizes["tokens_per_sample"]
     with_ckpt = activation_gib(config, tokens, True, bytes_per_value)
     without = activation_gib(config, tokens, False, bytes_per_value)
     micro = cfg.micro_batch_size
-    say(f"[memory] {hardware.gpu_memory_gib:g} GiB per GPU; estimated {weights:.1f} GiB for the model (4-bit weights, "
-        f"fp32 copies, LoRA + optimizer), {free:.1f} GiB left; a {tokens}-token sample ({cfg.max_pixels} pixels + "
-        f"~{TEXT_TOKENS} text) needs ~{without:.2f} GiB of activations without gradient checkpointing, "
-        f"~{with_ckpt:.2f} GiB with it")
+    say(f"[memory] {hardware.gpu_memory_gib:g} GiB per GPU; estimated {weights:.1f} GiB for the model "
+        f"({'4-bit weights, fp32 copies' if quantization == 'nf4' else '16-bit weights'}, LoRA + optimizer), {free:.1f} "
+        f"GiB left; a {tokens}-token sample ({cfg.max_pixels} pixels + ~{TEXT_TOKENS} text) needs ~{without:.2f} GiB of "
+        f"activations without gradient checkpointing, ~{with_ckpt:.2f} GiB with it")
     if free <= 0:
         raise ConfigError(f"config: {cfg.model_name_or_path} needs ~{weights:.1f} GiB for its weights alone, more than "
-                         f"this GPU's {hardware.gpu_memory_gib:g} GiB. Fix: a smaller model (e.g. Qwen2.5-VL-3B-Instruct), "
-                         "or load_in_4bit=true")
+                          f"this GPU's {hardware.gpu_memory_gib:g} GiB. Fix: a smaller model (e.g. Qwen2.5-VL-3B-Instruct)"
+                          + (", or quantization=nf4" if quantization != "nf4" else ""))
     checkpointing = cfg.gradient_checkpointing
     if checkpointing == "auto":
         checkpointing = "off" if micro * without <= free else "on"
@@ -179,7 +228,7 @@ def plan_memory(cfg, hardware, verbose=True):
     infer = cfg.infer_batch_size
     if cfg.fit_micro_batch:
         views = cfg.tta_option_views if cfg.tta_shared_prefix else 1
-        row = kv_cache_gib_per_row(config, tokens, views, bytes_per_value)
+        row = kv_cache_gib_per_row(config, family, tokens, views, bytes_per_value)
         fitted = _largest_fitting(infer, lambda b: b * row <= free)
         if fitted < infer:
             say(f"[memory]   infer_batch_size {infer} -> {fitted}: a row with {views} option views needs ~{row:.2f} GiB")
@@ -194,7 +243,7 @@ def plan_memory(cfg, hardware, verbose=True):
                                grad_accum_steps=accum, infer_batch_size=infer), plan
 
 
-def _is_oom(error):
+def is_oom(error):
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
@@ -210,7 +259,7 @@ def call_or_oom(function, can_retry):
     try:
         return function()
     except Exception as error:  # noqa: BLE001 - only OOM is handled, everything else re-raised
-        if not (_is_oom(error) and can_retry):
+        if not (is_oom(error) and can_retry):
             raise
     return OUT_OF_MEMORY
 

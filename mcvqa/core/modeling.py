@@ -10,6 +10,7 @@ vision towers.
 """
 
 import functools
+import importlib.util
 import os
 import warnings
 
@@ -17,6 +18,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
+from ..families.registry import family_of
 from .errors import UserError
 
 # Qwen2.5-VL and Qwen3-VL both call the vision tower `visual` (under `model.` in transformers 5);
@@ -77,17 +79,38 @@ def model_device(model):
     return next(model.parameters()).device
 
 
+@functools.lru_cache(maxsize=None)
+def model_family(name_or_path):
+    """The family (families/) of the checkpoint cfg.model_name_or_path names, from its config.json alone."""
+    return family_of(AutoConfig.from_pretrained(name_or_path, local_files_only=is_local_model(name_or_path)))
+
+
+def lora_targets(cfg):
+    """The LoRA target regex: the setting, or with `auto` the model family's."""
+    return model_family(cfg.model_name_or_path).lora_targets if cfg.lora_target_modules == "auto" \
+        else cfg.lora_target_modules
+
+
+def uses_nf4(cfg):
+    """Whether the language model is stored in NF4: the setting, or with `auto` (not planned for a card: tests,
+    the CPU) the family's choice."""
+    if cfg.quantization == "auto":
+        return model_family(cfg.model_name_or_path).quantization == "nf4"
+    return cfg.quantization == "nf4"
+
+
 def load_base_model(cfg, hardware, device=None):
-    """The frozen base model, 4-bit when cfg.load_in_4bit, placed wholly on one device."""
+    """The frozen base model, NF4 where `uses_nf4`, placed wholly on one device."""
     device = device or ("cuda:0" if hardware.device == "cuda" else "cpu")
     kwargs = dict(dtype=hardware.torch_dtype, attn_implementation=hardware.attn_implementation,
                   device_map={"": device}, local_files_only=is_local_model(cfg.model_name_or_path))
-    if cfg.load_in_4bit:
+    if uses_nf4(cfg):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=hardware.torch_dtype,
-            # Quantising the vision tower costs accuracy and saves little memory; lm_head is read at 4 rows.
-            llm_int8_skip_modules=[*VISION_MODULE_NAMES, "lm_head"],
+            # Quantising the vision tower costs accuracy and saves little memory; lm_head is read at 4 rows;
+            # the family's small gate projections (Qwen3.5's) gain nothing from 4 bits.
+            llm_int8_skip_modules=[*VISION_MODULE_NAMES, "lm_head", *model_family(cfg.model_name_or_path).kbit_skip],
         )
     model = AutoModelForImageTextToText.from_pretrained(cfg.model_name_or_path, **kwargs)
     model.requires_grad_(False)
@@ -102,9 +125,13 @@ def load_base_model(cfg, hardware, device=None):
 def add_lora(model, cfg, hardware):
     """k-bit preparation, gradient checkpointing and LoRA adapters on the language model."""
     checkpointing = cfg.gradient_checkpointing != "off"  # "auto" unplanned (memory.py not run): on, the safe side
-    if cfg.load_in_4bit:
+    if uses_nf4(cfg):
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False})
+        if model_family(cfg.model_name_or_path).embeddings_16bit:
+            # The frozen embedding and LM head back to the compute dtype: fp32 doubles GiBs (Qwen3.5's 248k rows).
+            for module in {model.get_input_embeddings(), model.get_output_embeddings()}:
+                module.to(hardware.torch_dtype)
     elif checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -115,7 +142,7 @@ def add_lora(model, cfg, hardware):
     if hardware.dtype == "float16":
         run_without_autocast(vision_tower(model))
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=cfg.lora_target_modules, bias="none", task_type="CAUSAL_LM")
+                      target_modules=lora_targets(cfg), bias="none", task_type="CAUSAL_LM")
     with warnings.catch_warnings():
         # peft (0.21) reads transformers' deprecated `is_gradient_checkpointing` (a FutureWarning per fold on
         # transformers >= 5.25): theirs, harmless, and not the user's to fix.
@@ -145,6 +172,22 @@ def load_model_for_training(cfg, hardware, device=None):
     model = add_lora(load_base_model(cfg, hardware, device), cfg, hardware)
     model.print_trainable_parameters()
     return model
+
+
+def describe_kernels(family, hardware):
+    """The family's optional CUDA kernels (Qwen3.5's DeltaNet), found or not, and what their absence costs."""
+    if not family.kernels:
+        return None
+    names = ", ".join(pip for _, pip, _ in family.kernels)
+    if hardware.device != "cuda":
+        return f"[model] {family.name}: on the CPU its linear-attention layers run transformers' torch loop ({names}: CUDA only)"
+    missing = [(pip, what) for module, pip, what in family.kernels if importlib.util.find_spec(module) is None]
+    if not missing:
+        return f"[model] {family.name}: {names} found: their CUDA kernels run its linear-attention layers"
+    return (f"[model] {family.name}: " + ", ".join(f"{pip} not installed ({what})" for pip, what in missing)
+            + ": transformers runs its torch loop there instead, correct but slower (a training step 1.22 s without "
+            "flash-linear-attention against 0.70 s with it in transformers issue #48718). Fix, on an sm80+ GPU: "
+            "pip install " + " ".join(pip for pip, _ in missing))
 
 
 def trainable_state(model):

@@ -45,6 +45,10 @@ RUN_PACKAGES = {
     "cloudpickle": ">=2.0",
 }
 PLATFORM_PACKAGES = ("torch", "torchvision")  # checked, never installed: the platform's CUDA builds
+# What a model line needs from transformers for every path the pipeline runs (families/: Qwen3.5 loads from 5.2, its
+# shared-prefix option orders are exact from 5.7): attached under /kaggle/input, it raises the run's requirement
+# (Kaggle's image has 5.0.0). A test keeps this in step with the families.
+MODEL_TYPE_TRANSFORMERS = {"qwen3_5": ">=5.7,<6", "qwen3_5_moe": ">=5.7,<6"}
 BUNDLE_METADATA = "mcvqa_bundle.json"  # written by the bundle beside its wheels: the Python and platform they are for
 
 
@@ -68,6 +72,27 @@ def _satisfies(version, spec):
     from packaging.specifiers import SpecifierSet  # (packaging comes with pip and with transformers)
 
     return SpecifierSet(spec).contains(version, prereleases=True)
+
+
+def attached_model_types(root=None):
+    """model_type of every config.json under root (the Kaggle inputs; any depth), read with the standard library."""
+    root = kaggle_input() if root is None else root
+    types = set()
+    for path in glob.glob(f"{root}/**/config.json", recursive=True):
+        try:
+            types.add(json.loads(pathlib.Path(path).read_text(encoding="utf-8")).get("model_type"))
+        except (OSError, ValueError, AttributeError):
+            continue
+    return types
+
+
+def run_requirements(root=None):
+    """RUN_PACKAGES, with transformers raised to what the attached models' families need."""
+    required = dict(RUN_PACKAGES)
+    for model_type in sorted(attached_model_types(root) & set(MODEL_TYPE_TRANSFORMERS)):
+        required["transformers"] = MODEL_TYPE_TRANSFORMERS[model_type]
+        print(f"[setup] a {model_type} model is attached: it needs transformers{required['transformers']}")
+    return required
 
 
 def package_problems(required=None):
@@ -226,8 +251,9 @@ def _pip_install(requirements, folders):
 
 def ensure_packages(wheels="auto", online="auto", required=None):
     """Install what the run needs and lacks; print what was there. wheels: folder(s) of .whl files, "auto"
-    (any under /kaggle/input) or None; online: whether the package index may be used ("auto": if reachable)."""
-    required = RUN_PACKAGES if required is None else required
+    (any under /kaggle/input) or None; online: whether the package index may be used ("auto": if reachable).
+    required: {package: spec}; by default RUN_PACKAGES raised for the models attached (run_requirements)."""
+    required = run_requirements() if required is None else required
     missing_platform = [name for name in PLATFORM_PACKAGES if installed_version(name) is None]
     if missing_platform:
         raise SetupError(f"{', '.join(missing_platform)} not installed. Fix: pip install torch torchvision (on Kaggle "

@@ -14,17 +14,24 @@ from .data import OPTION_LETTERS
 
 
 
-def answer_letter_ids(tokenizer):
-    """Token ids of 'a'..'d' as they appear right after the assistant header; each must be one token."""
+# Chat-template arguments for every rendering, training and scoring alike: thinking off. Qwen3.5's 4B-and-larger
+# templates default to thinking (the answer would follow an open `<think>`); off, an empty thinking block precedes
+# the letter. Templates without the switch (Qwen2/2.5/3-VL) ignore it.
+TEMPLATE_KWARGS = {"enable_thinking": False}
+
+
+def answer_letter_ids(tokenizer, header="<|im_start|>assistant\n"):
+    """Token ids of 'a'..'d' as they appear right after `header` (the rendered generation prompt's end: what
+    the model reads before it answers); each must be one token, the same id alone and there."""
     ids = []
     for letter in OPTION_LETTERS:
         alone = tokenizer.encode(letter, add_special_tokens=False)
         if len(alone) != 1:
             raise ValueError(f"answer letter {letter!r} is {len(alone)} tokens {alone}; the scorer needs one token")
-        # In context (after "assistant\n") a BPE could merge differently; require the same id there.
-        in_context = tokenizer.encode("<|im_start|>assistant\n" + letter, add_special_tokens=False)
+        # In context a BPE could merge differently; require the same id there.
+        in_context = tokenizer.encode(header + letter, add_special_tokens=False)
         if in_context[-1] != alone[0]:
-            raise ValueError(f"letter {letter!r} tokenizes as {alone} alone but {in_context[-1]} after the header")
+            raise ValueError(f"letter {letter!r} tokenizes as {alone} alone but {in_context[-1]} after {header!r}")
         ids.append(alone[0])
     return ids
 
@@ -81,10 +88,13 @@ class PromptFormat:
 def make_prompt_format(processor, cfg):
     """Check the template once: prompt + letter + suffix must equal the full rendered conversation."""
     tokenizer = processor.tokenizer
-    letter_ids = answer_letter_ids(tokenizer)
     user_text = format_user_text("?", ["1", "2", "3", "4"], cfg.instruction, cfg.instruction_first)
-    prompt = processor.apply_chat_template(build_messages(user_text, cfg.system_prompt), add_generation_prompt=True, tokenize=False)
-    full = processor.apply_chat_template(build_messages(user_text, cfg.system_prompt, "a"), tokenize=False)
+    prompt = processor.apply_chat_template(build_messages(user_text, cfg.system_prompt), add_generation_prompt=True,
+                                           tokenize=False, **TEMPLATE_KWARGS)
+    full = processor.apply_chat_template(build_messages(user_text, cfg.system_prompt, "a"), tokenize=False,
+                                         **TEMPLATE_KWARGS)
+    # The letters' ids where this template puts the answer (after Qwen3.5's empty thinking block, say).
+    letter_ids = answer_letter_ids(tokenizer, header=prompt)
     if not full.startswith(prompt + "a"):
         raise ValueError("chat template: the generation prompt is not a prefix of the answered conversation:\n"
                          f"{prompt!r}\n{full!r}")
@@ -104,5 +114,6 @@ def render_prompt(processor, fmt, question, options):
         kept.append(option)
         n_cut += int(cut)
     user_text = format_user_text(question, kept, fmt.instruction, fmt.instruction_first)
-    text = processor.apply_chat_template(build_messages(user_text, fmt.system_prompt), add_generation_prompt=True, tokenize=False)
+    text = processor.apply_chat_template(build_messages(user_text, fmt.system_prompt), add_generation_prompt=True,
+                                         tokenize=False, **TEMPLATE_KWARGS)
     return text, n_cut

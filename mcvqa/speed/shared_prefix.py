@@ -9,21 +9,38 @@ view by view, with a warning, when the two disagree. Needs cached image features
 """
 
 import torch
-from transformers import DynamicCache
+from packaging.version import Version
 
 from ..core.compat import rope_index, transformers_version, warn
+from ..core.memory import is_oom
 from ..core.scoring import decoder_forward, head_logits, letter_logits, logits_agree
 from ..core.modeling import unwrap_vlm
+from ..families.registry import family_of
 
 
-def _pad_rows(rows, value, width=None):
+def _pad_rows(rows, value, width=None, left=False):
     width = width or max(len(r) for r in rows)
-    return torch.stack([torch.cat([r, r.new_full((width - len(r),), value)]) for r in rows])
+    return torch.stack([torch.cat([r.new_full((width - len(r),), value), r] if left else
+                                  [r, r.new_full((width - len(r),), value)]) for r in rows])
 
 
-def _pad_positions(rows, width):
+def _pad_positions(rows, width, left=False):
     """[3, n, width] from per-row [3, len] position ids (pads at 0, masked anyway)."""
-    return torch.stack([torch.cat([r, r.new_zeros((r.shape[0], width - r.shape[1]))], dim=1) for r in rows], dim=1)
+    def pad(r):
+        zeros = r.new_zeros((r.shape[0], width - r.shape[1]))
+        return torch.cat([zeros, r] if left else [r, zeros], dim=1)
+
+    return torch.stack([pad(r) for r in rows], dim=1)
+
+
+def shared_prefix_problem(family):
+    """Why the shared prefix is not exact for this family on this transformers (None when it is)."""
+    if transformers_version() < Version(family.shared_prefix_since):
+        return (f"{family.name} on transformers {transformers_version()}: its shared-prefix option orders need >= "
+                f"{family.shared_prefix_since} (earlier releases restart the linear-attention state on every "
+                "multi-token forward over a cache), so each option order runs the whole prompt (exact, ~2-3x the "
+                f"language-model work). Fix: pip install -U 'transformers>={family.shared_prefix_since},<6'")
+    return None
 
 
 def shared_prefix_letter_logits(model, batch, letter_ids, device, n_views):
@@ -36,6 +53,8 @@ def shared_prefix_letter_logits(model, batch, letter_ids, device, n_views):
     if "image_features" not in batch or batch["input_ids"].shape[0] % n_views:
         return None
     vlm = unwrap_vlm(model)
+    family = family_of(vlm.config)
+    left = family.prefix_padding == "left"  # (a right pad would pass through a recurrent state: families/qwen3_5.py)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     lengths = mask.sum(1)
     n_rows = ids.shape[0] // n_views
@@ -56,14 +75,15 @@ def shared_prefix_letter_logits(model, batch, letter_ids, device, n_views):
         if shared <= first_image:  # an image token after the shared prefix: not this path
             return None
         prefix_len.append(shared)
-    prefix_ids = _pad_rows([ids[i, :c] for i, c in zip(first, prefix_len)], 0)
-    prefix_mask = _pad_rows([mask[i, :c] for i, c in zip(first, prefix_len)], 0)
+    prefix_ids = _pad_rows([ids[i, :c] for i, c in zip(first, prefix_len)], 0, left=left)
+    prefix_mask = _pad_rows([mask[i, :c] for i, c in zip(first, prefix_len)], 0, left=left)
     width = prefix_ids.shape[1]
     features = [batch["image_features"][i] for i in first]
-    cache = DynamicCache()
-    decoder_forward(vlm, prefix_ids, prefix_mask, _pad_positions([positions[:, r, :c] for r, c in enumerate(prefix_len)], width),
+    cache = family.new_cache(vlm.config.get_text_config())
+    decoder_forward(vlm, prefix_ids, prefix_mask,
+                    _pad_positions([positions[:, r, :c] for r, c in enumerate(prefix_len)], width, left=left),
                     features, device, cache=cache)
-    cache.batch_repeat_interleave(n_views)
+    family.expand_cache(cache, n_rows, n_views)
     starts = [prefix_len[i // n_views] for i in range(ids.shape[0])]
     suffix_ids = _pad_rows([ids[i, s:lengths[i]] for i, s in enumerate(starts)], 0)
     suffix_mask = _pad_rows([mask[i, s:lengths[i]] for i, s in enumerate(starts)], 0)
@@ -76,6 +96,18 @@ def shared_prefix_letter_logits(model, batch, letter_ids, device, n_views):
     answer = batch["answer_positions"] - torch.tensor(starts)
     hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), answer.to(hidden.device)]
     return head_logits(model, hidden, torch.as_tensor(letter_ids, device=hidden.device))
+
+
+def shared_or_error(model, batch, letter_ids, device, n_views):
+    """The shared-prefix letter logits (None: not this batch's shape), or the exception it raised: a cache a
+    release changed can fail rather than disagree (the fold's self-check then turns the path off; within a
+    pass an error stops it, as any other). A CUDA out-of-memory error is raised (the caller halves)."""
+    try:
+        return shared_prefix_letter_logits(model, batch, letter_ids, device, n_views)
+    except Exception as error:  # noqa: BLE001 - any other failure of the fast path means: use the exact one
+        if is_oom(error):
+            raise
+        return error
 
 
 class SharedPrefixScorer:
