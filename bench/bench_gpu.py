@@ -30,6 +30,11 @@ from PIL import Image
 from transformers import (AutoProcessor, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen3VLConfig,
                           Qwen3VLForConditionalGeneration)
 
+try:  # Qwen3.5 (transformers >= 5.2); the Qwen-VL rows still run on an older one
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+except ImportError:
+    Qwen3_5Config = Qwen3_5ForConditionalGeneration = None
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from mcvqa.speed.feature_cache import CachedImageEncoding  # noqa: E402
 from mcvqa.core.collate import VqaCollator  # noqa: E402
@@ -73,6 +78,48 @@ MODELS = {
                            hidden_act="gelu_pytorch_tanh"),
         tie_word_embeddings=False)),
 }
+SPECIAL_QWEN35 = dict(image_token_id=248056, video_token_id=248057, vision_start_token_id=248053,
+                      vision_end_token_id=248054)
+
+
+def qwen35(hidden, intermediate, layers, heads, kv_heads, value_heads, tied, vision):
+    """A Qwen3.5 dense checkpoint's config: 3 Gated DeltaNet layers to 1 full-attention layer, 248k vocabulary.
+
+    Text sizes: Qwen/Qwen3.5-0.8B config.json (../shared/qwen_tokenizers), and the published 4B / 9B / 27B text
+    configs (hidden, intermediate, layers, heads: also THUDM/slime scripts/models/qwen3.5-27B.sh). Configs of
+    the real checkpoints quoted in public code confirm the rest: a Qwen3.5-4B fine-tune (Chandra: DeltaNet
+    value heads 32, vision depth 24 / width 1024 / MLP 4096 / 16 heads), an NVFP4 Qwen3.5-9B (value heads 32,
+    vision 27 / 1152 / 4304 / 16, untied), Qwen3.5-27B / Qwen3.6-27B (value heads **48**, not 32; vision
+    27 / 1152 / 4304 / 16, untied). The vision towers are still the least certain part (they change the
+    weights by < 0.5 B): the 4B's is Qwen3-VL-4B's, the 9B's and 27B's Qwen3-VL-8B's, without deepstack.
+    `dtype` stays out of text_config and pad_token_id unset, as the published configs have them."""
+    text = dict(vocab_size=248320, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=256,
+                linear_num_key_heads=16, linear_num_value_heads=value_heads, linear_key_head_dim=128,
+                linear_value_head_dim=128, linear_conv_kernel_dim=4, max_position_embeddings=262144,
+                layer_types=(["linear_attention"] * 3 + ["full_attention"]) * (layers // 4),
+                rope_parameters={"rope_type": "default", "rope_theta": 10000000, "partial_rotary_factor": 0.25,
+                                 "mrope_section": [11, 11, 10], "mrope_interleaved": True},
+                tie_word_embeddings=tied)
+    depth, width, inner, vheads = vision
+    return dict(text_config=text,
+                vision_config=dict(depth=depth, hidden_size=width, intermediate_size=inner, num_heads=vheads,
+                                   out_hidden_size=hidden, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                                   num_position_embeddings=2304, deepstack_visual_indexes=[],
+                                   hidden_act="gelu_pytorch_tanh"),
+                tie_word_embeddings=tied, **SPECIAL_QWEN35)
+
+
+# The processor is Qwen3.5-0.8B's (the whole family shares the tokenizer and the image processor).
+MODELS.update({
+    name: (Qwen3_5Config, Qwen3_5ForConditionalGeneration, "Qwen3.5-0.8B", qwen35(*sizes))
+    for name, sizes in {
+        # hidden, MLP, layers, heads, kv heads, DeltaNet value heads, tied, vision (depth, width, MLP, heads)
+        "Qwen3.5-0.8B": (1024, 3584, 24, 8, 2, 16, True, (12, 768, 3072, 12)),  # its config.json, vision included
+        "Qwen3.5-4B": (2560, 9216, 32, 16, 4, 32, True, (24, 1024, 4096, 16)),
+        "Qwen3.5-9B": (4096, 12288, 32, 16, 4, 32, False, (27, 1152, 4304, 16)),
+        "Qwen3.5-27B": (5120, 17408, 64, 24, 4, 48, False, (27, 1152, 4304, 16)),
+    }.items()})
 TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 TINY_VISION = {"Qwen2.5-VL-3B": dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                                      fullatt_block_indexes=[1, 3]),
@@ -80,6 +127,12 @@ TINY_VISION = {"Qwen2.5-VL-3B": dict(depth=4, hidden_size=32, intermediate_size=
                                      fullatt_block_indexes=[1, 3]),
                "Qwen3-VL-8B": dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                                    deepstack_visual_indexes=[0, 1, 2])}
+TINY_VISION.update({name: dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
+                    for name in MODELS if name.startswith("Qwen3.5")})
+# Qwen3.5 tiny: one DeltaNet and one full-attention layer; head_dim 32 x partial rotary 0.25 = 8 rotary dims
+# (mrope_section sums to 4); 2 key / 4 value DeltaNet heads of 16 (the 4B's 1:2), or 2 / 2 (the 0.8B's 1:1).
+TINY_QWEN35 = dict(head_dim=32, layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
+                   linear_key_head_dim=16, linear_value_head_dim=16)
 QUESTION = "이 그림에서 빨간색 도형은 몇 개입니까? 그림을 잘 보고 답하세요."
 OPTIONS = ["한 개", "두 개", "세 개", "네 개"]
 
@@ -115,13 +168,22 @@ class Bench:
 def model_config(name, tiny):
     config_cls, model_cls, processor_name, sizes = MODELS[name]
     sizes = json.loads(json.dumps(sizes))
+    if config_cls is None:
+        raise SystemExit(f"{name}: this transformers ({__import__('transformers').__version__}) has no Qwen3.5 "
+                         "(needs >= 5.2)")
     if tiny:
-        sizes["text_config"].update(TINY_TEXT)
-        sizes["text_config"]["head_dim"] = 16
-        if "mrope_section" in sizes["text_config"]["rope_parameters"]:
-            sizes["text_config"]["rope_parameters"]["mrope_section"] = [2, 3, 3]
+        text = sizes["text_config"]
+        ratio = text.get("linear_num_value_heads", 0) // max(text.get("linear_num_key_heads", 1), 1)
+        text.update(TINY_TEXT)
+        text["head_dim"] = 16
+        if "mrope_section" in text["rope_parameters"]:
+            text["rope_parameters"]["mrope_section"] = [2, 3, 3]
+        if "layer_types" in text:  # Qwen3.5
+            text.update(TINY_QWEN35, num_hidden_layers=len(TINY_QWEN35["layer_types"]),
+                        linear_num_value_heads=TINY_QWEN35["linear_num_key_heads"] * ratio)
+            text["rope_parameters"]["mrope_section"] = [2, 1, 1]
         sizes["vision_config"].update(TINY_VISION[name])
-    config = config_cls(**sizes, **SPECIAL)
+    config = config_cls(**{**SPECIAL, **sizes})
     config._attn_implementation = "sdpa"
     return config, model_cls, processor_name
 

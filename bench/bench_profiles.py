@@ -13,6 +13,12 @@ product's own checks decide.
     python bench/bench_profiles.py --runs kaggle_t4x2:Qwen2.5-VL-3B,kaggle_t4x2:Qwen3-VL-8B,colab_a100:Qwen2.5-VL-7B
     python bench/bench_profiles.py --tiny --runs kaggle_t4x2:Qwen2.5-VL-3B   # CPU smoke test with tiny models
     python bench/bench_profiles.py --runs kaggle_t4x2:Qwen2.5-VL-3B+gate_fraction=0.1   # a run with its own settings
+    python bench/bench_profiles.py --runs colab_a100:Qwen3.5-27B@bnb-4bit   # the folder saved pre-quantised (NF4)
+    python bench/bench_profiles.py --tiny --runs kaggle_t4x2:Qwen3.5-4B,kaggle_t4x2:Qwen3.5-9B@bnb-4bit --n-train 24 \
+        --n-test 8
+
+Qwen3.5 needs bitsandbytes for NF4 and runs its DeltaNet layers with flash-linear-attention where importable
+(`PYTHONPATH=.gpu/site:.gpu/fla`), else transformers' torch loop.
 """
 
 import argparse
@@ -38,7 +44,7 @@ from bench_gpu import MODELS, matmul_peak_tflops, model_config  # noqa: E402
 CARD = {"kaggle_t4x2": ["gpu_memory_gib=15", "dtype=float16", "compile_vision=off"],  # a T4: 15 GiB, no bf16, no compile (auto is off below sm80)
         "colab_a100": ["gpu_memory_gib=39.5"],  # Colab's usual A100 40 GB
         "local_gpu": []}
-PROCESSORS = ("Qwen2.5-VL-7B-Instruct", "Qwen3-VL-4B-Instruct")
+PROCESSORS = ("Qwen2.5-VL-7B-Instruct", "Qwen3-VL-4B-Instruct", "Qwen3.5-0.8B")
 QUESTIONS = ["그림 속 빨간색 도형은 몇 개입니까?", "그림의 왼쪽 위에 있는 물체는 무엇입니까?",
              "이 사진에서 가장 큰 도형의 색은 무엇입니까?", "그림에 적힌 글자는 무엇입니까?",
              "파란색 원은 어느 쪽에 있습니까? 그림을 잘 보고 답하세요."]
@@ -88,8 +94,12 @@ def make_competition(folder, n_train, n_test, seed=0):
     return folder
 
 
-def build_model_folder(name, assets, folder, tiny):
-    """A full-size (or --tiny) architecture with random weights, saved like a downloaded model folder."""
+PREQUANTISED = "bnb-4bit"  # profile:model@bnb-4bit: the folder saved in NF4, like unsloth/...-bnb-4bit downloads
+
+
+def build_model_folder(name, assets, folder, tiny, quantise=""):
+    """A full-size (or --tiny) architecture with random weights, saved like a downloaded model folder: bf16, or
+    (quantise="bnb-4bit") pre-quantised NF4 + double quantisation, the bf16 weights never written to disk."""
     from transformers import AutoProcessor
 
     if (folder / "config.json").exists():
@@ -97,16 +107,63 @@ def build_model_folder(name, assets, folder, tiny):
     config, model_cls, processor_name = model_config(name, tiny)
     started = time.perf_counter()
     torch.manual_seed(0)
-    with torch.device("cpu" if tiny else "cuda"):
-        model = model_cls(config).to(torch.bfloat16)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # built in bf16 (not fp32, then cast): a 27B's 51 GiB fit an 80 GB card
+    try:
+        with torch.device("cpu" if tiny else "cuda"):
+            model = model_cls(config).to(torch.bfloat16)
+    finally:
+        torch.set_default_dtype(default)
+    n = sum(p.numel() for p in model.parameters())
+    if quantise == PREQUANTISED:
+        quantise_nf4_in_place(model, name)
+    elif quantise:
+        raise SystemExit(f"{name}@{quantise}: unknown; the one pre-quantised form is @{PREQUANTISED}")
     model.save_pretrained(folder, max_shard_size="4GB")
     AutoProcessor.from_pretrained(assets / processor_name).save_pretrained(folder)
-    n = sum(p.numel() for p in model.parameters())
     del model
     torch.cuda.empty_cache()
-    print(f"[bench] {name}: {n / 1e9:.2f} B parameters, random weights, saved to {folder} in "
-          f"{time.perf_counter() - started:.0f} s", flush=True)
+    size = sum(f.stat().st_size for f in folder.iterdir()) / 2**30
+    print(f"[bench] {name}: {n / 1e9:.2f} B parameters, random weights{', NF4 pre-quantised' if quantise else ''}, "
+          f"{size:.1f} GiB saved to {folder} in {time.perf_counter() - started:.0f} s", flush=True)
     return folder
+
+
+def quantise_nf4_in_place(model, name):
+    """The language model's linear layers -> bitsandbytes Linear4bit (NF4, double quantisation, uint8 storage),
+    where the bf16 model lies (GPU, or the CPU with --tiny), one layer at a time (its bf16 weight freed as it
+    goes), and `config.quantization_config` set as transformers writes it when it quantises on load: the folder
+    then loads through transformers' pre-quantised path. Which layers: every nn.Linear the loader would replace
+    with these skip modules (vision tower, lm_head, the family's kbit_skip): the same modules the product quantises."""
+    import bitsandbytes as bnb
+    from transformers import BitsAndBytesConfig
+
+    from mcvqa.core.modeling import VISION_MODULE_NAMES
+    from mcvqa.families.registry import family_of
+
+    # The product's own skip list (core/modeling.py load_base_model): vision tower, lm_head, the family's gates.
+    skip = [*VISION_MODULE_NAMES, "lm_head", *family_of(model.config).kbit_skip]
+    names = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and n.startswith("model.language_model.")
+             and n.rsplit(".", 1)[-1] not in skip]
+    for module_name in names:  # by name: a list of the modules would keep every bf16 weight alive to the end
+        module = model.get_submodule(module_name)
+        layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                  compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4",
+                                  quant_storage=torch.uint8, device="meta")
+        layer.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, compress_statistics=True,
+                                         quant_type="nf4", quant_storage=torch.uint8, module=layer
+                                         ).to(module.weight.device)  # .to() quantises
+        if module.bias is not None:
+            layer.bias = module.bias
+        layer.requires_grad_(False)
+        model.set_submodule(module_name, layer)
+        del module, layer
+    if not names:
+        raise SystemExit(f"{name}: no linear layer of the language model found to quantise")
+    model.config.quantization_config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.uint8, llm_int8_skip_modules=skip)
+    print(f"[bench] {name}: {len(names)} linear layers of the language model quantised to NF4 in place", flush=True)
 
 
 def flops_per_token(name, tiny):
@@ -261,10 +318,14 @@ def summarise(label, profile, name, code, wall, found, metrics, peak_tflops, fpt
 
 
 def parse_spec(spec):
-    """profile:model[+key=value...]: one run, with settings of its own after the profile's (e.g. the gate)."""
+    """profile:model[@bnb-4bit][+key=value...]: one run, with settings of its own after the profile's (e.g. the
+    gate); @bnb-4bit saves the model folder pre-quantised (build_model_folder)."""
     head, *extra = spec.split("+")
-    profile, name = head.split(":")
-    return profile, name, extra
+    profile, model = head.split(":")
+    name, _, quantise = model.partition("@")
+    if name not in MODELS:
+        raise SystemExit(f"{spec}: no model {name!r}; bench_gpu.MODELS has {', '.join(MODELS)}")
+    return profile, name, quantise, extra
 
 
 def gate_row(metrics):
@@ -283,7 +344,8 @@ def main():
     parser.add_argument("--prepare", action="store_true", help="copy the real processors into --assets and stop")
     parser.add_argument("--source", default=str(ROOT.parent / "shared" / "qwen_tokenizers"))
     parser.add_argument("--assets", default=str(ROOT / ".bench_assets"))
-    parser.add_argument("--runs", default="kaggle_t4x2:Qwen2.5-VL-3B", help="profile:model,... (models: bench_gpu.MODELS)")
+    parser.add_argument("--runs", default="kaggle_t4x2:Qwen2.5-VL-3B",
+                        help="profile:model[@bnb-4bit][+key=value...],... (models: bench_gpu.MODELS)")
     parser.add_argument("--work", default="/tmp/bench_profiles")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     parser.add_argument("--tag", default="", help="suffix of the log and JSON names (e.g. the transformers version)")
@@ -292,7 +354,8 @@ def main():
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0, help="also time the seed loop and generate on N samples")
     parser.add_argument("--set", action="append", default=[], help="extra key=value for every run")
-    parser.add_argument("--keep-models", action="store_true", help="keep the model folders (disk: 7-18 GB each)")
+    parser.add_argument("--keep-models", action="store_true",
+                        help="keep the model folders (disk: 7-18 GB each; Qwen3.5-27B 51 GiB in bf16, ~18 @bnb-4bit)")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny models, no cap")
     args = parser.parse_args()
     assets = pathlib.Path(args.assets)
@@ -313,10 +376,11 @@ def main():
     data = make_competition(work / "data", args.n_train, args.n_test)
     rows = []
     specs = [parse_spec(spec) for spec in args.runs.split(",")]
-    for index, (profile, name, extra) in enumerate(specs):
+    for index, (profile, name, quantise, extra) in enumerate(specs):
         suffix = "".join("-" + re.sub(r"[^A-Za-z0-9.]+", "", setting) for setting in extra)
-        label = f"{profile}-{name}{suffix}{'-' + args.tag if args.tag else ''}"
-        model_dir = build_model_folder(name, assets, work / "models" / name, args.tiny)
+        folder_name = name + (f"-{quantise}" if quantise else "")
+        label = f"{profile}-{folder_name}{suffix}{'-' + args.tag if args.tag else ''}"
+        model_dir = build_model_folder(name, assets, work / "models" / folder_name, args.tiny, quantise)
         overrides = [f"data_dir={data}", f"model_name_or_path={model_dir}", f"output_dir={work / 'runs' / label}",
                      f"submission_path={work / 'runs' / label / 'submission.csv'}", f"epochs={args.epochs}",
                      *([] if args.tiny else CARD[profile]), *args.set, *extra]
@@ -331,7 +395,8 @@ def main():
         cap = plan.get("gpu_memory_gib")
         row = summarise(label, profile, name, code, wall, parse_log(text), metrics, peak, flops_per_token(name, args.tiny),
                         cap)
-        row.update(transformers=transformers.__version__, device=device, plan=plan, settings=extra, gate=gate_row(metrics))
+        row.update(transformers=transformers.__version__, device=device, plan=plan, settings=extra, gate=gate_row(metrics),
+                   folder=quantise or "bf16")
         if row["gate"]:
             test = row["gate"]["test"]
             print(f"[bench] GATE {label}: test {test['gated']} of {test['rows']} row-folds gated, {test['extra_views']} "
@@ -344,7 +409,8 @@ def main():
             row["train_speedup_vs_seed"] = round(row["train_samples_per_s"] / row["seed"]["train_samples_per_s"], 2)
         rows.append(row)
         (out / f"profiles{'_' + args.tag if args.tag else ''}.json").write_text(json.dumps(rows, indent=2, ensure_ascii=False))
-        if not args.keep_models and not args.tiny and name not in [n for _, n, _ in specs[index + 1:]]:
+        later = [(n, q) for _, n, q, _ in specs[index + 1:]]
+        if not args.keep_models and not args.tiny and (name, quantise) not in later:
             shutil.rmtree(model_dir, ignore_errors=True)
     print("\n| run | exit | wall s | train samples/s | MFU | test rows/s (views) | peak GiB (cap) | OOM | warnings |")
     print("|---|---|---|---|---|---|---|---|---|")
