@@ -3,6 +3,7 @@ LoRA targets, 4-bit skips, precision, the memory of a shared prefix, and the tra
 each checked against an independent count from the published configs."""
 
 import json
+import pathlib
 
 import pytest
 import torch
@@ -190,3 +191,31 @@ def test_the_setup_cells_table_is_the_families_own_need():
                 assert model_type not in MODEL_TYPE_TRANSFORMERS
             else:
                 assert MODEL_TYPE_TRANSFORMERS[model_type] == f">={family.shared_prefix_since},<6"
+
+
+def test_a_folder_saved_in_4_bits_trains_qlora_with_its_own_quantization(tiny_cfg, hardware, tmp_path, capsys):
+    """A `...-bnb-4bit` download: auto plans NF4 for it (whatever the family prefers), none is refused with the
+    fix, and it loads without a second quantization_config, computing in the hardware's dtype."""
+    import warnings
+
+    from mcvqa.core.modeling import add_lora, load_base_model, saved_in_4bit
+
+    saved, source = tmp_path / "tiny-bnb-4bit", pathlib.Path(tiny_cfg("qwen2_5_vl").model_name_or_path)
+    load_base_model(tiny_cfg("qwen2_5_vl", quantization="nf4"), hardware).save_pretrained(saved)
+    for path in source.iterdir():  # the processor's files beside the 4-bit weights
+        if path.suffix != ".safetensors" and path.name != "config.json":
+            (saved / path.name).write_bytes(path.read_bytes())
+    assert saved_in_4bit(str(saved)) and not saved_in_4bit(tiny_cfg("qwen2_5_vl").model_name_or_path)
+    cfg = resolve_config("demo", [f"model_name_or_path={saved}", "quantization=auto"], env={}, verbose=False)
+    planned, plan = plan_memory(cfg, hardware)
+    assert planned.quantization == plan["quantization"] == "nf4"
+    assert "saved in 4 bits (bitsandbytes)" in capsys.readouterr().out
+    with pytest.raises(Exception, match="quantization=none, but .* is saved in 4 bits"):
+        plan_memory(resolve_config("demo", [f"model_name_or_path={saved}", "quantization=none"], env={},
+                                   verbose=False), hardware)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # transformers warns when a second quantization_config is passed
+        model = load_base_model(planned, hardware)
+    layers = [m for m in model.modules() if hasattr(m, "compute_dtype")]
+    assert layers and all(m.compute_dtype == hardware.torch_dtype for m in layers)
+    add_lora(model, planned, hardware)  # k-bit preparation ran: the LoRA model builds on it

@@ -26,7 +26,7 @@ import torch
 from transformers import AutoConfig, AutoModelForImageTextToText
 
 from .config import ConfigError
-from .modeling import lora_targets, model_family
+from .modeling import lora_targets, model_family, saved_in_4bit
 
 TEXT_TOKENS = 160  # template + Korean question + instruction + four options, typical (the image dominates)
 # Measured peak over estimated activations (Qwen2.5-VL-3B, fp16, 4-bit, 384x384, checkpointing, micro-batch 32,
@@ -159,6 +159,11 @@ def choose_quantization(cfg, family, model, config, hardware):
     """(nf4 | none, why): the setting, or with `auto` the family's choice. A family that prefers 16 bits
     (Qwen3.5: larger quantisation error in 4 bits) gets them where the 16-bit weights and one checkpointed
     training sample fit the card; else NF4. On the CPU (RAM, not GPU memory) the family's choice as is."""
+    if saved_in_4bit(cfg.model_name_or_path):
+        if cfg.quantization == "none":
+            raise ConfigError(f"config: quantization=none, but {cfg.model_name_or_path} is saved in 4 bits "
+                              "(bitsandbytes): it cannot train 16-bit. Fix: quantization=auto, or the 16-bit checkpoint")
+        return "nf4", "the folder is saved in 4 bits (bitsandbytes): QLoRA"
     if cfg.quantization != "auto":
         return cfg.quantization, f"quantization={cfg.quantization} set"
     if family.quantization == "nf4":

@@ -1,10 +1,12 @@
-"""## Model: Qwen2.5-VL / Qwen3-VL in 4-bit with LoRA adapters (QLoRA)
+"""## Model: the checkpoint in 4 or 16 bits, LoRA adapters on its language model
 
-`AutoModelForImageTextToText` loads either family from a local folder (no network call: Kaggle often
-has none) or a hub id. The language model's linear layers are stored as 4-bit NF4 with double
-quantisation and compute in the hardware's dtype; the vision tower is left unquantised and frozen
+`AutoModelForImageTextToText` loads any family (families/: Qwen2/2.5/3-VL, Qwen3.5) from a local folder
+(no network call: Kaggle often has none) or a hub id. With `quantization=nf4` the language model's linear
+layers are stored as 4-bit NF4 with double quantisation (QLoRA) and compute in the hardware's dtype; with
+`none` they stay 16-bit (LoRA); `auto` is the family's choice, planned for the card by memory.py (Qwen3.5:
+16-bit where it fits, as 4 bits cost it more accuracy). The vision tower is left unquantised and frozen
 (its features barely need adapting for this task, and freezing it lets inference cache them). LoRA
-adapters go on the language model's attention and MLP projections. On fp16 hardware (T4) the vision
+adapters go on the language model's projections the family names. On fp16 hardware (T4) the vision
 tower keeps fp32 weights and runs outside autocast, which avoids the known fp16 overflow of Qwen-VL
 vision towers.
 """
@@ -91,9 +93,21 @@ def lora_targets(cfg):
         else cfg.lora_target_modules
 
 
+@functools.lru_cache(maxsize=None)
+def saved_in_4bit(name_or_path):
+    """Whether the folder is saved pre-quantised by bitsandbytes in 4 bits (e.g. a `...-bnb-4bit` download)."""
+    config = AutoConfig.from_pretrained(name_or_path, local_files_only=is_local_model(name_or_path))
+    quantization = getattr(config, "quantization_config", None) or {}
+    if not isinstance(quantization, dict):
+        quantization = quantization.to_dict()
+    return quantization.get("quant_method") == "bitsandbytes" and bool(quantization.get("load_in_4bit"))
+
+
 def uses_nf4(cfg):
-    """Whether the language model is stored in NF4: the setting, or with `auto` (not planned for a card: tests,
-    the CPU) the family's choice."""
+    """Whether the language model is stored in NF4: a folder saved in 4 bits always is; else the setting, or with
+    `auto` (not planned for a card: tests, the CPU) the family's choice."""
+    if saved_in_4bit(cfg.model_name_or_path):
+        return True
     if cfg.quantization == "auto":
         return model_family(cfg.model_name_or_path).quantization == "nf4"
     return cfg.quantization == "nf4"
@@ -104,7 +118,8 @@ def load_base_model(cfg, hardware, device=None):
     device = device or ("cuda:0" if hardware.device == "cuda" else "cpu")
     kwargs = dict(dtype=hardware.torch_dtype, attn_implementation=hardware.attn_implementation,
                   device_map={"": device}, local_files_only=is_local_model(cfg.model_name_or_path))
-    if uses_nf4(cfg):
+    prequantised = saved_in_4bit(cfg.model_name_or_path)  # its own quantization_config wins over one passed here
+    if uses_nf4(cfg) and not prequantised:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=hardware.torch_dtype,
@@ -119,6 +134,9 @@ def load_base_model(cfg, hardware, device=None):
         # never unpacks them; a later training forward then fails on biased layers (q/k/v_proj).
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+        # A folder saved in 4 bits brings the compute dtype it was saved with (bf16 mostly): a T4 has no bf16.
+        if prequantised and hasattr(module, "compute_dtype"):
+            module.compute_dtype = hardware.torch_dtype
     return model
 
 
