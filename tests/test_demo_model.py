@@ -1,22 +1,35 @@
 """The tiny demo checkpoints: same chat format as the real Qwen-VL templates, loaded through the same
 `from_pretrained` code as a real checkpoint, quantised where a real one is, and reproducible."""
 
+import json
+
 import bitsandbytes as bnb
 import pytest
 import torch
 from peft.tuners.lora import LoraLayer
+from PIL import Image
+from safetensors import safe_open
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from conftest import REAL_FOR_FAMILY, TINY_FAMILIES, TINY_TEXTS
-from mcvqa.demo.demo_model import build_tiny_qwen_vl, tiny_chat_template
-from mcvqa.core.modeling import add_lora, load_base_model, load_processor
+from mcvqa.demo.demo_model import build_tiny_qwen_vl, tiny_chat_template, train_tiny_tokenizer
+from mcvqa.core.collate import VqaCollator
+from mcvqa.core.compat import model_input_names
+from mcvqa.core.modeling import add_lora, load_base_model, load_model_for_training, load_processor, unwrap_vlm
 from mcvqa.core.prompts import answer_letter_ids, build_messages, format_user_text
+from mcvqa.core.scoring import MODEL_INPUT_KEYS
 
 pytestmark = [pytest.mark.usefixtures("torch_single_thread"), pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.filterwarnings("ignore::FutureWarning")]
 
-CLASS_NAMES = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration"}
-PAIRS = [(family, real) for family in TINY_FAMILIES for real in REAL_FOR_FAMILY[family]]
+# Qwen3.5 joins this file's per-family tests before conftest's TINY_FAMILIES lists it (that switches it on in
+# every test file at once); from then on these equal conftest's.
+FAMILIES = TINY_FAMILIES + tuple(f for f in ("qwen3_5",) if f not in TINY_FAMILIES)
+REAL_FOR = {"qwen3_5": ("Qwen3.5-0.8B",), **REAL_FOR_FAMILY}
+CLASS_NAMES = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
+               "qwen3_5": "Qwen3_5ForConditionalGeneration"}
+PROCESSOR_NAMES = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor", "qwen3_5": "Qwen3VLProcessor"}
+PAIRS = [(family, real) for family in FAMILIES for real in REAL_FOR[family]]
 
 
 # ---------------------------------------------------------------------------------------------- 1
@@ -31,31 +44,44 @@ def _conversations(instruction):
 
 
 @pytest.mark.parametrize("family,real_name", PAIRS)
-def test_tiny_template_renders_like_real_template(family, real_name, tiny_processor, real_processor, tiny_cfg):
+def test_tiny_template_renders_like_real_template(family, real_name, tiny_processor, real_processor, tiny_cfg,
+                                                  qwen_tokenizers_dir):
+    if not (qwen_tokenizers_dir / real_name).is_dir():
+        pytest.skip(f"{real_name} not in {qwen_tokenizers_dir}")
     tiny, real = tiny_processor(family), real_processor(real_name)
     assert tiny.chat_template == tiny_chat_template(family)
-    for label, messages, add_generation_prompt in _conversations(tiny_cfg(family).instruction):
-        want = real.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
-        got = tiny.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
-        assert got == want, label
+    # The pipeline renders with enable_thinking=False (Qwen3.5's thinking switch; the others ignore it).
+    for thinking in ({"enable_thinking": False}, {}, {"enable_thinking": True}):
+        for label, messages, add_generation_prompt in _conversations(tiny_cfg(family).instruction):
+            want = real.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False,
+                                            **thinking)
+            got = tiny.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False,
+                                           **thinking)
+            assert got == want, (label, thinking)
 
 
 @pytest.mark.parametrize("family,real_name", PAIRS)
 def test_default_system_turn_matches_family(family, real_name, tiny_processor):
-    """Qwen2/2.5-VL insert 'You are a helpful assistant.'; Qwen3-VL adds no system turn (pinned text)."""
-    text = tiny_processor(family).apply_chat_template(build_messages("?"), add_generation_prompt=True, tokenize=False)
+    """Qwen2/2.5-VL insert 'You are a helpful assistant.'; Qwen3-VL and Qwen3.5 add no system turn, Qwen3.5
+    an empty thinking block after the assistant header (pinned text: checked without the real templates too)."""
+    processor = tiny_processor(family)
+    text = processor.apply_chat_template(build_messages("?"), add_generation_prompt=True, tokenize=False,
+                                         enable_thinking=False)
     system = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n" if family == "qwen2_5_vl" else ""
+    think = "<think>\n\n</think>\n\n" if family == "qwen3_5" else ""
     assert text == (system + "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>?<|im_end|>\n"
-                    "<|im_start|>assistant\n")
+                    "<|im_start|>assistant\n" + think)
+    answered = processor.apply_chat_template(build_messages("?", "", "b"), tokenize=False, enable_thinking=False)
+    assert answered == text + "b<|im_end|>\n"
 
 
 # ---------------------------------------------------------------------------------------------- 2
-@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_tiny_folder_loads_like_a_real_checkpoint(family, tiny_model_dir, tiny_cfg, tiny_processor):
     folder = tiny_model_dir(family)
     processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
     assert type(processor).__name__ == type(load_processor(tiny_cfg(family))).__name__
-    assert type(processor).__name__ == {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor"}[family]
+    assert type(processor).__name__ == PROCESSOR_NAMES[family]
     model = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True)
     assert type(model).__name__ == CLASS_NAMES[family]
     assert model.config.image_token_id == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
@@ -98,8 +124,79 @@ def test_lora_only_on_language_model(family, load_in_4bit, tiny_cfg, hardware):
     assert base.model.visual.patch_embed.proj.weight.dtype == torch.float32
 
 
+def test_tiny_qwen3_5_is_a_hybrid_like_the_real_one(tiny_model_dir):
+    """Three Gated DeltaNet layers, then a gated full-attention layer; the build gotchas of the real config."""
+    folder = tiny_model_dir("qwen3_5")
+    model = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True)
+    text, language = model.config.text_config, model.model.language_model
+    assert model.config.model_type == "qwen3_5"
+    assert text.layer_types == ["linear_attention"] * 3 + ["full_attention"]
+    kinds = [type(layer.linear_attn if kind == "linear_attention" else layer.self_attn).__name__
+             for layer, kind in zip(language.layers, text.layer_types)]
+    assert kinds == ["Qwen3_5GatedDeltaNet"] * 3 + ["Qwen3_5Attention"]
+    deltanet = language.layers[0].linear_attn
+    assert deltanet.num_v_heads > deltanet.num_k_heads  # the grouped-value repeat runs
+    # Partial rotary: mrope_section splits the rotating quarter of each head, not the whole head.
+    rope = text.rope_parameters
+    assert 2 * sum(rope["mrope_section"]) == text.head_dim * rope["partial_rotary_factor"]
+    # No pad_token_id: a zeroed pad row would pass the DeltaNet layers as exact zeros, hiding padding bugs.
+    pad = AutoProcessor.from_pretrained(folder, local_files_only=True).tokenizer.pad_token_id
+    assert text.pad_token_id is None and language.embed_tokens.padding_idx is None
+    assert language.embed_tokens.weight[pad].abs().sum() > 0
+    with safe_open(folder / "model.safetensors", "pt") as weights:  # as built (from_pretrained would cast)
+        assert {weights.get_slice(k).get_dtype() for k in weights.keys()} == {"F32"}  # no bf16 language model
+    assert model.lm_head.weight.data_ptr() == language.embed_tokens.weight.data_ptr()  # tied, as in the real one
+
+
+def test_tiny_qwen3_5_tokenizer_is_the_one_saved(tiny_model_dir):
+    """AutoTokenizer loads a qwen3_5 folder as Qwen3_5Tokenizer, which sets its own normaliser (NFC) and split
+    regex: the tiny tokenizer is trained with both, so the warm-up's tokens are the pipeline's; <think> and
+    </think> are whole tokens, not special (as in the real tokenizer.json)."""
+    folder = tiny_model_dir("qwen3_5")
+    loaded = AutoProcessor.from_pretrained(folder, local_files_only=True).tokenizer
+    trained = train_tiny_tokenizer(TINY_TEXTS, family="qwen3_5")
+    saved, used = json.loads((folder / "tokenizer.json").read_text()), json.loads(loaded.backend_tokenizer.to_str())
+    assert saved["normalizer"] == used["normalizer"] == {"type": "NFC"}
+    assert saved["pre_tokenizer"] == used["pre_tokenizer"]
+    text = "e\u0301 \u1100\u1161 그림 a. b.\n<think>\n\n</think>\n\na"  # a combining mark, decomposed Hangul
+    assert loaded.encode(text, add_special_tokens=False) == trained.encode(text, add_special_tokens=False)
+    think = [loaded.convert_tokens_to_ids(t) for t in ("<think>", "</think>")]
+    assert loaded.encode("<think></think>", add_special_tokens=False) == think
+    assert [loaded.added_tokens_decoder[i].special for i in think] == [False, False]
+    assert len(loaded) == len(trained) and max(think) == len(loaded) - 1
+
+
+def test_tiny_qwen3_5_in_4bit_runs_forward_and_backward_with_lora(tiny_cfg, tiny_processor, tiny_fmt, hardware):
+    """NF4 reaches the DeltaNet projections (conv1d and the vision tower stay full precision); a forward and
+    backward through the LoRA model run and reach every adapter. Which projections LoRA targets is the
+    lora_target_modules setting's business, not this test's."""
+    cfg = tiny_cfg("qwen3_5", load_in_4bit=True)
+    model = load_model_for_training(cfg, hardware)
+    base = unwrap_vlm(model)
+    deltanet = base.model.language_model.layers[0].linear_attn
+    for name in ("in_proj_qkv", "in_proj_z", "out_proj"):
+        layer = getattr(deltanet, name)
+        assert type(getattr(layer, "base_layer", layer)) is bnb.nn.Linear4bit, name  # under LoRA if targeted
+    assert type(deltanet.conv1d) is torch.nn.Conv1d and deltanet.conv1d.weight.dtype == torch.float32
+    assert {type(m) for m in base.model.visual.modules() if isinstance(m, torch.nn.Linear)} == {torch.nn.Linear}
+    images = [Image.new("RGB", (64, 96), (220, 30, 30)), Image.new("RGB", (96, 64), (30, 70, 220))]
+    items = [{"row": i, "perm": (0, 1, 2, 3), "image": image, "question": "그림 속 도형은 무슨 색입니까?" * (i + 1),
+              "options": ["빨간색", "파란색", "초록색", "노란색"], "answer": i} for i, image in enumerate(images)]
+    batch = VqaCollator(tiny_processor("qwen3_5"), tiny_fmt("qwen3_5"), 32 * 32, 112 * 112)(items)
+    assert len(set(batch["attention_mask"].sum(1).tolist())) == 2  # right padding runs through the DeltaNet
+    model.eval()  # where bitsandbytes' CPU repack (off in load_base_model) would trip on the 2-row in_proj_a/b
+    with torch.no_grad():
+        inputs = {k: batch[k] for k in model_input_names(base.model, MODEL_INPUT_KEYS)}
+        logits = model(**inputs).logits
+    assert torch.isfinite(logits).all()
+    model.train()
+    model(**inputs).logits.sum().backward()
+    lora_b = {n: p.grad for n, p in model.named_parameters() if ".lora_B." in n}
+    assert lora_b and all(g is not None and g.abs().sum() > 0 for g in lora_b.values())
+
+
 # ---------------------------------------------------------------------------------------------- 3
-@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_build_is_reproducible(family, tmp_path, tiny_model_dir):
     first = build_tiny_qwen_vl(tmp_path / "one", TINY_TEXTS, family=family, seed=0, max_pixels=112 * 112)
     second = build_tiny_qwen_vl(tmp_path / "two", TINY_TEXTS, family=family, seed=0, max_pixels=112 * 112)
@@ -126,7 +223,7 @@ def test_unknown_family_is_rejected(tmp_path):
         build_tiny_qwen_vl(tmp_path, TINY_TEXTS, family="qwen2_vl")
 
 
-@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_answer_letters_are_single_tokens_in_tiny_tokenizer(family, tiny_processor):
     tok = tiny_processor(family).tokenizer
     ids = answer_letter_ids(tok)

@@ -119,7 +119,7 @@ class Config:
     compile_vision: str = "auto"  # auto | on | off: torch.compile the tower's norms, MLP, rotary (auto: sm80+ GPU with triton)
     # --- demo (CPU): the embedded tiny data and model ---------------------------------------------
     demo: bool = False  # build the embedded demo data and tiny model before running
-    demo_family: str = "qwen2_5_vl"  # tiny model architecture for the demo: qwen2_5_vl | qwen3_vl
+    demo_family: str = "qwen2_5_vl"  # tiny model architecture for the demo: qwen2_5_vl | qwen3_vl | qwen3_5
     demo_hidden_size: int = 128  # tiny model width
     demo_image_size: int = 64  # demo images are drawn this size (4 image tokens at 56 px)
     demo_warmup_rows: int = 1200  # separately seeded images for the tiny base's warm-up

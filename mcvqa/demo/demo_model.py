@@ -1,7 +1,7 @@
 """## Demo model: a tiny Qwen-VL built locally
 
-The `demo` profile needs no download: it builds a *tiny* Qwen2.5-VL (or Qwen3-VL) with the real
-architecture classes, random weights from a fixed seed, a small byte-level BPE tokenizer trained on
+The `demo` profile needs no download: it builds a *tiny* Qwen2.5-VL (or Qwen3-VL, or Qwen3.5) with the
+real architecture classes, random weights from a fixed seed, a small byte-level BPE tokenizer trained on
 the demo text plus Qwen's special tokens, a chat template that renders the Qwen-VL conversation
 format, and an image processor with a small pixel budget. Everything is saved with
 `save_pretrained`, so the rest of the notebook loads it through exactly the same `from_pretrained`
@@ -13,7 +13,7 @@ import pathlib
 
 import torch
 from tqdm.auto import tqdm
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import (
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
@@ -25,6 +25,8 @@ from transformers import (
     Qwen3VLForConditionalGeneration,
     Qwen3VLProcessor,
     Qwen3VLVideoProcessor,
+    Qwen3_5Config,
+    Qwen3_5ForConditionalGeneration,
 )
 
 from ..core.compat import model_input_names
@@ -35,41 +37,73 @@ QWEN_SPECIAL_TOKENS = (
     "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
     "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
 )
+# Qwen3.5's template writes an empty thinking block before the answer: one token each, added after the
+# trained vocabulary and not special, as in the real tokenizer.json.
+THINK_TOKENS = ("<think>", "</think>")
 # Qwen2's pre-tokenizer regex: splitting text the same way keeps ' a' and 'a' distinct tokens.
 QWEN_PRETOKENIZE_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# Qwen3.5's regex (its tokenizer.json normalises to NFC first): combining marks stay with their letters.
+# AutoTokenizer loads a qwen3_5 folder as Qwen3_5Tokenizer, which sets this regex and NFC whatever
+# tokenizer.json says, so the tiny tokenizer is trained with both: the one saved is the one loaded.
+QWEN3_5_PRETOKENIZE_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
 
 # The Qwen-VL conversation format for what this pipeline sends: an optional system turn (Qwen2/2.5-VL
-# insert a default one, Qwen3-VL does not), user turns holding images and text, assistant text.
+# insert a default one, Qwen3-VL and Qwen3.5 do not), user turns holding images and text, assistant text
+# (Qwen3.5: after an empty thinking block, in the answer after the last user turn and in the prompt).
 # tests/test_demo_model.py renders the same conversations with the real templates and compares.
 _TINY_TEMPLATE = (
     "{%- if messages[0]['role'] != 'system' and DEFAULT_SYSTEM %}"
     "{{ '<|im_start|>system\\nDEFAULT_SYSTEM<|im_end|>\\n' }}{%- endif %}"
-    "{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}ANSWER_THINK"
     "{%- if message['content'] is string %}{{ message['content'] }}"
     "{%- else %}{%- for part in message['content'] %}"
     "{%- if part['type'] == 'image' or 'image' in part %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
     "{%- elif 'text' in part %}{{ part['text'] }}{%- endif %}"
     "{%- endfor %}{%- endif %}{{ '<|im_end|>\\n' }}{%- endfor %}"
-    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}PROMPT_THINK{%- endif %}"
+)
+# Qwen3.5's thinking blocks, as its real template renders them when no reasoning is given: the prompt
+# ends in an empty block unless enable_thinking=True (off by default, as in the 0.8B/2B; the pipeline wants off).
+_QWEN3_5_ANSWER_THINK = (
+    "{%- if message['role'] == 'assistant' and not (messages[loop.index0:] | selectattr('role', 'equalto', 'user')"
+    " | list) %}{{ '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+)
+_QWEN3_5_PROMPT_THINK = (
+    "{%- if enable_thinking is defined and enable_thinking is true %}{{ '<think>\\n' }}"
+    "{%- else %}{{ '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
 )
 
-TINY_FAMILIES = ("qwen2_5_vl", "qwen3_vl")
+TINY_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_5")
+MODEL_CLASSES = {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration, "qwen3_vl": Qwen3VLForConditionalGeneration,
+                 "qwen3_5": Qwen3_5ForConditionalGeneration}
 
 
 def tiny_chat_template(family):
-    """The chat template of the tiny model of `family` (Qwen2.5-VL adds a default system turn)."""
+    """The chat template of the tiny model of `family` (Qwen2.5-VL adds a default system turn, Qwen3.5
+    thinking blocks)."""
+    qwen3_5 = family == "qwen3_5"
+    template = (_TINY_TEMPLATE.replace("ANSWER_THINK", _QWEN3_5_ANSWER_THINK if qwen3_5 else "")
+                .replace("PROMPT_THINK", _QWEN3_5_PROMPT_THINK if qwen3_5 else ""))
     if family == "qwen2_5_vl":
-        return _TINY_TEMPLATE.replace("and DEFAULT_SYSTEM", "").replace("DEFAULT_SYSTEM", "You are a helpful assistant.")
-    return _TINY_TEMPLATE.replace("and DEFAULT_SYSTEM", "and false").replace("DEFAULT_SYSTEM", "")
+        return template.replace("and DEFAULT_SYSTEM", "").replace("DEFAULT_SYSTEM", "You are a helpful assistant.")
+    return template.replace("and DEFAULT_SYSTEM", "and false").replace("DEFAULT_SYSTEM", "")
 
 
-def train_tiny_tokenizer(texts, vocab_size=1200):
-    """A byte-level BPE tokenizer in Qwen's style: every byte is a token, so 'a'..'d' are single tokens."""
+def train_tiny_tokenizer(texts, vocab_size=1200, family="qwen2_5_vl"):
+    """A byte-level BPE tokenizer in Qwen's style: every byte is a token, so 'a'..'d' are single tokens.
+    Qwen3.5's normalises to NFC, splits with its own regex and has the thinking tokens."""
+    qwen3_5 = family == "qwen3_5"
     tok = Tokenizer(models.BPE())
+    if qwen3_5:
+        tok.normalizer = normalizers.NFC()
+    regex = QWEN3_5_PRETOKENIZE_REGEX if qwen3_5 else QWEN_PRETOKENIZE_REGEX
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.Split(Regex(regex), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
@@ -78,10 +112,13 @@ def train_tiny_tokenizer(texts, vocab_size=1200):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
         additional_special_tokens=list(QWEN_SPECIAL_TOKENS[1:]), clean_up_tokenization_spaces=False,
     )
+    if qwen3_5:
+        tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in THINK_TOKENS])
+    return tokenizer
 
 
 def _tiny_special_ids(tokenizer):
@@ -106,6 +143,8 @@ def tiny_model_config(family, tokenizer, hidden_size=64):
         vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14,
                       window_size=56, fullatt_block_indexes=[1], out_hidden_size=hidden_size, initializer_range=0.3)  # louder image tokens: the warm-up learns from them in minutes
         return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **special)
+    if family == "qwen3_5":
+        return _tiny_qwen3_5_config(text, hidden_size, special)
     text["head_dim"] = 16
     text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
                                "mrope_interleaved": True}
@@ -114,8 +153,32 @@ def tiny_model_config(family, tokenizer, hidden_size=64):
     return Qwen3VLConfig(text_config=text, vision_config=vision, **special)
 
 
+def _tiny_qwen3_5_config(text, hidden_size, special):
+    """Qwen3.5 in miniature: the real 3:1 hybrid (three Gated DeltaNet layers, then one gated full-attention
+    layer), so the recurrent state passes through several layers before attention reads it."""
+    # No pad_token_id: nn.Embedding would zero the pad row, and zero pad inputs stay exactly zero through
+    # the DeltaNet layers, hiding padding bugs (the real checkpoint has none either).
+    text = {k: v for k, v in text.items() if k != "pad_token_id"}
+    text.update(num_hidden_layers=4, layer_types=["linear_attention"] * 3 + ["full_attention"],
+                # Head dim 32: a quarter of it rotates (as in the real model), mrope_section splits
+                # those 4 pairs over (time, height, width).
+                head_dim=32, num_attention_heads=hidden_size // 32, num_key_value_heads=max(1, hidden_size // 64),
+                # Few, wide DeltaNet heads: on a CPU its chunked torch fallback costs per head, not per width.
+                # Two value heads per key head, as in the larger Qwen3.5: exercises the grouped-value repeat.
+                linear_num_key_heads=1, linear_num_value_heads=2,
+                linear_key_head_dim=hidden_size // 4, linear_value_head_dim=hidden_size // 4)
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+                               "mrope_section": [2, 1, 1], "mrope_interleaved": True}
+    # No deepstack in Qwen3.5: the image reaches the language model only as its tokens' embeddings, so they are
+    # made louder, as for Qwen2.5-VL (at the default init the demo's fine-tune stayed near chance, CV 0.37).
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16,
+                  num_position_embeddings=64, out_hidden_size=hidden_size, initializer_range=0.3)
+    return Qwen3_5Config(text_config=text, vision_config=vision, tie_word_embeddings=True, **special)
+
+
 def tiny_processor(family, tokenizer, max_pixels):
-    """Image processor + tokenizer + chat template, as a Qwen-VL processor of `family`."""
+    """Image processor + tokenizer + chat template, as a Qwen-VL processor of `family` (Qwen3.5 uses
+    Qwen3-VL's, as the real one does)."""
     patch = 14 if family == "qwen2_5_vl" else 16
     factor = patch * 2
     # Smallest allowed image is one merged patch; the budget caps the token count per image.
@@ -134,7 +197,7 @@ def _warmup_encode(processor, image, question, answer):
     """One chat-formatted (image, question) -> answer words example; labels on the answer and end token."""
     prompt = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
-        add_generation_prompt=True, tokenize=False)
+        add_generation_prompt=True, tokenize=False, enable_thinking=False)  # Qwen3.5's prompt as the pipeline's
     enc = processor(text=[prompt], images=[image], return_tensors="pt", return_mm_token_type_ids=False)
     ids = enc["input_ids"][0].tolist()
     target = processor.tokenizer.encode(answer + "<|im_end|>", add_special_tokens=False)
@@ -198,11 +261,10 @@ def build_tiny_qwen_vl(out_dir, texts, family="qwen2_5_vl", seed=0, max_pixels=1
             "builder_version": 5}
     if marker.exists() and json.loads(marker.read_text()) == spec:
         return out_dir
-    tokenizer = train_tiny_tokenizer(texts)
+    tokenizer = train_tiny_tokenizer(texts, family=family)
     config = tiny_model_config(family, tokenizer, hidden_size)
     torch.manual_seed(seed)
-    model_cls = Qwen2_5_VLForConditionalGeneration if family == "qwen2_5_vl" else Qwen3VLForConditionalGeneration
-    model = model_cls(config).eval()
+    model = MODEL_CLASSES[family](config).eval()
     processor = tiny_processor(family, tokenizer, max_pixels)
     if warmup_examples:
         warm_up_tiny_base(model, processor, list(warmup_examples), epochs=warmup_epochs, seed=seed)
