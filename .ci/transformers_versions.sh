@@ -16,6 +16,6 @@ for version in "$@"; do
   "$env/bin/python" -m pip install -q --disable-pip-version-check "transformers==$version" 2>&1 | grep -v "^WARNING" || true
   "$env/bin/python" -c "import transformers, sys; v = transformers.__version__; print('transformers', v); sys.exit(v != '$version')"
   "$env/bin/python" -m pytest -q -p no:cacheprovider tests/test_compat.py tests/test_prompts_labels.py tests/test_scoring.py \
-    tests/test_feature_cache.py "tests/test_end_to_end.py::test_cli_demo_runs_with_qwen3_vl_warm_up_included" \
+    tests/test_feature_cache.py "tests/test_end_to_end.py::test_cli_demo_runs_with_the_other_families_warm_up_included" \
     "tests/test_demo_learning.py::test_demo_learns_from_the_image"
 done

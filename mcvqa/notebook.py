@@ -62,10 +62,11 @@ FLOW_MODULES = SETUP_MODULES + tuple(m for _, stages in LAYOUT for _, modules in
 CELL_MARKER = "# %% "  # a module's code is cut into cells at these lines; the text is the next cell's heading
 
 INTRO_MARKDOWN = """\
-# Kaggle All-in-One Pro: Qwen-VL QLoRA for multiple-choice VQA
+# Kaggle All-in-One Pro: Qwen-VL and Qwen3.5 LoRA / QLoRA for multiple-choice VQA
 
-This notebook fine-tunes a Qwen vision-language model with 4-bit QLoRA on a multiple-choice visual
-question answering competition, cross-validates it over folds, and writes `submission.csv`.
+This notebook fine-tunes a Qwen vision-language model with LoRA (16-bit) or 4-bit QLoRA, as the model family
+and the card allow (`quantization=auto`), on a multiple-choice visual question answering competition,
+cross-validates it over folds, and writes `submission.csv`.
 It is self-contained: every stage's code is in the cells below. The setup cell right after the
 parameters installs only what the image lacks (peft, bitsandbytes, ...), from an attached wheel dataset
 when there is no internet; this notebook makes that dataset too (`MAKE_BUNDLE = True`).
@@ -73,7 +74,7 @@ when there is no internet; this notebook makes that dataset too (`MAKE_BUNDLE = 
 It is **generated** from the `mcvqa` package by `python -m mcvqa.notebook`; do not edit it by hand,
 change the package and regenerate it instead.
 
-- **Kaggle** (2x T4, often no internet): attach the competition data and a Qwen-VL model (Kaggle
+- **Kaggle** (2x T4, often no internet): attach the competition data and a Qwen2.5-VL, Qwen3-VL or Qwen3.5 model (Kaggle
   Models); both are found under `/kaggle/input` by themselves. Without internet, also attach the wheel
   dataset, made once in a session with internet: run this notebook with `MAKE_BUNDLE = True` and the
   internet on (it writes `/kaggle/working/mcvqa_wheels` for this kernel's Python, prints how to keep it

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 from mcvqa.core.config import Config, resolve_config
 from mcvqa.demo.demo_model import build_tiny_qwen_vl
@@ -17,11 +18,14 @@ from mcvqa.core.hardware import choose_hardware
 from mcvqa.core.modeling import load_model_for_training, load_processor
 from mcvqa.core.prompts import make_prompt_format
 
-REAL_PROCESSOR_NAMES = ("Qwen2.5-VL-7B-Instruct", "Qwen2-VL-2B-Instruct", "Qwen3-VL-4B-Instruct", "Qwen3.5-0.8B")
-TINY_FAMILIES = ("qwen2_5_vl", "qwen3_vl")
+# Qwen3.5 exists from transformers 5.2 (CI also runs a subset on 5.0): its tests run where the release has it.
+HAS_QWEN3_5 = hasattr(transformers, "Qwen3_5ForConditionalGeneration")
+REAL_PROCESSOR_NAMES = ("Qwen2.5-VL-7B-Instruct", "Qwen2-VL-2B-Instruct", "Qwen3-VL-4B-Instruct") + \
+    (("Qwen3.5-0.8B",) if HAS_QWEN3_5 else ())
+TINY_FAMILIES = ("qwen2_5_vl", "qwen3_vl") + (("qwen3_5",) if HAS_QWEN3_5 else ())
 # The real processor whose chat template the tiny template of each family reproduces.
 REAL_FOR_FAMILY = {"qwen2_5_vl": ("Qwen2.5-VL-7B-Instruct", "Qwen2-VL-2B-Instruct"),
-                   "qwen3_vl": ("Qwen3-VL-4B-Instruct",)}
+                   "qwen3_vl": ("Qwen3-VL-4B-Instruct",), "qwen3_5": ("Qwen3.5-0.8B",)}
 
 # Demo-like Korean strings (questions, option words) the tiny tokenizer is trained on, as the demo does.
 TINY_TEXTS = [

@@ -22,14 +22,15 @@ from mcvqa.core.scoring import MODEL_INPUT_KEYS
 pytestmark = [pytest.mark.usefixtures("torch_single_thread"), pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.filterwarnings("ignore::FutureWarning")]
 
-# Qwen3.5 joins this file's per-family tests before conftest's TINY_FAMILIES lists it (that switches it on in
-# every test file at once); from then on these equal conftest's.
-FAMILIES = TINY_FAMILIES + tuple(f for f in ("qwen3_5",) if f not in TINY_FAMILIES)
-REAL_FOR = {"qwen3_5": ("Qwen3.5-0.8B",), **REAL_FOR_FAMILY}
+# Per family, the tiny language model's linear layers, those kept out of 4 bits, and those with LoRA: Qwen2.5-VL
+# and Qwen3-VL 2 layers x (q, k, v, o, gate, up, down); Qwen3.5 3 DeltaNet layers x (in_proj_qkv, in_proj_z,
+# in_proj_a, in_proj_b, out_proj + MLP) and 1 full-attention layer x 7, its 16-row in_proj_a / in_proj_b
+# kept out of 4 bits (families/qwen3_5.py) and given no LoRA.
+LINEARS = {"qwen2_5_vl": (14, 0, 14), "qwen3_vl": (14, 0, 14), "qwen3_5": (3 * 8 + 7, 3 * 2, 3 * 6 + 7)}
 CLASS_NAMES = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
                "qwen3_5": "Qwen3_5ForConditionalGeneration"}
 PROCESSOR_NAMES = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor", "qwen3_5": "Qwen3VLProcessor"}
-PAIRS = [(family, real) for family in FAMILIES for real in REAL_FOR[family]]
+PAIRS = [(family, real) for family in TINY_FAMILIES for real in REAL_FOR_FAMILY[family]]
 
 
 # ---------------------------------------------------------------------------------------------- 1
@@ -76,7 +77,7 @@ def test_default_system_turn_matches_family(family, real_name, tiny_processor):
 
 
 # ---------------------------------------------------------------------------------------------- 2
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_tiny_folder_loads_like_a_real_checkpoint(family, tiny_model_dir, tiny_cfg, tiny_processor):
     folder = tiny_model_dir(family)
     processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
@@ -95,12 +96,14 @@ def test_4bit_load_quantises_language_model_only(family, tiny_cfg, hardware):
     linears = {name: type(m) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     language = {n: t for n, t in linears.items() if n.startswith("model.language_model.")}
     vision = {n: t for n, t in linears.items() if n.startswith("model.visual.")}
-    assert len(language) == 2 * 7 and len(vision) >= 2 * 4  # 2 layers x (q, k, v, o, gate, up, down)
-    assert set(language.values()) == {bnb.nn.Linear4bit}
+    total, kept_out, _ = LINEARS[family]
+    assert len(language) == total and len(vision) >= 2 * 4
+    assert sum(t is bnb.nn.Linear4bit for t in language.values()) == total - kept_out
+    assert all(t is torch.nn.Linear for n, t in language.items() if n.rsplit(".", 1)[-1] in ("in_proj_a", "in_proj_b"))
     assert set(vision.values()) == {torch.nn.Linear}
     assert type(model.lm_head) is torch.nn.Linear
     assert set(linears) == set(language) | set(vision) | {"lm_head"}
-    q_proj = model.model.language_model.layers[0].self_attn.q_proj
+    q_proj = next(m for n, m in model.named_modules() if n.endswith("self_attn.q_proj"))
     assert q_proj.weight.quant_state is not None and q_proj.weight.quant_state.quant_type == "nf4"
     assert {p.dtype for p in model.model.visual.parameters()} == {torch.float32}
     assert not any(p.requires_grad for p in model.parameters())
@@ -114,7 +117,7 @@ def test_lora_only_on_language_model(family, load_in_4bit, tiny_cfg, hardware):
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
     lora_modules = [n for n, m in model.named_modules() if isinstance(m, LoraLayer)]
-    assert len(lora_modules) == 2 * 7  # every q/k/v/o/gate/up/down of both layers, nothing else
+    assert len(lora_modules) == LINEARS[family][2]  # every projection the family names, nothing else
     assert all(".model.language_model.layers." in n for n in lora_modules)
     assert len(trainable) == 2 * len(lora_modules)
     assert not any("visual" in n or "lm_head" in n for n in trainable)
@@ -170,7 +173,7 @@ def test_tiny_qwen3_5_in_4bit_runs_forward_and_backward_with_lora(tiny_cfg, tiny
     """NF4 reaches the DeltaNet projections (conv1d and the vision tower stay full precision); a forward and
     backward through the LoRA model run and reach every adapter. Which projections LoRA targets is the
     lora_target_modules setting's business, not this test's."""
-    cfg = tiny_cfg("qwen3_5", load_in_4bit=True)
+    cfg = tiny_cfg("qwen3_5", quantization="nf4")
     model = load_model_for_training(cfg, hardware)
     base = unwrap_vlm(model)
     deltanet = base.model.language_model.layers[0].linear_attn
@@ -196,7 +199,7 @@ def test_tiny_qwen3_5_in_4bit_runs_forward_and_backward_with_lora(tiny_cfg, tiny
 
 
 # ---------------------------------------------------------------------------------------------- 3
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_build_is_reproducible(family, tmp_path, tiny_model_dir):
     first = build_tiny_qwen_vl(tmp_path / "one", TINY_TEXTS, family=family, seed=0, max_pixels=112 * 112)
     second = build_tiny_qwen_vl(tmp_path / "two", TINY_TEXTS, family=family, seed=0, max_pixels=112 * 112)
@@ -223,7 +226,7 @@ def test_unknown_family_is_rejected(tmp_path):
         build_tiny_qwen_vl(tmp_path, TINY_TEXTS, family="qwen2_vl")
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_answer_letters_are_single_tokens_in_tiny_tokenizer(family, tiny_processor):
     tok = tiny_processor(family).tokenizer
     ids = answer_letter_ids(tok)

@@ -9,6 +9,8 @@ import sys
 import nbformat
 import pandas as pd
 import papermill
+import pytest
+import transformers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Small enough for CI, same code path as the full demo.
@@ -75,17 +77,22 @@ def test_cli_is_deterministic_on_cpu(tmp_path):
     assert pa.equals(pb)
 
 
-def test_cli_demo_runs_with_qwen3_vl_warm_up_included(tmp_path):
-    """`--profile demo demo_family=qwen3_vl`: the tiny Qwen3-VL base is built and warmed up (its forward needs
-    mm_token_type_ids) and the run writes a valid submission (both families then run: the others use Qwen2.5-VL)."""
+@pytest.mark.parametrize("family,architecture", [("qwen3_vl", "Qwen3VL"), ("qwen3_5", "Qwen3_5")])
+def test_cli_demo_runs_with_the_other_families_warm_up_included(tmp_path, family, architecture):
+    """`--profile demo demo_family=...`: the tiny Qwen3-VL / Qwen3.5 base is built and warmed up (its forward needs
+    mm_token_type_ids) and the run writes a valid submission (the other tests run Qwen2.5-VL); the fast paths'
+    self-check passes, Qwen3.5's shared prefix through its linear-attention state included."""
+    if family == "qwen3_5" and not hasattr(transformers, "Qwen3_5ForConditionalGeneration"):
+        pytest.skip(f"transformers {transformers.__version__} has no Qwen3.5 (from 5.2)")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MCVQA_")}
-    done = subprocess.run([sys.executable, "-m", "mcvqa", "run", "--profile", "demo", "demo_family=qwen3_vl", "folds=0",
+    done = subprocess.run([sys.executable, "-m", "mcvqa", "run", "--profile", "demo", f"demo_family={family}", "folds=0",
                            "demo_warmup_rows=64", "demo_warmup_epochs=1", "epochs=1", f"data_dir={tmp_path / 'demo'}",
-                           f"output_dir={tmp_path / 'run'}", f"model_name_or_path={tmp_path / 'tiny' / 'qwen3_vl'}"],
+                           f"output_dir={tmp_path / 'run'}", f"model_name_or_path={tmp_path / 'tiny' / family}"],
                           cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "Qwen3VL" in (tmp_path / "tiny" / "qwen3_vl" / "config.json").read_text()
+    assert architecture in (tmp_path / "tiny" / family / "config.json").read_text()
     assert "[check] the cached-feature forward = the stock forward" in done.stdout
+    assert "the shared-prefix option-order scoring = scoring each view on its own" in done.stdout
     _check_submission(tmp_path / "demo", tmp_path / "run" / "submission.csv")
 
 

@@ -219,3 +219,37 @@ def test_a_folder_saved_in_4_bits_trains_qlora_with_its_own_quantization(tiny_cf
     layers = [m for m in model.modules() if hasattr(m, "compute_dtype")]
     assert layers and all(m.compute_dtype == hardware.torch_dtype for m in layers)
     add_lora(model, planned, hardware)  # k-bit preparation ran: the LoRA model builds on it
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_5"])
+def test_kbit_preparation_is_peft_s_but_keeps_the_embeddings_16_bit_where_the_family_says(family, tiny_cfg):
+    """Against peft's prepare_model_for_kbit_training, loaded in bf16: the same weights upcast to fp32, the same
+    frozen base and checkpointing; only Qwen3.5's embedding (tied to its head) stays 16-bit, as its family asks."""
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    from mcvqa.core.modeling import VISION_MODULE_NAMES, prepare_for_kbit_training
+
+    folder = tiny_cfg(family).model_name_or_path
+
+    def load():
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                          bnb_4bit_compute_dtype=torch.bfloat16,
+                                          llm_int8_skip_modules=[*VISION_MODULE_NAMES, "lm_head", "in_proj_a", "in_proj_b"])
+        return AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.bfloat16, quantization_config=quantization,
+                                                           device_map={"": "cpu"})
+
+    theirs = prepare_model_for_kbit_training(load(), use_gradient_checkpointing=True,
+                                             gradient_checkpointing_kwargs={"use_reentrant": False})
+    mine = load()
+    keep = {mine.get_input_embeddings(), mine.get_output_embeddings()} if family == "qwen3_5" else set()
+    ours = prepare_for_kbit_training(mine, True, keep_16bit=keep)
+    embedding = "model.language_model.embed_tokens.weight"
+    for (name, a), (_, b) in zip(theirs.named_parameters(), ours.named_parameters()):
+        expected = torch.bfloat16 if (family == "qwen3_5" and name == embedding) else a.dtype
+        assert b.dtype == expected and b.requires_grad == a.requires_grad is False, name
+    layers = [m for m in ours.model.language_model.modules() if hasattr(m, "gradient_checkpointing")]
+    assert layers and [m.gradient_checkpointing for m in layers] == \
+        [m.gradient_checkpointing for m in theirs.model.language_model.modules() if hasattr(m, "gradient_checkpointing")]
+    assert any(m.gradient_checkpointing for m in layers)
+    assert dict(ours.named_parameters())[embedding].dtype == (torch.bfloat16 if family == "qwen3_5" else torch.float32)

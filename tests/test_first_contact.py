@@ -9,6 +9,7 @@ installs them from that folder alone and runs top to bottom, no path typed by ha
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -166,3 +167,19 @@ def test_kaggle_first_contact_without_then_with_the_wheel_bundle(kaggle):
     where = subprocess.run([str(kaggle["python"]), "-c", "import torch, peft; print(torch.__file__); print(peft.__file__)"],
                            capture_output=True, text=True, check=True).stdout.split()
     assert "kaggle_base" in where[0] and "kaggle_env" in where[1]  # torch is the image's, peft came from the bundle
+
+    # A Qwen3.5 model attached instead (Kaggle Models nesting): auto finds it, nothing typed, top to bottom.
+    shutil.move(kaggle["inputs"] / "qwen2.5-vl", kaggle["tmp"] / "detached-qwen2.5-vl")
+    qwen35 = build_tiny_qwen_vl(kaggle["inputs"] / "qwen3.5" / "transformers" / "tiny" / "1", TINY_TEXTS,
+                                family="qwen3_5", max_pixels=56 * 56)
+    (kaggle["working"] / "submission.csv").unlink()
+    notebook, error = _run_notebook(kaggle, "qwen35.ipynb", OVERRIDES=_overrides(kaggle["working"]).replace(
+        f"output_dir={kaggle['working'] / 'run'}", f"output_dir={kaggle['working'] / 'run_qwen35'}"))
+    assert error is None, error
+    outputs = "\n".join(o.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
+                        for o in cell.get("outputs", []) if o.get("output_type") == "stream")
+    assert "a qwen3_5 model is attached: it needs transformers>=5.7,<6" in outputs
+    assert f"model_name_or_path=auto -> {qwen35}" in outputs
+    assert "[check] the cached-feature forward = the stock forward" in outputs and "shared-prefix option-order" in outputs
+    submission = pd.read_csv(kaggle["working"] / "submission.csv")
+    assert submission["id"].tolist() == pd.read_csv(kaggle["inputs"] / "vqa-competition" / "test.csv")["id"].tolist()

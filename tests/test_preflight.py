@@ -122,6 +122,11 @@ def test_the_time_budget_is_checked_against_a_first_estimate(capsys):
     with pytest.raises(ConfigError, match="cannot hold even one fold's predictions"):
         preflight.check_time_budget(hopeless, *args[1:])
     assert preflight.estimate_hours(cfg, choose_hardware([]), *args[2:]) is None  # no GPU: no estimate
+    # An A100 is not an A10 (whose name it contains): 312 against 125 TFLOP/s.
+    a100 = choose_hardware([{"name": "NVIDIA A100-SXM4-40GB", "capability": (8, 0), "memory_gib": 40.0}] * 2,
+                           flash_attn_installed=False)
+    (low_a100, _), _ = preflight.estimate_hours(cfg, a100, *args[2:])
+    assert low_a100 == pytest.approx((2 * fold * forward + tower) / 312e12 / 0.25 / 3600)
 
 
 def test_flash_attention_forced_without_flash_attn_is_refused(monkeypatch):

@@ -263,6 +263,33 @@ def test_shared_prefix_scoring_equals_full_views(family, setup, tiny_model, load
     assert not torch.allclose(full[0], full[1])  # the views do differ: the check has teeth
 
 
+def test_qwen35_prefixes_padded_on_the_right_would_corrupt_the_recurrent_state(tiny_processor, tiny_fmt, tiny_model,
+                                                                               monkeypatch):
+    """The test above has teeth for Qwen3.5: pad its prefixes on the right, as the KV families do, and the pads
+    pass through the DeltaNet state before the suffixes continue from it; expand its cache the KV way and it
+    fails outright (its linear layers have no batch_repeat_interleave)."""
+    from mcvqa.families.qwen3_5 import QWEN3_5
+    from mcvqa.families.qwen_vl import QWEN_VL
+    from mcvqa.speed.shared_prefix import shared_prefix_letter_logits
+
+    from mcvqa.speed.feature_cache import FeatureCache
+
+    model, processor, fmt = tiny_model("qwen3_5", False), tiny_processor("qwen3_5"), tiny_fmt("qwen3_5")
+    views = [dict(item, perm=perm, options=[item["options"][p] for p in perm], answer=-1)
+             for item in _items() for perm in [tuple((j + s) % 4 for j in range(4)) for s in range(4)]]
+    cache = FeatureCache()
+    with torch.no_grad():
+        batch = cache.attach(model, VqaCollator(processor, fmt, MIN_PIXELS, MAX_PIXELS, encoding=CachedImageEncoding())(views))
+        full = letter_logits(model, batch, fmt.letter_ids, "cpu", torch.float32)
+        monkeypatch.setattr(QWEN3_5, "prefix_padding", "right")
+        wrong = shared_prefix_letter_logits(model, batch, fmt.letter_ids, "cpu", n_views=4)
+        assert not torch.allclose(wrong, full, rtol=1e-4, atol=1e-5)  # what the test above requires: the padded rows move
+        monkeypatch.setattr(QWEN3_5, "prefix_padding", "left")
+        monkeypatch.setattr(QWEN3_5, "expand_cache", QWEN_VL.expand_cache)
+        with pytest.raises(AttributeError):
+            shared_prefix_letter_logits(model, batch, fmt.letter_ids, "cpu", n_views=4)
+
+
 def test_predict_views_with_shared_prefix_equals_view_by_view(family, setup, tiny_model, tiny_cfg, hardware, tmp_path,
                                                              monkeypatch):
     """predict_views' shared-prefix path (cache on, rows batched with their option orders, a batch

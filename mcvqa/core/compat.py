@@ -120,6 +120,15 @@ def check_versions(verbose=True):
     return found
 
 
+def fast_path_fix():
+    """What to do when a fast path disagrees with the exact one: below 5.24 (the cache keyword, 5.18-5.23) a newer
+    transformers; from there nothing is known to fix, and the pass is exact anyway."""
+    if transformers_version() < Version("5.24"):
+        return "pip install -U 'transformers>=5.24,<6'"
+    return ("none known on this release (the predictions stay exact; in bf16 a split prefix and suffix can also round "
+            "further apart than the tolerance); please report the model and versions")
+
+
 def warn(message):
     """A warning people see: framed, on stderr (a notebook shows it highlighted), not one log line among many."""
     print(f"\n{'!' * 100}\nWARNING: {message}\n{'!' * 100}\n", file=sys.stderr, flush=True)

@@ -17,7 +17,7 @@ import os
 import warnings
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
 from ..families.registry import family_of
@@ -144,12 +144,11 @@ def add_lora(model, cfg, hardware):
     """k-bit preparation, gradient checkpointing and LoRA adapters on the language model."""
     checkpointing = cfg.gradient_checkpointing != "off"  # "auto" unplanned (memory.py not run): on, the safe side
     if uses_nf4(cfg):
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False})
-        if model_family(cfg.model_name_or_path).embeddings_16bit:
-            # The frozen embedding and LM head back to the compute dtype: fp32 doubles GiBs (Qwen3.5's 248k rows).
-            for module in {model.get_input_embeddings(), model.get_output_embeddings()}:
-                module.to(hardware.torch_dtype)
+        # The frozen embedding and LM head keep 16 bits where the family says so: fp32 doubles GiBs (Qwen3.5's
+        # 248k rows), and even the moment of upcasting them ran a T4's memory out (BENCHMARKS.md, run 32).
+        keep = {model.get_input_embeddings(), model.get_output_embeddings()} \
+            if model_family(cfg.model_name_or_path).embeddings_16bit else set()
+        model = prepare_for_kbit_training(model, checkpointing, keep_16bit=keep)
     elif checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -166,6 +165,21 @@ def add_lora(model, cfg, hardware):
         # transformers >= 5.25): theirs, harmless, and not the user's to fix.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
         return get_peft_model(model, lora)
+
+
+def prepare_for_kbit_training(model, checkpointing, keep_16bit=()):
+    """peft's `prepare_model_for_kbit_training` (the base frozen, fp32 for every 16-bit weight it did not
+    quantise, non-reentrant gradient checkpointing), except that the weights of the modules in keep_16bit
+    stay as they are: peft upcasts every one, which it offers no way around (tests compare the two)."""
+    keep = {id(param) for module in keep_16bit for param in module.parameters()}
+    for param in model.parameters():
+        param.requires_grad = False
+        if param.dtype in (torch.float16, torch.bfloat16) and type(param).__name__ != "Params4bit" \
+                and id(param) not in keep:
+            param.data = param.data.to(torch.float32)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
 
 
 def run_without_autocast(module):

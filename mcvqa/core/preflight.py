@@ -92,7 +92,8 @@ def estimate_hours(cfg, hardware, plan, n_train, n_test, n_images, n_folds, work
     per token forward; training a sample 2 forwards (the frozen base needs no weight gradients), 3 with gradient
     checkpointing; an extra option order its suffix over the shared prefix. Each worker's vision tower encodes
     every image once (the feature cache), in fp32 on fp16 cards (an eighth of the fp16 peak)."""
-    peak = next((flops for name, flops in PEAK_FLOPS.items() if name in hardware.gpu_name.lower()), None)
+    card = hardware.gpu_name.lower()  # (longest names first: "a10" is in "a100", "l4" in "l40")
+    peak = next((PEAK_FLOPS[name] for name in sorted(PEAK_FLOPS, key=len, reverse=True) if name in card), None)
     if hardware.device != "cuda" or peak is None or hardware.dtype == "float32":
         return None
     forward = 2 * plan["lm_matmul_params"] * plan["tokens_per_sample"]

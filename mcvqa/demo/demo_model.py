@@ -25,8 +25,6 @@ from transformers import (
     Qwen3VLForConditionalGeneration,
     Qwen3VLProcessor,
     Qwen3VLVideoProcessor,
-    Qwen3_5Config,
-    Qwen3_5ForConditionalGeneration,
 )
 
 from ..core.compat import model_input_names
@@ -79,8 +77,15 @@ _QWEN3_5_PROMPT_THINK = (
 )
 
 TINY_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_5")
-MODEL_CLASSES = {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration, "qwen3_vl": Qwen3VLForConditionalGeneration,
-                 "qwen3_5": Qwen3_5ForConditionalGeneration}
+
+
+def tiny_model_class(family):
+    """The architecture class of `family`. Qwen3.5's is looked up when asked for: it exists from transformers
+    5.2, and the pipeline must import on Kaggle's 5.0 (where it says to upgrade, locate.py)."""
+    import transformers
+
+    return {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration, "qwen3_vl": Qwen3VLForConditionalGeneration,
+            "qwen3_5": getattr(transformers, "Qwen3_5ForConditionalGeneration", None)}[family]
 
 
 def tiny_chat_template(family):
@@ -173,6 +178,8 @@ def _tiny_qwen3_5_config(text, hidden_size, special):
     # made louder, as for Qwen2.5-VL (at the default init the demo's fine-tune stayed near chance, CV 0.37).
     vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16,
                   num_position_embeddings=64, out_hidden_size=hidden_size, initializer_range=0.3)
+    from transformers import Qwen3_5Config  # (transformers >= 5.2: tiny_model_class)
+
     return Qwen3_5Config(text_config=text, vision_config=vision, tie_word_embeddings=True, **special)
 
 
@@ -264,7 +271,7 @@ def build_tiny_qwen_vl(out_dir, texts, family="qwen2_5_vl", seed=0, max_pixels=1
     tokenizer = train_tiny_tokenizer(texts, family=family)
     config = tiny_model_config(family, tokenizer, hidden_size)
     torch.manual_seed(seed)
-    model = MODEL_CLASSES[family](config).eval()
+    model = tiny_model_class(family)(config).eval()
     processor = tiny_processor(family, tokenizer, max_pixels)
     if warmup_examples:
         warm_up_tiny_base(model, processor, list(warmup_examples), epochs=warmup_epochs, seed=seed)

@@ -12,7 +12,7 @@ import dataclasses
 import torch
 
 from ..core.collate import VqaCollator, VqaDataset, cyclic_perms
-from ..core.compat import transformers_version, warn
+from ..core.compat import fast_path_fix, transformers_version, warn
 from ..core.hardware import compute_autocast
 from ..core.modeling import model_device, tower_dtype, unwrap_vlm
 from ..core.scoring import letter_logits, logits_agree
@@ -55,8 +55,7 @@ def check_fast_paths(model, frame, processor, fmt, cfg, hardware, feature_cache,
         ok, error, tolerance = logits_agree(fast, exact, hardware)
         if not ok:
             warn(f"{what} gives other letter logits than {reference} on transformers {transformers_version()} (max "
-                 f"|difference| {error:.3g} > tolerance {tolerance:.3g}). {cost} Fix: pip install -U "
-                 "'transformers>=5.24,<6'; please report the version.")
+                 f"|difference| {error:.3g} > tolerance {tolerance:.3g}). {cost} Fix: {fast_path_fix()}.")
         return ok, f"{what} = {reference} (max |Δ logit| {error:.2g}, tolerance {tolerance:.2g})"
 
     ok, line = agrees(cached, stock, "the cached-feature forward", "the stock forward", "Image-feature cache off for this "

@@ -11,7 +11,7 @@ view by view, with a warning, when the two disagree. Needs cached image features
 import torch
 from packaging.version import Version
 
-from ..core.compat import rope_index, transformers_version, warn
+from ..core.compat import fast_path_fix, rope_index, transformers_version, warn
 from ..core.memory import is_oom
 from ..core.scoring import decoder_forward, head_logits, letter_logits, logits_agree
 from ..core.modeling import unwrap_vlm
@@ -138,8 +138,8 @@ class SharedPrefixScorer:
                 warn(f"{self.desc}: the shared-prefix option-order scoring disagrees with scoring each view on its own "
                      f"(max |difference| {error:.3g} > tolerance {tolerance:.3g} in the letter logits; transformers "
                      f"{transformers_version()}). This pass goes on view by view: exact, but each option order runs the "
-                     f"whole prompt, so its language model does ~2-3x the work. Fix: "
-                     f"pip install -U 'transformers>=5.24,<6', or set tta_shared_prefix=false to skip this check.")
+                     f"whole prompt, so its language model does ~2-3x the work. Fix: {fast_path_fix()}; or "
+                     f"tta_shared_prefix=false to skip this check.")
                 self.used = False
                 return exact
         return out
