@@ -14,6 +14,12 @@ for version in "$@"; do
   own_site=$("$env/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   echo "$main_site" > "$own_site/main_venv.pth"
   "$env/bin/python" -m pip install -q --disable-pip-version-check "transformers==$version" 2>&1 | grep -v "^WARNING" || true
+  # The main venv's `kernels` (a dependency of the newest transformers) breaks older releases' import (5.0.0 builds
+  # its hub-kernel table with an API kernels 0.19 dropped): give this venv the kernels its release pins.
+  kernels=$("$env/bin/python" -c "from transformers.dependency_versions_table import deps; print(deps.get('kernels', ''))" 2>/dev/null || true)
+  if [ -n "$kernels" ]; then
+    "$env/bin/python" -m pip install -q --disable-pip-version-check "$kernels" 2>&1 | grep -v "^WARNING" || true
+  fi
   "$env/bin/python" -c "import transformers, sys; v = transformers.__version__; print('transformers', v); sys.exit(v != '$version')"
   "$env/bin/python" -m pytest -q -p no:cacheprovider tests/test_compat.py tests/test_prompts_labels.py tests/test_scoring.py \
     tests/test_feature_cache.py "tests/test_end_to_end.py::test_cli_demo_runs_with_the_other_families_warm_up_included" \

@@ -213,10 +213,10 @@ def test_train_fold_with_cache_matches_without(tiny_cfg, tiny_processor, tiny_fm
     assert cache.encoded == 3 and cache.hits > 3 * 2  # two epochs + evaluations reuse the three images
     np.testing.assert_allclose(hist_cached["loss"].to_numpy(float), hist_plain["loss"].to_numpy(float), atol=1e-5, rtol=0)
     assert len(grads_plain) == len(grads_cached) == 4
-    for plain, cached in zip(grads_plain, grads_cached):
+    for plain, cached in zip(grads_plain, grads_cached):  # (1.3e-5 of the scale apart on transformers 5.0, 4e-6 on 5.25)
         scale = max(float(g.abs().max()) for g in plain.values())
         for name, grad in plain.items():
-            torch.testing.assert_close(cached[name], grad, atol=1e-5 * scale, rtol=0)
+            torch.testing.assert_close(cached[name], grad, atol=1e-4 * scale, rtol=0)
     # AdamW divides each gradient by its running RMS: where a gradient is ~1e-8, float rounding of the same
     # computation moves that weight's step by far more than its size (1.4e-5 on one of 2,048 weights on torch
     # 2.14, CPU). The gradients above are the code under test; the weights agree to 1 % of the learning rate.
