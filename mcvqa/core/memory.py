@@ -19,14 +19,13 @@ catches: the failed attempt's memory is freed first, then the batch is halved an
 import dataclasses
 import gc
 import math
-import os
 import re
 
 import torch
-from transformers import AutoConfig, AutoModelForImageTextToText
+from transformers import AutoModelForImageTextToText
 
 from .config import ConfigError
-from .modeling import lora_targets, model_family, saved_in_4bit
+from .modeling import checkpoint_config, lora_targets, model_family, saved_in_4bit
 
 TEXT_TOKENS = 160  # template + Korean question + instruction + four options, typical (the image dominates)
 # Measured peak over estimated activations (Qwen2.5-VL-3B, fp16, 4-bit, 384x384, checkpointing, micro-batch 32,
@@ -38,7 +37,7 @@ LORA_COPIES = 5  # weight, gradient, two AdamW moments, EMA shadow: fp32 each
 
 def _meta_model(cfg):
     """The model's modules without weights (sizes only), from its config.json."""
-    config = AutoConfig.from_pretrained(cfg.model_name_or_path, local_files_only=os.path.isdir(cfg.model_name_or_path))
+    config = checkpoint_config(cfg.model_name_or_path)
     with torch.device("meta"):
         return AutoModelForImageTextToText.from_config(config), config
 

@@ -53,7 +53,7 @@ def load_processor(cfg):
 def check_tokenizer(tokenizer, name):
     """A tokenizer far smaller than the model's embedding is a broken one: transformers builds one silently
     from a folder without tokenizer.json (a 33-token Qwen3.5 tokenizer, every word unknown)."""
-    config = AutoConfig.from_pretrained(name, local_files_only=is_local_model(name))
+    config = checkpoint_config(name)
     vocab = getattr(getattr(config, "text_config", config), "vocab_size", None) or getattr(config, "vocab_size", None)
     if vocab and len(tokenizer) < vocab // 2:
         raise ModelFolderError(f"model_name_or_path={name}: its tokenizer has {len(tokenizer)} tokens but the model "
@@ -82,9 +82,14 @@ def model_device(model):
 
 
 @functools.lru_cache(maxsize=None)
+def checkpoint_config(name_or_path):
+    """The checkpoint's config.json, read once (the family, the tokenizer check and the memory plan ask it)."""
+    return AutoConfig.from_pretrained(name_or_path, local_files_only=is_local_model(name_or_path))
+
+
 def model_family(name_or_path):
     """The family (families/) of the checkpoint cfg.model_name_or_path names, from its config.json alone."""
-    return family_of(AutoConfig.from_pretrained(name_or_path, local_files_only=is_local_model(name_or_path)))
+    return family_of(checkpoint_config(name_or_path))
 
 
 def lora_targets(cfg):
@@ -93,11 +98,9 @@ def lora_targets(cfg):
         else cfg.lora_target_modules
 
 
-@functools.lru_cache(maxsize=None)
 def saved_in_4bit(name_or_path):
     """Whether the folder is saved pre-quantised by bitsandbytes in 4 bits (e.g. a `...-bnb-4bit` download)."""
-    config = AutoConfig.from_pretrained(name_or_path, local_files_only=is_local_model(name_or_path))
-    quantization = getattr(config, "quantization_config", None) or {}
+    quantization = getattr(checkpoint_config(name_or_path), "quantization_config", None) or {}
     if not isinstance(quantization, dict):
         quantization = quantization.to_dict()
     return quantization.get("quant_method") == "bitsandbytes" and bool(quantization.get("load_in_4bit"))

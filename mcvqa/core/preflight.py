@@ -20,6 +20,7 @@ import tempfile
 
 from .budget import MARGIN_S
 from .config import ConfigError
+from .inference import image_scales
 
 # Dense fp16/bf16 tensor-core peaks (FLOP/s) by card name; the estimate assumes a fraction of them.
 PEAK_FLOPS = {"t4": 65e12, "l4": 121e12, "a10": 125e12, "v100": 125e12, "l40": 181e12, "a100": 312e12,
@@ -100,7 +101,7 @@ def estimate_hours(cfg, hardware, plan, n_train, n_test, n_images, n_folds, work
     n_val = n_train / cfg.n_folds
     per_step = 3 if plan.get("gradient_checkpointing") == "on" else 2
     training = 0 if cfg.adapters_from else cfg.epochs * ((n_train - n_val) * per_step + cfg.evals_per_epoch * n_val)
-    views = max(1, cfg.tta_option_views) * max(1, len([s for s in cfg.tta_image_scales.split(",") if s.strip()]) + 1)
+    views = max(1, cfg.tta_option_views) * len(image_scales(cfg))
     view_cost = 1 + (views - 1) * SUFFIX_TOKENS / plan["tokens_per_sample"] if cfg.tta_shared_prefix else views
     predicting = (n_val + n_test) * view_cost
     tower = n_images * 2 * plan["vision_matmul_params"] * plan["patches_per_image"]
