@@ -28,6 +28,7 @@ from transformers import (
 )
 
 from ..core.compat import model_input_names
+from ..core.prompts import TEMPLATE_KWARGS
 
 # Qwen's special tokens, in Qwen's order (ids differ in the tiny vocabulary, names do not).
 QWEN_SPECIAL_TOKENS = (
@@ -204,7 +205,7 @@ def _warmup_encode(processor, image, question, answer):
     """One chat-formatted (image, question) -> answer words example; labels on the answer and end token."""
     prompt = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
-        add_generation_prompt=True, tokenize=False, enable_thinking=False)  # Qwen3.5's prompt as the pipeline's
+        add_generation_prompt=True, tokenize=False, **TEMPLATE_KWARGS)  # rendered as the pipeline renders it
     enc = processor(text=[prompt], images=[image], return_tensors="pt", return_mm_token_type_ids=False)
     ids = enc["input_ids"][0].tolist()
     target = processor.tokenizer.encode(answer + "<|im_end|>", add_special_tokens=False)

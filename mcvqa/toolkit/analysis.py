@@ -281,7 +281,7 @@ def _gallery_figure(rows, font):
         text_top = top - GALLERY_IMAGE_H - GALLERY_PAD
         for i, (line, colour) in enumerate(_cell_lines(k + 1, row, font, prop, width_pt)):
             if line:
-                    fig.text(left, text_top - i * GALLERY_LINE_H, line, transform=fig.dpi_scale_trans, va="top",
+                fig.text(left, text_top - i * GALLERY_LINE_H, line, transform=fig.dpi_scale_trans, va="top",
                          fontproperties=prop, color=colour, parse_math=False)  # ($ in a question is no math)
     return fig
 
