@@ -68,9 +68,11 @@ def _cache(tiny_cfg, family, model, hardware, **changes):
 
 def test_keys_follow_pixels_and_pixel_range():
     a, b = _image((64, 96), (200, 10, 10)), _image((64, 96), (200, 10, 10))
-    assert image_key(a, 1, 2) == image_key(b, 1, 2)  # same pixels, other object
-    assert image_key(a, 1, 2) != image_key(a, 1, 3)  # another pixel budget: other patches
-    assert image_key(a, 1, 2) != image_key(_image((64, 96), (200, 10, 11)), 1, 2)
+    size = {"size": {"shortest_edge": 1, "longest_edge": 2}}
+    assert image_key(a, size) == image_key(b, size)  # same pixels, other object
+    assert image_key(a, size) != image_key(a, {"size": {"shortest_edge": 1, "longest_edge": 3}})  # other patches
+    assert image_key(a, {"max_soft_tokens": 70}) != image_key(a, {"max_soft_tokens": 140})  # Gemma's budget
+    assert image_key(a, size) != image_key(_image((64, 96), (200, 10, 11)), size)
 
 
 def test_cached_letter_logits_equal_uncached(family, tiny_model, tiny_cfg, tiny_processor, tiny_fmt, hardware):

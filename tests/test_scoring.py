@@ -46,7 +46,7 @@ def _collate(processor, fmt, items):
 
 def _stock_inputs(model, batch):
     """The batch keys the model's own forward takes (mm_token_type_ids only from transformers 5.4)."""
-    return {k: batch[k] for k in model_input_names(unwrap_vlm(model).model, MODEL_INPUT_KEYS)}
+    return {k: batch[k] for k in model_input_names(unwrap_vlm(model).model, MODEL_INPUT_KEYS) if k in batch}
 
 
 def _full_logits(model, batch):
@@ -396,7 +396,8 @@ def test_shared_prefix_that_breaks_falls_back_to_exact_views_with_a_warning(
     goes on view by view: the probabilities are the exact ones, not the broken path's."""
     from mcvqa.speed.feature_cache import FeatureCache
     from mcvqa.speed.shared_prefix import shared_prefix_letter_logits
-    import mcvqa.core.scoring as scoring
+    import mcvqa.families.family as family_module
+    from mcvqa.families.family import ModelFamily
 
     processor, fmt = setup
     model = tiny_model(family, True)
@@ -406,7 +407,7 @@ def test_shared_prefix_that_breaks_falls_back_to_exact_views_with_a_warning(
     healthy = predict_views(model, frame, processor, fmt, tiny_cfg(family, **base), hardware, feature_cache=FeatureCache())
     out = capsys.readouterr()
     assert "WARNING" not in out.err and "shared prefix checked on the first batch (max |Δ logit|" in out.out
-    monkeypatch.setattr(scoring, "cache_argument", _ignored_cache_argument)
+    monkeypatch.setattr(family_module, "cache_argument", _ignored_cache_argument)
     with torch.no_grad():  # the broken path really is broken (else the fallback could not be seen)
         cache = FeatureCache()
         batch = cache.attach(model, VqaCollator(processor, fmt, MIN_PIXELS, MAX_PIXELS, encoding=CachedImageEncoding())(
@@ -427,7 +428,8 @@ def test_check_fast_paths_switches_off_what_disagrees_with_the_stock_forward(
         family, setup, tiny_model, tiny_cfg, hardware, tmp_path, monkeypatch, capsys):
     from mcvqa.speed.feature_cache import FeatureCache
     from mcvqa.speed.self_check import check_fast_paths
-    import mcvqa.core.scoring as scoring
+    import mcvqa.families.family as family_module
+    from mcvqa.families.family import ModelFamily
 
     processor, fmt = setup
     model = tiny_model(family, True)
@@ -439,19 +441,19 @@ def test_check_fast_paths_switches_off_what_disagrees_with_the_stock_forward(
     assert "WARNING" not in out.err and "[check] the cached-feature forward = the stock forward" in out.out
     assert "the shared-prefix option-order scoring = scoring each view on its own" in out.out
 
-    monkeypatch.setattr(scoring, "cache_argument", _ignored_cache_argument)  # the 5.18-5.23 failure
+    monkeypatch.setattr(family_module, "cache_argument", _ignored_cache_argument)  # the 5.18-5.23 failure
     got_cache, got_cfg = check_fast_paths(model, frame, processor, fmt, cfg, hardware, cache)
     assert got_cache is cache and got_cfg.tta_shared_prefix is False
     assert "WARNING: the shared-prefix option-order scoring gives other letter logits" in capsys.readouterr().err
     monkeypatch.undo()
 
-    real_embed = scoring.embed_with_features
+    real_embed = ModelFamily.embed_with_features
 
-    def features_one_token_off(vlm, input_ids, features, device):  # e.g. a changed placeholder rule
-        embeds, extra = real_embed(vlm, input_ids, features, device)
+    def features_one_token_off(self, vlm, input_ids, features, device):  # e.g. a changed placeholder rule
+        embeds, extra = real_embed(self, vlm, input_ids, features, device)
         return (embeds.roll(1, dims=1) if features else embeds), extra
 
-    monkeypatch.setattr(scoring, "embed_with_features", features_one_token_off)
+    monkeypatch.setattr(ModelFamily, "embed_with_features", features_one_token_off)
     got_cache, got_cfg = check_fast_paths(model, frame, processor, fmt, cfg, hardware, cache)
     assert got_cache is None and got_cfg.tta_shared_prefix is False
     assert "WARNING: the cached-feature forward gives other letter logits than the stock forward" in capsys.readouterr().err

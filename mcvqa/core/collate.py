@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from .data import DEFAULT_BOMB_LIMIT_PIXELS, OPTION_LETTERS, load_image
+from ..families.registry import processor_family
 from .prompts import render_prompt
 
 IGNORE_INDEX = -100
@@ -78,7 +79,8 @@ class VqaCollator:
     def __init__(self, processor, prompt_format, min_pixels, max_pixels, encoding=None, pixel_dtype=None):
         self.processor = processor
         self.fmt = prompt_format
-        self.size = {"shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)}
+        self.family = processor_family(processor)
+        self.image_kwargs = self.family.image_kwargs(min_pixels, max_pixels)  # Qwen's pixel range, Gemma's budget
         self.pad_id = processor.tokenizer.pad_token_id
         self.image_token_id = processor.image_token_id
         self.encoding = encoding
@@ -87,12 +89,14 @@ class VqaCollator:
     def __call__(self, items):
         texts = [render_prompt(self.processor, self.fmt, it["question"], it["options"])[0] for it in items]
         if self.encoding is not None:
-            enc = self.encoding(self.processor, self.size, items, texts)
+            enc = self.encoding(self.processor, self.image_kwargs, items, texts)
         else:
             # mm_token_type_ids are made below for every version: transformers 5.3's processor fails making
-            # them from unpadded rows, and 5.0-5.2 make none.
-            enc = self.processor(text=texts, images=[it["image"] for it in items], size=self.size, padding=False,
-                                 return_mm_token_type_ids=False)
+            # them from unpadded rows, and 5.0-5.2 make none. The rendered text holds every special token the
+            # template wants (Gemma's `<bos>`): the tokenizer adds none of its own.
+            enc = self.processor(text=texts, images=self.family.processor_images([it["image"] for it in items]),
+                                 **self.image_kwargs, padding=False,
+                                 return_mm_token_type_ids=False, add_special_tokens=False)
         sequences, labels, type_ids, answer_positions = [], [], [], []
         for i, item in enumerate(items):
             prompt = list(enc["input_ids"][i])
@@ -115,24 +119,29 @@ class VqaCollator:
             "attention_mask": pad([[1] * len(s) for s in sequences], 0),
             "mm_token_type_ids": pad(type_ids, 0),
             "pixel_values": enc["pixel_values"] if self.pixel_dtype is None else enc["pixel_values"].to(self.pixel_dtype),
-            "image_grid_thw": enc["image_grid_thw"],
             "labels": pad(labels, IGNORE_INDEX),
             "answer_positions": torch.tensor(answer_positions, dtype=torch.long),
             "answer_index": torch.tensor([it["answer"] for it in items], dtype=torch.long),
             "rows": torch.tensor([it["row"] for it in items], dtype=torch.long),
             "perms": torch.tensor([it["perm"] for it in items], dtype=torch.long),
         }
-        for key in ("image_keys", "pixel_rows"):  # (from an encoding strategy)
+        for key in ("image_grid_thw", "image_position_ids", "image_keys", "pixel_rows"):  # (Gemma's: its positions)
             if key in enc:
                 batch[key] = enc[key]
         return batch
 
 
+# Batch entries that hold one row (Qwen: one patch row) per shipped image rather than one per sample.
+PIXEL_KEYS = ("pixel_values", "pixel_rows", "image_position_ids")
+
+
 def pixel_spans(batch):
-    """[(sample, start, end)] in pixel order: the patch rows of pixel_values that belong to each shipped
-    image. Feature-cache batches ship the samples in `pixel_rows` only; other batches every sample."""
-    sizes = batch["image_grid_thw"].prod(dim=1).tolist()
-    rows = batch["pixel_rows"].tolist() if "pixel_rows" in batch else range(len(sizes))
+    """[(sample, start, end)] in pixel order: the rows of pixel_values that belong to each shipped image (Qwen:
+    its grid's patches; Gemma: one row, padded to the budget). Feature-cache batches ship the samples in
+    `pixel_rows` only; other batches every sample."""
+    n = batch["input_ids"].shape[0]
+    sizes = batch["image_grid_thw"].prod(dim=1).tolist() if "image_grid_thw" in batch else [1] * n
+    rows = batch["pixel_rows"].tolist() if "pixel_rows" in batch else range(n)
     spans, start = [], 0
     for row in rows:
         spans.append((row, start, start + sizes[row]))
@@ -142,15 +151,17 @@ def pixel_spans(batch):
 
 def slice_rows(batch, start, stop):
     """Samples [start, stop) of a collated batch (each image's patch rows of pixel_values follow its sample)."""
-    part = {k: v[start:stop] for k, v in batch.items() if k not in ("pixel_values", "pixel_rows")}
+    part = {k: v[start:stop] for k, v in batch.items() if k not in PIXEL_KEYS}
     if "pixel_values" not in batch:  # cached image features were attached instead
         return part
-    keep, pieces = [], []
+    keep, spans = [], []
     for row, begin, end in pixel_spans(batch):
         if start <= row < stop:
             keep.append(row - start)
-            pieces.append(batch["pixel_values"][begin:end])
-    part["pixel_values"] = torch.cat(pieces) if pieces else batch["pixel_values"][:0]
+            spans.append((begin, end))
+    for key in ("pixel_values", "image_position_ids"):
+        if key in batch:
+            part[key] = torch.cat([batch[key][a:b] for a, b in spans]) if spans else batch[key][:0]
     if "pixel_rows" in batch:
         part["pixel_rows"] = torch.tensor(keep, dtype=torch.long)
     return part
@@ -169,13 +180,19 @@ def make_loader(frame, views, processor, fmt, cfg, batch_size, max_pixels=None, 
                 pixel_dtype=None):
     """DataLoader of collated views in the given order. `encoding`: the collator's optional encoding
     strategy (the image-feature cache's: no pixels for images it holds)."""
-    max_pixels = max_pixels or cfg.max_pixels
+    max_pixels = max_pixels or pixel_cap(processor, cfg)
     dataset = VqaDataset(frame, views, max_pixels, blank_images=cfg.blank_images, bomb_limit_pixels=cfg.bomb_limit_pixels)
     collator = VqaCollator(processor, fmt, cfg.min_pixels, max_pixels, encoding=encoding, pixel_dtype=pixel_dtype)
     workers = cfg.num_workers if workers is None else workers
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator,
                                        num_workers=workers, persistent_workers=False,
                                        pin_memory=cfg.pin_memory and torch.cuda.is_available())
+
+
+def pixel_cap(processor, cfg, scale=1.0):
+    """The pixels an image is decoded within for a view at `scale`: max_pixels (Qwen), or Gemma 4's token budget in
+    pixels (max_soft_tokens x 48²)."""
+    return processor_family(processor).pixel_cap(cfg, scale)
 
 
 def loader_encoding(feature_cache, dedupe_images=False):
@@ -187,9 +204,10 @@ def loader_encoding(feature_cache, dedupe_images=False):
 def show_example(frame, processor, fmt, cfg, row=0):
     """One training view as the model sees it: the rendered prompt (image placeholders collapsed) and the
     label mask, which keeps exactly one position: the answer letter, the very token id the scorer reads."""
-    dataset = VqaDataset(frame, identity_views(len(frame)), cfg.max_pixels, blank_images=cfg.blank_images,
+    max_pixels = pixel_cap(processor, cfg)
+    dataset = VqaDataset(frame, identity_views(len(frame)), max_pixels, blank_images=cfg.blank_images,
                          bomb_limit_pixels=cfg.bomb_limit_pixels)
-    batch = VqaCollator(processor, fmt, cfg.min_pixels, cfg.max_pixels)([dataset[row]])
+    batch = VqaCollator(processor, fmt, cfg.min_pixels, max_pixels)([dataset[row]])
     ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
     supervised = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
     image_tokens = sum(t == processor.image_token_id for t in ids)

@@ -43,6 +43,7 @@ class Config:
     # --- what you tune: model, training, test-time augmentation -----------------------------------
     max_pixels: int = 448 * 448  # ~256 image tokens; winners gained +4.75 pp from higher resolution
     min_pixels: int = 256 * 28 * 28  # Qwen's processor upsizes smaller images to this many pixels
+    max_soft_tokens: int = 280  # Gemma 4's resolution instead of max_pixels: tokens per image, 70/140/280/560/1120
     lora_r: int = 16  # LoRA rank: adapter capacity (16 is QLoRA's usual; 32-64 for more capacity, more memory)
     lora_alpha: int = 32  # LoRA scale = alpha / r; keep alpha = 2 r when changing r
     lora_dropout: float = 0.05  # dropout on the LoRA inputs; 0 trains 35-70 % faster on the T4 path (BENCHMARKS.md)
@@ -119,7 +120,7 @@ class Config:
     compile_vision: str = "auto"  # auto | on | off: torch.compile the tower's norms, MLP, rotary (auto: sm80+ GPU with triton)
     # --- demo (CPU): the embedded tiny data and model ---------------------------------------------
     demo: bool = False  # build the embedded demo data and tiny model before running
-    demo_family: str = "qwen2_5_vl"  # tiny model architecture for the demo: qwen2_5_vl | qwen3_vl | qwen3_5
+    demo_family: str = "qwen2_5_vl"  # tiny model architecture for the demo: qwen2_5_vl | qwen3_vl | qwen3_5 | gemma4
     demo_hidden_size: int = 128  # tiny model width
     demo_image_size: int = 64  # demo images are drawn this size (4 image tokens at 56 px)
     demo_warmup_rows: int = 1200  # separately seeded images for the tiny base's warm-up
@@ -138,6 +139,9 @@ class Config:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"config: {name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if self.max_soft_tokens not in (70, 140, 280, 560, 1120):
+            raise ConfigError(f"config: max_soft_tokens (Gemma 4's image tokens per image) must be 70, 140, 280, 560 or "
+                              f"1120; got {self.max_soft_tokens!r}")
         if not 0 <= self.gate_fraction <= 1:
             raise ConfigError(f"config: gate_fraction is a fraction of the rows, 0 (off) to 1; got {self.gate_fraction!r}")
         if self.gate_option_orders not in (1, 2, 3, 4, 24):
@@ -162,7 +166,7 @@ class Config:
 PROFILES = {
     "demo": dict(
         data_dir="data/demo", output_dir="runs/demo", model_name_or_path="",  # "": data/tiny_models/<demo_family>
-        demo=True, quantization="nf4", min_pixels=56 * 56, max_pixels=56 * 56,
+        demo=True, quantization="nf4", min_pixels=56 * 56, max_pixels=56 * 56, max_soft_tokens=70,
         gradient_checkpointing=False, epochs=5, micro_batch_size=16, grad_accum_steps=1, loss_over="letters",
         learning_rate=2e-3, warmup_ratio=0.1, ema_decay=0.9, lora_r=16, lora_alpha=32, lora_dropout=0.0,
         evals_per_epoch=1, early_stopping_patience=0, num_workers=0, infer_batch_size=32,

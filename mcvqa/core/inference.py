@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .collate import cyclic_perms, loader_encoding, make_loader, micro_batches
+from .collate import cyclic_perms, loader_encoding, make_loader, micro_batches, pixel_cap
 from .config import ConfigError
 from .hardware import compute_autocast
 from .memory import halve_on_oom
@@ -127,7 +127,7 @@ def predict_views(model, frame, processor, fmt, cfg, hardware, desc="test", feat
     batch_size = (batch_rows or cfg.infer_batch_size) * k if shared else cfg.infer_batch_size
     views = {}
     for scale in scales or image_scales(cfg):
-        max_pixels, pixel_dtype = int(cfg.max_pixels * scale), tower_dtype(model)
+        max_pixels, pixel_dtype = pixel_cap(processor, cfg, scale), tower_dtype(model)
         if reuse_batches and feature_cache is not None:  # the test set: batches kept by the first fold, if any
             batches = feature_cache.pass_batches(frame, order, processor, fmt, cfg, batch_size, max_pixels, pixel_dtype)
         else:

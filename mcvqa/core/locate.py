@@ -86,9 +86,9 @@ def check_family_release(model_dir):
     installed = transformers_version()
     if installed < Version(family.transformers_floor):
         raise SetupError(f"model_name_or_path={model_dir} is {family.name} (model_type {model_type}), which needs "
-                         f"transformers >= {family.transformers_floor} (>= {family.shared_prefix_since} for the fast "
-                         f"option-order TTA); {installed} is installed. Fix: the setup cell installs a newer one when "
-                         f"it sees such a model attached (or pip install -U 'transformers>={family.shared_prefix_since},<6'; "
+                         f"transformers >= {family.transformers_floor} (>= {family.recommended_transformers} for its fast "
+                         f"paths); {installed} is installed. Fix: the setup cell installs a newer one when it sees such a "
+                         f"model attached (or pip install -U 'transformers>={family.recommended_transformers},<6'; "
                          "offline: the wheel bundle), then restart the kernel")
 
 

@@ -25,7 +25,8 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 from .config import ConfigError
-from .modeling import checkpoint_config, lora_targets, model_family, saved_in_4bit
+from ..families.registry import family_of
+from .modeling import checkpoint_config, embedding_tables, lora_targets, model_family, saved_in_4bit
 
 TEXT_TOKENS = 160  # template + Korean question + instruction + four options, typical (the image dominates)
 # Measured peak over estimated activations (Qwen2.5-VL-3B, fp16, 4-bit, 384x384, checkpointing, micro-batch 32,
@@ -42,16 +43,21 @@ def _meta_model(cfg):
         return AutoModelForImageTextToText.from_config(config), config
 
 
+def _family(model):
+    return family_of(model.config)
+
+
 def _language_linears(model):
     """The language model's linear layers, LM head excluded: (name, module) pairs."""
+    family = _family(model)
     return [(name, module) for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Linear) and ".visual." not in f".{name}." and not name.endswith("lm_head")]
+            if isinstance(module, torch.nn.Linear) and not family.in_towers(name) and not name.endswith("lm_head")]
 
 
 def _quantised_linears(model, family):
     """What NF4 stores in 4 bits: the language model's linear layers but the family's small gates."""
     return [(name, module) for name, module in _language_linears(model)
-            if name.rsplit(".", 1)[-1] not in family.kbit_skip]
+            if not set(name.split(".")) & set(family.kbit_skip)]
 
 
 def lora_parameters(model, cfg):
@@ -68,8 +74,9 @@ def lm_matmul_parameters(model):
 
 def vision_matmul_parameters(model):
     """Weights of the vision tower's matmuls (patch merger included): 2 x this many FLOPs per patch."""
+    family = _family(model)
     return sum(module.in_features * module.out_features for name, module in model.named_modules()
-               if isinstance(module, torch.nn.Linear) and ".visual." in f".{name}.")
+               if isinstance(module, torch.nn.Linear) and family.in_towers(name) and "audio" not in name)
 
 
 def weight_gib(model, cfg, hardware, nf4):
@@ -82,13 +89,13 @@ def weight_gib(model, cfg, hardware, nf4):
     compute = 4 if hardware.dtype == "float32" else 2
     other = 4 if nf4 else compute  # k-bit preparation upcasts what it does not quantise
     quantised = {id(module.weight) for _, module in _quantised_linears(model, family)}
-    embeddings = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) for p in m.parameters()}
+    embeddings = {id(p) for m in embedding_tables(model) for p in m.parameters()}
     total, seen = 0.0, set()
     for name, param in model.named_parameters():
         if id(param) in seen:  # tied embeddings count once
             continue
         seen.add(id(param))
-        if ".visual." in f".{name}":
+        if family.in_towers(name):
             total += param.numel() * (4 if hardware.dtype == "float16" else compute)
         elif id(param) in quantised and nf4:
             total += param.numel() * 0.52
@@ -100,8 +107,7 @@ def weight_gib(model, cfg, hardware, nf4):
 
 
 def tokens_per_sample(config, cfg):
-    vision = config.vision_config
-    return cfg.max_pixels // (vision.patch_size * vision.spatial_merge_size) ** 2 + TEXT_TOKENS
+    return family_of(config).image_token_budget(cfg, config.vision_config)[0] + TEXT_TOKENS
 
 
 def feature_bytes_per_image(config, cfg):
@@ -109,7 +115,7 @@ def feature_bytes_per_image(config, cfg):
     16 bits (fp32 with feature_cache_fp32)."""
     vision = config.vision_config
     levels = 1 + len(getattr(vision, "deepstack_visual_indexes", None) or ())
-    image_tokens = cfg.max_pixels // (vision.patch_size * vision.spatial_merge_size) ** 2
+    image_tokens = family_of(config).image_token_budget(cfg, vision)[0]
     return image_tokens * config.text_config.hidden_size * levels * (4 if cfg.feature_cache_fp32 else 2)
 
 
@@ -137,8 +143,7 @@ def kv_cache_gib_per_row(config, family, tokens, views, bytes_per_value):
     activations. The cache: keys and values of the layers that keep them (all of them but Qwen3.5's linear
     ones), and the fixed per-sequence state of the others."""
     text = config.text_config
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    kv = 2 * family.kv_layers(text) * text.num_key_value_heads * head_dim * tokens * bytes_per_value
+    kv = family.kv_bytes_per_token(text, bytes_per_value) * tokens
     one_layer = tokens * (4 * text.hidden_size + 2 * _mlp_width(text)) * bytes_per_value
     cache = kv + family.state_bytes(text)
     return (cache * (1 + views) + ACTIVATION_MARGIN * one_layer) / 2**30  # (the cache's size is exact)
@@ -194,7 +199,7 @@ def plan_memory(cfg, hardware, verbose=True):
              "lm_matmul_params": lm_matmul_parameters(model), "tokens_per_sample": tokens_per_sample(config, cfg),
              "feature_bytes_per_image": feature_bytes_per_image(config, cfg),
              "vision_matmul_params": vision_matmul_parameters(model),
-             "patches_per_image": cfg.max_pixels // config.vision_config.patch_size ** 2}
+             "patches_per_image": family.image_token_budget(cfg, config.vision_config)[1]}
     if hardware.device != "cuda":
         choice = "off" if cfg.gradient_checkpointing == "auto" else cfg.gradient_checkpointing
         say(f"[memory] on the CPU: gradient checkpointing {choice} (RAM, not GPU memory, holds the activations)")
@@ -209,7 +214,7 @@ def plan_memory(cfg, hardware, verbose=True):
     micro = cfg.micro_batch_size
     say(f"[memory] {hardware.gpu_memory_gib:g} GiB per GPU; estimated {weights:.1f} GiB for the model "
         f"({'4-bit weights, fp32 copies' if quantization == 'nf4' else '16-bit weights'}, LoRA + optimizer), {free:.1f} "
-        f"GiB left; a {tokens}-token sample ({cfg.max_pixels} pixels + ~{TEXT_TOKENS} text) needs ~{without:.2f} GiB of "
+        f"GiB left; a {tokens}-token sample ({family.pixel_cap(cfg)} pixels + ~{TEXT_TOKENS} text) needs ~{without:.2f} GiB of "
         f"activations without gradient checkpointing, ~{with_ckpt:.2f} GiB with it")
     if free <= 0:
         raise ConfigError(f"config: {cfg.model_name_or_path} needs ~{weights:.1f} GiB for its weights alone, more than "

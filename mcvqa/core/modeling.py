@@ -23,11 +23,6 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor,
 from ..families.registry import family_of
 from .errors import UserError
 
-# Qwen2.5-VL and Qwen3-VL both call the vision tower `visual` (under `model.` in transformers 5);
-# bitsandbytes skip patterns match from the start of the module name.
-VISION_MODULE_NAMES = ("model.visual", "visual")
-
-
 def is_local_model(name_or_path):
     return os.path.isdir(name_or_path)
 
@@ -68,13 +63,24 @@ def unwrap_vlm(model):
 
 
 def vision_tower(model):
-    """The frozen vision tower (`model.visual` of the `Qwen*VLModel`)."""
-    return unwrap_vlm(model).model.visual
+    """The frozen vision tower (`model.visual` of a `Qwen*VLModel`, `model.vision_tower` of Gemma 4's)."""
+    vlm = unwrap_vlm(model)
+    return getattr(vlm.model, family_of(vlm.config).vision_attr)
+
+
+def frozen_towers(model):
+    """The vision tower and what maps its output into the language model outside it (Gemma 4's embed_vision)."""
+    vlm = unwrap_vlm(model)
+    return [vision_tower(model), *([vlm.model.embed_vision] if hasattr(vlm.model, "embed_vision") else [])]
 
 
 def tower_dtype(model):
     """The dtype the tower's patch embedding computes in: what pixel_values are cast to."""
-    return vision_tower(model).patch_embed.proj.weight.dtype
+    return next(vision_tower(model).parameters()).dtype
+
+
+def tower_device(model):
+    return next(vision_tower(model).parameters()).device
 
 
 def model_device(model):
@@ -123,12 +129,13 @@ def load_base_model(cfg, hardware, device=None):
                   device_map={"": device}, local_files_only=is_local_model(cfg.model_name_or_path))
     prequantised = saved_in_4bit(cfg.model_name_or_path)  # its own quantization_config wins over one passed here
     if uses_nf4(cfg) and not prequantised:
+        family = model_family(cfg.model_name_or_path)
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=hardware.torch_dtype,
             # Quantising the vision tower costs accuracy and saves little memory; lm_head is read at 4 rows;
             # the family's small gate projections (Qwen3.5's) gain nothing from 4 bits.
-            llm_int8_skip_modules=[*VISION_MODULE_NAMES, "lm_head", *model_family(cfg.model_name_or_path).kbit_skip],
+            llm_int8_skip_modules=[*family.vision_modules, "lm_head", *family.kbit_skip],
         )
     model = AutoModelForImageTextToText.from_pretrained(cfg.model_name_or_path, **kwargs)
     model.requires_grad_(False)
@@ -149,8 +156,7 @@ def add_lora(model, cfg, hardware):
     if uses_nf4(cfg):
         # The frozen embedding and LM head keep 16 bits where the family says so: fp32 doubles GiBs (Qwen3.5's
         # 248k rows), and even the moment of upcasting them ran a T4's memory out (BENCHMARKS.md, run 32).
-        keep = {model.get_input_embeddings(), model.get_output_embeddings()} \
-            if model_family(cfg.model_name_or_path).embeddings_16bit else set()
+        keep = embedding_tables(model) if model_family(cfg.model_name_or_path).embeddings_16bit else set()
         model = prepare_for_kbit_training(model, checkpointing, keep_16bit=keep)
     elif checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -158,9 +164,10 @@ def add_lora(model, cfg, hardware):
     # k-bit preparation upcasts every non-quantised weight to fp32. Keep that for the vision tower only
     # where fp16 could overflow; on bf16/fp32 hardware give it back its compute dtype (speed, memory).
     vision_dtype = torch.float32 if hardware.dtype == "float16" else hardware.torch_dtype
-    vision_tower(model).to(vision_dtype)
-    if hardware.dtype == "float16":
-        run_without_autocast(vision_tower(model))
+    for tower in frozen_towers(model):
+        tower.to(vision_dtype)
+        if hardware.dtype == "float16":
+            run_without_autocast(tower)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=lora_targets(cfg), bias="none", task_type="CAUSAL_LM")
     with warnings.catch_warnings():
@@ -168,6 +175,14 @@ def add_lora(model, cfg, hardware):
         # transformers >= 5.25): theirs, harmless, and not the user's to fix.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
         return get_peft_model(model, lora)
+
+
+def embedding_tables(model):
+    """The language model's embedding tables and LM head (Gemma 4's per-layer table too: 2.35 B rows x width in
+    E2B, 9.4 GB in fp32): frozen lookups that k-bit preparation would upcast."""
+    family = family_of(model.config)
+    tables = {m for name, m in model.named_modules() if isinstance(m, torch.nn.Embedding) and not family.in_towers(name)}
+    return tables | {model.get_input_embeddings(), model.get_output_embeddings()}
 
 
 def prepare_for_kbit_training(model, checkpointing, keep_16bit=()):
@@ -222,7 +237,8 @@ def describe_kernels(family, hardware):
     return (f"[model] {family.name}: " + ", ".join(f"{pip} not installed ({what})" for pip, what in missing)
             + ": transformers runs its torch loop there instead, correct but slower (a training step 1.22 s without "
             "flash-linear-attention against 0.70 s with it in transformers issue #48718). Fix, on an sm80+ GPU: "
-            "pip install " + " ".join(pip for pip, _ in missing))
+            "pip install " + " ".join(pip for pip, _ in missing) + " (on Hopper, flash-linear-attention 0.6 trains only "
+            "with Triton >= 3.7.1: BENCHMARKS.md, run 35)")
 
 
 def trainable_state(model):

@@ -48,7 +48,7 @@ PLATFORM_PACKAGES = ("torch", "torchvision")  # checked, never installed: the pl
 # What a model line needs from transformers for every path the pipeline runs (families/: Qwen3.5 loads from 5.2, its
 # shared-prefix option orders are exact from 5.7): attached under /kaggle/input, it raises the run's requirement
 # (Kaggle's image has 5.0.0). A test keeps this in step with the families.
-MODEL_TYPE_TRANSFORMERS = {"qwen3_5": ">=5.7,<6", "qwen3_5_moe": ">=5.7,<6"}
+MODEL_TYPE_TRANSFORMERS = {"qwen3_5": ">=5.7,<6", "qwen3_5_moe": ">=5.7,<6", "gemma4": ">=5.18,<6"}
 BUNDLE_METADATA = "mcvqa_bundle.json"  # written by the bundle beside its wheels: the Python and platform they are for
 
 

@@ -18,6 +18,10 @@ from .data import OPTION_LETTERS
 # templates default to thinking (the answer would follow an open `<think>`); off, an empty thinking block precedes
 # the letter. Templates without the switch (Qwen2/2.5/3-VL) ignore it.
 TEMPLATE_KWARGS = {"enable_thinking": False}
+# Empty thinking blocks a template writes at the end of the generation prompt but drops from an answered
+# conversation's history: Gemma 4 26B/31B open an empty thought channel before the answer even with thinking
+# off. The model writes the letter after it, so the letter is trained and scored there.
+EMPTY_THOUGHT_BLOCKS = ("<|channel>thought\n<channel|>",)
 
 
 def answer_letter_ids(tokenizer, header="<|im_start|>assistant\n"):
@@ -95,12 +99,25 @@ def make_prompt_format(processor, cfg):
                                          **TEMPLATE_KWARGS)
     # The letters' ids where this template puts the answer (after Qwen3.5's empty thinking block, say).
     letter_ids = answer_letter_ids(tokenizer, header=prompt)
-    if not full.startswith(prompt + "a"):
+    answered = answer_start(prompt, full)
+    if answered is None:
         raise ValueError("chat template: the generation prompt is not a prefix of the answered conversation:\n"
                          f"{prompt!r}\n{full!r}")
-    suffix_ids = tokenizer.encode(full[len(prompt) + 1:], add_special_tokens=False)
+    suffix_ids = tokenizer.encode(full[answered + 1:], add_special_tokens=False)
     return PromptFormat(letter_ids, suffix_ids, cfg.system_prompt, cfg.instruction,
                         cfg.max_question_tokens, cfg.max_option_tokens, cfg.instruction_first)
+
+
+def answer_start(prompt, full):
+    """Where the letter "a" sits in the answered conversation `full` when the model answers `prompt` (None: the
+    two disagree): right after the prompt, or after the prompt less an empty thought block the history drops."""
+    if full.startswith(prompt + "a"):
+        return len(prompt)
+    for block in EMPTY_THOUGHT_BLOCKS:
+        head = prompt.removesuffix(block)
+        if head != prompt and full.startswith(head + "a"):
+            return len(head)
+    return None
 
 
 def render_prompt(processor, fmt, question, options):

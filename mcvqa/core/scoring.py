@@ -11,48 +11,27 @@ is scored.
 import torch
 import torch.nn.functional as F
 
-from .compat import cache_argument, model_input_names, rope_index
+from ..families.registry import family_of
+from .compat import model_input_names
 from .config import ConfigError
 from .modeling import unwrap_vlm
 
-MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw",
+                    "image_position_ids")
 
 
 def model_inputs(batch, device, pixel_dtype, vlm_model):
-    """The batch's tensors the stock `Qwen*VLModel.forward` takes, on the device."""
+    """The batch's tensors the stock `...Model.forward` takes, on the device."""
     inputs = {k: batch[k].to(device, non_blocking=True) for k in model_input_names(vlm_model, MODEL_INPUT_KEYS)
               if k in batch}
     inputs["pixel_values"] = inputs["pixel_values"].to(pixel_dtype)
     return inputs
 
 
-def embed_with_features(vlm, input_ids, features, device):
-    """`inputs_embeds` of input_ids with the cached image features put at the image tokens, as the stock
-    forward does with the tower's output, plus Qwen3-VL's deepstack arguments. features: one
-    ImageFeatures per image in batch order (None: text only)."""
-    embeds = vlm.model.get_input_embeddings()(input_ids)
-    if not features:
-        return embeds, {}
-    image_tokens = input_ids == vlm.config.image_token_id
-    image = torch.cat([f.embeds for f in features]).to(device, embeds.dtype, non_blocking=True)
-    if int(image_tokens.sum()) != image.shape[0]:
-        raise ValueError(f"cached image features: {image.shape[0]} feature rows for {int(image_tokens.sum())} image tokens")
-    embeds = embeds.masked_scatter(image_tokens.unsqueeze(-1).expand_as(embeds), image)
-    if not features[0].deepstack:
-        return embeds, {}
-    deepstack = [torch.cat([f.deepstack[i] for f in features]).to(device, non_blocking=True)
-                 for i in range(len(features[0].deepstack))]
-    return embeds, {"visual_pos_masks": image_tokens, "deepstack_visual_embeds": deepstack}
-
-
-def decoder_forward(vlm, input_ids, attention_mask, position_ids, features, device, cache=None):
-    """The language model on input_ids with cached image features (compat.py says why not the
-    model's own forward): what `vlm.model(...)` computes after its vision tower, on every version."""
-    embeds, extra = embed_with_features(vlm, input_ids.to(device), features, device)
-    if cache is not None:
-        extra[cache_argument(vlm.model.language_model)] = cache
-    return vlm.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask.to(device),
-                                    position_ids=position_ids.to(device), use_cache=cache is not None, **extra)
+def decoder_forward(vlm, input_ids, attention_mask, positions, features, device, cache=None, type_ids=None):
+    """The language model on input_ids with cached image features, as the family feeds them (families/)."""
+    return family_of(vlm.config).decoder_forward(vlm, input_ids, attention_mask, positions, features, device,
+                                                 cache=cache, type_ids=type_ids)
 
 
 def answer_hidden_states(model, batch, device, pixel_dtype):
@@ -61,10 +40,11 @@ def answer_hidden_states(model, batch, device, pixel_dtype):
     if "image_features" in batch:
         # Cached vision-tower outputs (feature_cache.py) instead of pixel_values; image_grid_thw and the
         # image tokens stay, so the multimodal rope positions are the ones the full forward computes.
-        positions, _ = rope_index(vlm.model, batch["input_ids"], batch["mm_token_type_ids"], batch["image_grid_thw"],
-                                  batch["attention_mask"])
+        family = family_of(vlm.config)
+        positions = family.positions(vlm.model, batch["input_ids"], batch["mm_token_type_ids"],
+                                     batch.get(family.image_meta), batch["attention_mask"])
         out = decoder_forward(vlm, batch["input_ids"], batch["attention_mask"], positions, batch["image_features"],
-                              device)
+                              device, type_ids=batch["mm_token_type_ids"])
     else:
         out = vlm.model(**model_inputs(batch, device, pixel_dtype, vlm.model), use_cache=False)
     hidden = out.last_hidden_state
@@ -73,13 +53,17 @@ def answer_hidden_states(model, batch, device, pixel_dtype):
 
 
 def head_logits(model, hidden, token_ids=None):
-    """LM-head logits for the given rows of the vocabulary (all rows when token_ids is None)."""
-    head = unwrap_vlm(model).lm_head
+    """LM-head logits for the given rows of the vocabulary (all rows when token_ids is None), soft-capped where
+    the model caps its own (Gemma: cap x tanh(logits / cap)), so letter probabilities are the model's."""
+    vlm = unwrap_vlm(model)
+    head = vlm.lm_head
     weight = head.weight if token_ids is None else head.weight[token_ids]
     logits = hidden.to(weight.dtype) @ weight.T
     if getattr(head, "bias", None) is not None:
         logits = logits + (head.bias if token_ids is None else head.bias[token_ids])
-    return logits.float()
+    cap = getattr(vlm.config.get_text_config(), "final_logit_softcapping", None)
+    logits = logits.float()
+    return logits if not cap else cap * torch.tanh(logits / cap)
 
 
 def letter_logits(model, batch, letter_ids, device, pixel_dtype):

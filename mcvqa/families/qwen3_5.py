@@ -8,7 +8,9 @@
   prefixes are padded on the left, where the padding mask zeroes pads while the state is still zero, and the
   cache (made with the text config: it needs to know which layers are linear) is repeated per option order
   with `reorder_cache`, which its linear layers have. Exact from transformers 5.7; 5.2-5.6 restart the
-  recurrent state on every multi-token forward over a cache, so there the views are scored one by one.
+  recurrent state on every multi-token forward over a cache, so there the views are scored one by one. In bf16
+  the split computation rounds as far from the whole prompt's as the self-check's tolerance (a 9B's letter
+  logits 0.12-0.18 apart, 0.02 in fp16): there the views are scored one by one too, said once per fold.
 - **Precision**: Unsloth advises against 4-bit QLoRA for Qwen3.5 (larger quantisation error): `quantization=auto`
   takes 16-bit LoRA where the card holds it (memory.py), NF4 where only that fits.
 - **Kernels**: the DeltaNet layers use flash-linear-attention and causal-conv1d where installed (CUDA);
@@ -32,6 +34,10 @@ class Qwen35(ModelFamily):
     quantization = "16bit"
     embeddings_16bit = True
     shared_prefix_since = "5.7"
+    shared_prefix_before = "earlier releases restart the linear-attention state on every multi-token forward over a cache"
+    shared_prefix_not_bf16 = ("in bf16 the DeltaNet state built from a split prefix and suffix rounds 0.12-0.18 apart from "
+                              "the whole prompt's on a 9B (BENCHMARKS.md, runs 33 and 36: at the self-check's tolerance, "
+                              "which then turned it off in 4 of 6 passes), against 0.02 in fp16")
     prefix_padding = "left"
     kernels = (("fla", "flash-linear-attention", "the DeltaNet rule"), ("causal_conv1d", "causal-conv1d",
                                                                         "the DeltaNet convolution"))

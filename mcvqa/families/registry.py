@@ -4,15 +4,23 @@
 `FAMILIES` lists every family the pipeline loads (locate.py finds their folders under /kaggle/input)."""
 
 from ..core.errors import UserError
+from .gemma4 import GEMMA4
 from .qwen3_5 import QWEN3_5
 from .qwen_vl import QWEN_VL
 
-FAMILIES = (QWEN_VL, QWEN3_5)
+FAMILIES = (QWEN_VL, QWEN3_5, GEMMA4)
 MODEL_TYPES = tuple(t for family in FAMILIES for t in family.model_types)
 
 
 class UnknownFamilyError(UserError, ValueError):
     """A checkpoint of a model line the pipeline does not load."""
+
+
+def processor_family(processor):
+    """The family whose processor this is, for how images are asked for and written (the base, Qwen's, unless a
+    family names the processor class: Qwen3.5 uses Qwen3-VL's)."""
+    name = type(processor).__name__
+    return next((f for f in FAMILIES if name in f.processor_classes), QWEN_VL)
 
 
 def family_of(config):

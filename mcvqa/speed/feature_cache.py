@@ -25,13 +25,11 @@ import hashlib
 import pathlib
 
 import torch
-from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
-
 from ..core.collate import pixel_spans
-from ..core.compat import image_features
 from ..core.config import ConfigError
 from ..core.files import atomic_write
-from ..core.modeling import tower_dtype, unwrap_vlm, vision_tower
+from ..core.modeling import frozen_towers, tower_device, tower_dtype, unwrap_vlm
+from ..families.registry import family_of, processor_family
 from .replay import PassReplay, pass_batches
 from .shared_prefix import SharedPrefixScorer
 
@@ -48,13 +46,13 @@ class ImageFeatures:
         return sum(t.numel() * t.element_size() for t in (self.embeds, *self.deepstack))
 
 
-def image_key(image, min_pixels, max_pixels):
-    """Content hash of a decoded PIL image plus the pixel range that decides its patches.
+def image_key(image, image_kwargs):
+    """Content hash of a decoded PIL image plus the processor's size arguments that decide its patches.
 
     Hashing the pixels (not the path) also covers blank fallback images and files copied under
     other names; it costs ~0.4 ms for a 384x384 image and runs in the data-loader workers."""
     digest = hashlib.blake2b(digest_size=16)
-    digest.update(f"{image.mode}|{image.size}|{int(min_pixels)}|{int(max_pixels)}|".encode())
+    digest.update(f"{image.mode}|{image.size}|{sorted(image_kwargs.items())}|".encode())
     digest.update(image.tobytes())
     return digest.hexdigest()
 
@@ -74,21 +72,14 @@ class CachedImageEncoding:
         self.known_keys = frozenset(known_keys)
         self.dedupe_images = dedupe_images
 
-    @staticmethod
-    def image_grid(processor, size, image):
-        """[1, h, w] patch grid the image processor gives this image (its resize rule), without resizing it."""
-        ip = processor.image_processor
-        height, width = smart_resize(image.height, image.width, factor=ip.patch_size * ip.merge_size,
-                                     min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])
-        return torch.tensor([1, height // ip.patch_size, width // ip.patch_size])
-
-    def __call__(self, processor, size, items, texts):
+    def __call__(self, processor, image_kwargs, items, texts):
         """The processor's output, with pixels only for images not known to the cache (one per image
         with dedupe_images), and each sample's key. Equal to `processor(text, images)` on the rest (tested)."""
+        family = processor_family(processor)
         by_object = {}  # the option views of a row share one decoded image object: hash it once
         for it in items:
             if id(it["image"]) not in by_object:
-                by_object[id(it["image"])] = image_key(it["image"], size["shortest_edge"], size["longest_edge"])
+                by_object[id(it["image"])] = image_key(it["image"], image_kwargs)
         keys = [by_object[id(it["image"])] for it in items]
         pixel_rows, seen = [], set()
         for i, key in enumerate(keys):
@@ -96,26 +87,27 @@ class CachedImageEncoding:
                 continue
             seen.add(key)
             pixel_rows.append(i)
-        grids = {}
-        pixel_values = torch.zeros(0, 0)
+        shipped, out = {}, {"pixel_values": torch.zeros(0, 0)}
         if pixel_rows:
-            out = processor.image_processor(images=[items[i]["image"] for i in pixel_rows], size=size,
+            out = processor.image_processor(images=[items[i]["image"] for i in pixel_rows], **image_kwargs,
                                             return_tensors="pt")
-            pixel_values = out["pixel_values"]
-            grids = {keys[i]: grid for i, grid in zip(pixel_rows, out["image_grid_thw"])}
-        grid_thw = torch.stack([grids[k] if k in grids else self.image_grid(processor, size, it["image"])
-                                for k, it in zip(keys, items)])
-        # What the processor does to the text: each image placeholder becomes one token per merged patch.
-        image_token, merge = processor.image_token, processor.image_processor.merge_size ** 2
-        expanded = [text.replace(image_token, image_token * int(grid.prod() // merge), 1)
-                    for text, grid in zip(texts, grid_thw)]
-        input_ids = processor.tokenizer(expanded, padding=False)["input_ids"]
-        return {"input_ids": input_ids, "pixel_values": pixel_values,
-                "image_grid_thw": grid_thw, "pixel_rows": torch.tensor(pixel_rows, dtype=torch.long), "image_keys": keys}
+            shipped = {keys[i]: tokens for i, tokens in zip(pixel_rows, family.shipped_tokens(processor, out))}
+        tokens = [shipped[k] if k in shipped else family.image_tokens(processor, image_kwargs, it["image"])
+                  for k, it in zip(keys, items)]
+        # What the processor does to the text: the image placeholder becomes the image's tokens.
+        expanded = [family.expand_image(processor, text, n) for text, (n, _) in zip(texts, tokens)]
+        input_ids = processor.tokenizer(expanded, padding=False, add_special_tokens=False)["input_ids"]
+        enc = {"input_ids": input_ids, "pixel_values": out["pixel_values"],
+               "pixel_rows": torch.tensor(pixel_rows, dtype=torch.long), "image_keys": keys}
+        if family.meta_per_sample:  # (Qwen: each sample's grid, cached or not: the rope positions need it)
+            enc[family.image_meta] = torch.stack([meta for _, meta in tokens])
+        elif pixel_rows:
+            enc[family.image_meta] = out[family.image_meta]
+        return enc
 
 
 def vision_is_trainable(model):
-    return any(p.requires_grad for p in vision_tower(model).parameters())
+    return any(p.requires_grad for tower in frozen_towers(model) for p in tower.parameters())
 
 
 def cache_blockers(model, cfg):
@@ -126,6 +118,10 @@ def cache_blockers(model, cfg):
     augment = [f.name for f in dataclasses.fields(cfg) if "augment" in f.name and getattr(cfg, f.name)]
     if augment:
         reasons.append(f"images are augmented ({', '.join(augment)})")
+    vlm = unwrap_vlm(model)
+    problem = family_of(vlm.config).cached_features_problem(vlm.model)
+    if problem:
+        reasons.append(problem)
     return reasons
 
 
@@ -195,12 +191,14 @@ class FeatureCache:
         return contextlib.nullcontext()  # the caller's autocast, exactly as the uncached forward
 
     @torch.no_grad()
-    def encode(self, model, pixel_values, grid_thw):
-        """Run the frozen tower on the images of (pixel_values, grid_thw): one ImageFeatures each, on the CPU."""
-        vlm = unwrap_vlm(model).model
-        device = vision_tower(model).patch_embed.proj.weight.device
+    def encode(self, model, pixel_values, meta):
+        """Run the frozen tower on the images of (pixel_values, meta: Qwen's grid, Gemma's patch positions): one
+        ImageFeatures each, on the CPU."""
+        vlm = unwrap_vlm(model)
+        device = tower_device(model)
         with self._precision(device):
-            embeds, deepstack = image_features(vlm, pixel_values.to(device, non_blocking=True), grid_thw.to(device))
+            embeds, deepstack = family_of(vlm.config).encode_images(vlm.model, pixel_values.to(device, non_blocking=True),
+                                                                    meta.to(device))
         # copy=True: each image's features are views into one tensor of the whole call; kept as views they
         # would hold (and torch.save would write) that whole tensor when it is already on self.device.
         return [ImageFeatures(image.to(self.device, copy=True), tuple(layer[i].to(self.device, copy=True)
@@ -214,9 +212,10 @@ class FeatureCache:
         when several views of it are in the batch. Needs the collator's `image_keys` (one image per
         sample) and `pixel_rows` (which samples' pixels `pixel_values` holds; all when absent)."""
         keys = batch["image_keys"]
-        grid = batch["image_grid_thw"]
-        if len(keys) != grid.shape[0]:
-            raise ValueError(f"feature cache: {len(keys)} image keys for {grid.shape[0]} images (one image per sample expected)")
+        if len(keys) != batch["input_ids"].shape[0]:
+            raise ValueError(f"feature cache: {len(keys)} image keys for {batch['input_ids'].shape[0]} samples (one image "
+                             "per sample expected)")
+        meta_key = "image_grid_thw" if "image_grid_thw" in batch else "image_position_ids"
         found = {}
         for key in keys:
             if key not in found:
@@ -233,15 +232,14 @@ class FeatureCache:
             for i in range(0, len(missing), max_images):
                 chunk = missing[i:i + max_images]
                 spans = [pixels_of[k] for k in chunk]
-                if all(a[1] == b[0] for a, b in zip(spans, spans[1:])):  # consecutive: a view, no copy
-                    pixels = batch["pixel_values"][spans[0][0]:spans[-1][1]]
-                else:
-                    pixels = torch.cat([batch["pixel_values"][a:b] for a, b, _ in spans])
-                rows = [pixels_of[k][2] for k in chunk]
-                for key, features in zip(chunk, self.encode(model, pixels, grid[rows])):
+                pixels = _gather(batch["pixel_values"], spans)
+                # Qwen's grid is per sample; Gemma's patch positions travel row for row with the pixels.
+                meta = batch[meta_key][[pixels_of[k][2] for k in chunk]] if meta_key == "image_grid_thw" \
+                    else _gather(batch[meta_key], spans)
+                for key, features in zip(chunk, self.encode(model, pixels, meta)):
                     found[key] = self._keep(key, features)
                     self.encoded += 1
-        out = {k: v for k, v in batch.items() if k not in ("pixel_values", "pixel_rows")}
+        out = {k: v for k, v in batch.items() if k not in ("pixel_values", "pixel_rows", "image_position_ids")}
         out["image_features"] = [found[k] for k in keys]
         return out
 
@@ -261,6 +259,13 @@ class FeatureCache:
         for row, start, end in pixel_spans(batch):
             slices.setdefault(batch["image_keys"][row], (start, end, row))
         return slices
+
+
+def _gather(tensor, spans):
+    """The rows [start, end) of each span, in order: a view when they are consecutive, else a copy."""
+    if all(a[1] == b[0] for a, b in zip(spans, spans[1:])):
+        return tensor[spans[0][0]:spans[-1][1]]
+    return torch.cat([tensor[a:b] for a, b, _ in spans])
 
 
 def make_feature_cache(cfg, model, hardware, reuse=None, verbose=True):
@@ -286,8 +291,7 @@ def make_feature_cache(cfg, model, hardware, reuse=None, verbose=True):
         # A changed model or precision gets its own folder: stale features are never read.
         disk_dir = pathlib.Path(cfg.output_dir) / "feature_cache" / hashlib.blake2b(
             namespace.encode(), digest_size=8).hexdigest()
-    tower_device = vision_tower(model).patch_embed.proj.weight.device  # this process's GPU (or CPU)
-    device = tower_device if feature_cache_place(cfg, hardware) == "cuda" else torch.device("cpu")
+    device = tower_device(model) if feature_cache_place(cfg, hardware) == "cuda" else torch.device("cpu")
     cache = FeatureCache(namespace, cfg.feature_cache_fp32, int(cfg.feature_cache_max_gib * 2**30), disk_dir, device)
     if verbose:
         print(f"[cache] image-feature cache on ({precision}, tower {dtype}, kept on {device}, budget "

@@ -11,7 +11,7 @@ import dataclasses
 
 import torch
 
-from ..core.collate import VqaCollator, VqaDataset, cyclic_perms
+from ..core.collate import VqaCollator, VqaDataset, cyclic_perms, pixel_cap
 from ..core.compat import fast_path_fix, transformers_version, warn
 from ..core.hardware import compute_autocast
 from ..core.modeling import model_device, tower_dtype, unwrap_vlm
@@ -32,13 +32,15 @@ def check_fast_paths(model, frame, processor, fmt, cfg, hardware, feature_cache,
         return feature_cache, cfg
     k = min(4, max(2, cfg.tta_option_views))
     views = [(row, perm) for row in range(min(n_rows, len(frame))) for perm in cyclic_perms(k)]
-    dataset = VqaDataset(frame, views, cfg.max_pixels, blank_images=cfg.blank_images,
+    max_pixels = pixel_cap(processor, cfg)
+    dataset = VqaDataset(frame, views, max_pixels, blank_images=cfg.blank_images,
                          bomb_limit_pixels=cfg.bomb_limit_pixels)
-    collator = VqaCollator(processor, fmt, cfg.min_pixels, cfg.max_pixels, encoding=CachedImageEncoding(),
+    collator = VqaCollator(processor, fmt, cfg.min_pixels, max_pixels, encoding=CachedImageEncoding(),
                            pixel_dtype=tower_dtype(model))
     batch = collator([dataset[i] for i in range(len(dataset))])  # pixels for every view: no keys known
     device, ids = model_device(model), fmt.letter_ids
-    problem = shared_prefix_problem(family_of(unwrap_vlm(model).config)) if cfg.tta_shared_prefix else None
+    problem = shared_prefix_problem(family_of(unwrap_vlm(model).config), hardware.dtype) if cfg.tta_shared_prefix \
+        else None
     if problem:  # known not exact on this release: not tried, said once per fold
         print(f"[check] {problem}")
         cfg = dataclasses.replace(cfg, tta_shared_prefix=False)

@@ -11,7 +11,7 @@ view by view, with a warning, when the two disagree. Needs cached image features
 import torch
 from packaging.version import Version
 
-from ..core.compat import fast_path_fix, rope_index, transformers_version, warn
+from ..core.compat import fast_path_fix, transformers_version, warn
 from ..core.memory import is_oom
 from ..core.scoring import decoder_forward, head_logits, letter_logits, logits_agree
 from ..core.modeling import unwrap_vlm
@@ -25,7 +25,7 @@ def _pad_rows(rows, value, width=None, left=False):
 
 
 def _pad_positions(rows, width, left=False):
-    """[3, n, width] from per-row [3, len] position ids (pads at 0, masked anyway)."""
+    """[k, n, width] from per-row [k, len] position ids (Qwen's rope: k = 3; pads at 0, masked anyway)."""
     def pad(r):
         zeros = r.new_zeros((r.shape[0], width - r.shape[1]))
         return torch.cat([zeros, r] if left else [r, zeros], dim=1)
@@ -33,13 +33,17 @@ def _pad_positions(rows, width, left=False):
     return torch.stack([pad(r) for r in rows], dim=1)
 
 
-def shared_prefix_problem(family):
-    """Why the shared prefix is not exact for this family on this transformers (None when it is)."""
+def shared_prefix_problem(family, dtype=None):
+    """Why the shared prefix is not exact for this family on this transformers, or in this compute dtype (None
+    when it is)."""
     if transformers_version() < Version(family.shared_prefix_since):
         return (f"{family.name} on transformers {transformers_version()}: its shared-prefix option orders need >= "
-                f"{family.shared_prefix_since} (earlier releases restart the linear-attention state on every "
-                "multi-token forward over a cache), so each option order runs the whole prompt (exact, ~2-3x the "
-                f"language-model work). Fix: pip install -U 'transformers>={family.shared_prefix_since},<6'")
+                f"{family.shared_prefix_since} ({family.shared_prefix_before}), so each option order runs the whole "
+                f"prompt (exact, ~2-3x the language-model work). Fix: pip install -U "
+                f"'transformers>={family.shared_prefix_since},<6'")
+    if dtype == "bfloat16" and family.shared_prefix_not_bf16:
+        return (f"{family.name}: shared-prefix option orders off in bf16 ({family.shared_prefix_not_bf16}): each option "
+                "order runs the whole prompt (exact, ~2-3x the language-model work of the test pass)")
     return None
 
 
@@ -63,8 +67,9 @@ def shared_prefix_letter_logits(model, batch, letter_ids, device, n_views):
     # the views share the prefix, which ends in text, and the suffix is text: it continues one past the
     # prefix's last position in each rope component. (Not "the largest position + 1": transformers 5.0-5.x
     # releases put an image's temporal positions past the text that follows it.)
-    positions, _ = rope_index(vlm.model, ids[first], batch["mm_token_type_ids"][first], batch["image_grid_thw"][first],
-                              mask[first])
+    meta = batch.get(family.image_meta)
+    positions = family.positions(vlm.model, ids[first], batch["mm_token_type_ids"][first],
+                                 meta[first] if family.meta_per_sample else meta, mask[first])
     image_token = vlm.config.image_token_id
     prefix_len = []
     for r in range(n_rows):
@@ -77,12 +82,13 @@ def shared_prefix_letter_logits(model, batch, letter_ids, device, n_views):
         prefix_len.append(shared)
     prefix_ids = _pad_rows([ids[i, :c] for i, c in zip(first, prefix_len)], 0, left=left)
     prefix_mask = _pad_rows([mask[i, :c] for i, c in zip(first, prefix_len)], 0, left=left)
+    prefix_types = _pad_rows([batch["mm_token_type_ids"][i, :c] for i, c in zip(first, prefix_len)], 0, left=left)
     width = prefix_ids.shape[1]
     features = [batch["image_features"][i] for i in first]
     cache = family.new_cache(vlm.config.get_text_config())
     decoder_forward(vlm, prefix_ids, prefix_mask,
                     _pad_positions([positions[:, r, :c] for r, c in enumerate(prefix_len)], width, left=left),
-                    features, device, cache=cache)
+                    features, device, cache=cache, type_ids=prefix_types)
     family.expand_cache(cache, n_rows, n_views)
     starts = [prefix_len[i // n_views] for i in range(ids.shape[0])]
     suffix_ids = _pad_rows([ids[i, s:lengths[i]] for i, s in enumerate(starts)], 0)
