@@ -1,6 +1,6 @@
-"""## Demo model: a tiny Qwen-VL built locally
+"""## Demo model: a tiny Qwen-VL (or Gemma 4) built locally
 
-The `demo` profile needs no download: it builds a *tiny* Qwen2.5-VL (or Qwen3-VL, or Qwen3.5) with the
+The `demo` profile needs no download: it builds a *tiny* Qwen2.5-VL (or Qwen3-VL, Qwen3.5, Gemma 4) with the
 real architecture classes, random weights from a fixed seed, a small byte-level BPE tokenizer trained on
 the demo text plus Qwen's special tokens, a chat template that renders the Qwen-VL conversation
 format, and an image processor with a small pixel budget. Everything is saved with
@@ -77,21 +77,64 @@ _QWEN3_5_PROMPT_THINK = (
     "{%- else %}{{ '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
 )
 
-TINY_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_5")
+# Gemma 4's special tokens, first in the vocabulary so the ids of pad/eos/bos/unk/mask (0-4) are the real ones.
+GEMMA4_SPECIAL_TOKENS = (
+    "<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<|turn>", "<turn|>", "<|image|>", "<|image>", "<image|>",
+    "<|audio|>", "<|audio>", "<audio|>", "<|video|>", "<|channel>", "<channel|>", "<|think|>",
+)
+# The names the real tokenizer_config.json gives them; Gemma4Processor reads image/boi/eoi, and raises without
+# boa/eoa even when no audio is passed (operator precedence in its validate_inputs).
+GEMMA4_NAMED_TOKENS = {
+    "image_token": "<|image|>", "boi_token": "<|image>", "eoi_token": "<image|>", "audio_token": "<|audio|>",
+    "boa_token": "<|audio>", "eoa_token": "<audio|>", "sot_token": "<|turn>", "eot_token": "<turn|>",
+    "soc_token": "<|channel>", "eoc_token": "<channel|>", "think_token": "<|think|>",
+}
+# Gemma4ImageProcessor accepts only these soft-token budgets per image.
+GEMMA4_IMAGE_BUDGETS = (70, 140, 280, 560, 1120)
+
+# The Gemma 4 E2B/E4B template (../shared/vlm_tokenizers/gemma-4-E2B-it/chat_template.jinja) for what this
+# pipeline sends, without tools: <bos>, a system turn when there is a system message or thinking is on
+# (content rendered with the same `| trim`, so list content renders as the real one does), turns
+# '<|turn>{user|model}\n' ... '<turn|>\n', the image as <|image|> where it stands in the content, model text
+# with any thought channel stripped. THOUGHT is the 26B/31B generation prompt's empty thought channel.
+_GEMMA4_TEMPLATE = (
+    "{{- bos_token -}}{%- set loop_messages = messages -%}"
+    "{%- if (enable_thinking is defined and enable_thinking) or messages[0]['role'] in ['system', 'developer'] -%}"
+    "{{- '<|turn>system\\n' -}}"
+    "{%- if enable_thinking is defined and enable_thinking -%}{{- '<|think|>\\n' -}}{%- endif -%}"
+    "{%- if messages[0]['role'] in ['system', 'developer'] -%}{{- messages[0]['content'] | trim -}}"
+    "{%- set loop_messages = messages[1:] -%}{%- endif -%}{{- '<turn|>\\n' -}}{%- endif -%}"
+    "{%- for message in loop_messages -%}{%- set model = message['role'] == 'assistant' -%}"
+    "{{- '<|turn>' + ('model' if model else message['role']) + '\\n' -}}"
+    "{%- set parts = [{'type': 'text', 'text': message['content']}] if message['content'] is string"
+    " else message['content'] -%}"
+    "{%- for item in parts -%}{%- if item['type'] == 'text' -%}"
+    "{{- (item['text'].split('<channel|>')[-1] if model else item['text']) | trim -}}"
+    "{%- elif item['type'] == 'image' -%}{{- '<|image|>' -}}{%- endif -%}{%- endfor -%}"
+    "{{- '<turn|>\\n' -}}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|turn>model\\n' -}}THOUGHT{%- endif -%}"
+)
+# 26B/31B: with thinking off the generation prompt ends in an empty thought channel (history turns never have one).
+_GEMMA4_THOUGHT = "{%- if not enable_thinking | default(false) -%}{{- '<|channel>thought\\n<channel|>' -}}{%- endif -%}"
+
+TINY_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_5", "gemma4")
 
 
 def tiny_model_class(family):
-    """The architecture class of `family`. Qwen3.5's is looked up when asked for: it exists from transformers
-    5.2, and the pipeline must import on Kaggle's 5.0 (where it says to upgrade, locate.py)."""
+    """The architecture class of `family`. Qwen3.5's and Gemma 4's are looked up when asked for: they exist from
+    transformers 5.2 and 5.5, and the pipeline must import on Kaggle's 5.0 (where it says to upgrade, locate.py)."""
     import transformers
 
     return {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration, "qwen3_vl": Qwen3VLForConditionalGeneration,
-            "qwen3_5": getattr(transformers, "Qwen3_5ForConditionalGeneration", None)}[family]
+            "qwen3_5": getattr(transformers, "Qwen3_5ForConditionalGeneration", None),
+            "gemma4": getattr(transformers, "Gemma4ForConditionalGeneration", None)}[family]
 
 
-def tiny_chat_template(family):
+def tiny_chat_template(family, thought_channel=False):
     """The chat template of the tiny model of `family` (Qwen2.5-VL adds a default system turn, Qwen3.5
-    thinking blocks)."""
+    thinking blocks; Gemma 4 with `thought_channel` renders like the 26B/31B template, else like the E2B/E4B)."""
+    if family == "gemma4":
+        return _GEMMA4_TEMPLATE.replace("THOUGHT", _GEMMA4_THOUGHT if thought_channel else "")
     qwen3_5 = family == "qwen3_5"
     template = (_TINY_TEMPLATE.replace("ANSWER_THINK", _QWEN3_5_ANSWER_THINK if qwen3_5 else "")
                 .replace("PROMPT_THINK", _QWEN3_5_PROMPT_THINK if qwen3_5 else ""))
@@ -102,7 +145,10 @@ def tiny_chat_template(family):
 
 def train_tiny_tokenizer(texts, vocab_size=1200, family="qwen2_5_vl"):
     """A byte-level BPE tokenizer in Qwen's style: every byte is a token, so 'a'..'d' are single tokens.
-    Qwen3.5's normalises to NFC, splits with its own regex and has the thinking tokens."""
+    Qwen3.5's normalises to NFC, splits with its own regex and has the thinking tokens; Gemma 4's has
+    Gemma's special tokens (gemma4_tokenizer)."""
+    if family == "gemma4":
+        return _train_gemma4_tokenizer(texts, vocab_size)
     qwen3_5 = family == "qwen3_5"
     tok = Tokenizer(models.BPE())
     if qwen3_5:
@@ -127,6 +173,31 @@ def train_tiny_tokenizer(texts, vocab_size=1200, family="qwen2_5_vl"):
     return tokenizer
 
 
+def _byte_level_bpe(texts, vocab_size, special_tokens):
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def _train_gemma4_tokenizer(texts, vocab_size):
+    """Byte-level BPE (not Gemma's SentencePiece-style one: the letters and turn tokens are what matter) with
+    Gemma 4's special tokens at ids 0-16. Like the real one it adds <bos> when add_special_tokens=True, so a
+    pipeline that forgets add_special_tokens=False shows a double <bos> (the template writes one); it pads
+    on the left, as the real one does."""
+    return PreTrainedTokenizerFast(
+        tokenizer_object=_byte_level_bpe(texts, vocab_size, GEMMA4_SPECIAL_TOKENS), bos_token="<bos>",
+        eos_token="<eos>", pad_token="<pad>", unk_token="<unk>", mask_token="<mask>", add_bos_token=True,
+        padding_side="left", extra_special_tokens=dict(GEMMA4_NAMED_TOKENS), clean_up_tokenization_spaces=False,
+    )
+
+
 def _tiny_special_ids(tokenizer):
     ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in [
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
@@ -134,8 +205,10 @@ def _tiny_special_ids(tokenizer):
     return ids
 
 
-def tiny_model_config(family, tokenizer, hidden_size=64):
-    """Architecture of the tiny model: the real config classes with small sizes."""
+def tiny_model_config(family, tokenizer, hidden_size=64, variant="e2b"):
+    """Architecture of the tiny model: the real config classes with small sizes (`variant`: Gemma 4 only)."""
+    if family == "gemma4":
+        return _tiny_gemma4_config(tokenizer, hidden_size, variant)
     special = _tiny_special_ids(tokenizer)
     text = dict(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
@@ -184,9 +257,59 @@ def _tiny_qwen3_5_config(text, hidden_size, special):
     return Qwen3_5Config(text_config=text, vision_config=vision, tie_word_embeddings=True, **special)
 
 
-def tiny_processor(family, tokenizer, max_pixels):
+def _tiny_gemma4_config(tokenizer, hidden_size, variant):
+    """Gemma 4 in miniature. "e2b" keeps the E2B/E4B features: per-layer embeddings, the last layers reusing
+    earlier layers' KV, their double-wide MLP; "31b" the 26B/31B ones: K = V on full-attention layers and
+    bidirectional attention inside each image. Both: sliding and full layers (the last full), logit soft-capping,
+    tied embeddings, and a sliding window short enough that a demo prompt (~100 tokens) exceeds it."""
+    if variant not in ("e2b", "31b"):
+        raise ValueError(f"variant must be 'e2b' or '31b', got {variant!r}")
+    e2b = variant == "e2b"
+    text = dict(
+        vocab_size=len(tokenizer), vocab_size_per_layer_input=len(tokenizer), hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size, num_hidden_layers=4, num_attention_heads=max(1, hidden_size // 32),
+        num_key_value_heads=1, head_dim=16, global_head_dim=32, sliding_window=32, max_position_embeddings=4096,
+        layer_types=["sliding_attention", "full_attention"] * 2, final_logit_softcapping=30.0,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True, hidden_size_per_layer_input=16 if e2b else 0,
+        # Layers 2-3 reuse the KV of layers 0-1 (one producer per layer type, which the config requires).
+        num_kv_shared_layers=2 if e2b else 0, use_double_wide_mlp=e2b, attention_k_eq_v=not e2b,
+        use_bidirectional_attention=None if e2b else "vision")
+    if not e2b:
+        text["num_global_key_value_heads"] = 1
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=2, head_dim=16, global_head_dim=16, patch_size=16, pooling_kernel_size=3,
+                  position_embedding_size=256, use_clipped_linears=True, standardize=not e2b,
+                  # Louder image tokens, as for Qwen: after a 6-epoch warm-up on 320 demo rows the held-out loss
+                  # rose 1.73 -> 1.81 with the images shuffled at 0.3, not at all at the default 0.02 (blind).
+                  rope_parameters={"rope_theta": 100.0, "rope_type": "default"}, initializer_range=0.3)
+    ids = tokenizer.convert_tokens_to_ids
+    from transformers import Gemma4Config  # (transformers >= 5.5: tiny_model_class)
+
+    return Gemma4Config(text_config=text, vision_config=vision, audio_config=None, tie_word_embeddings=True,
+                        image_token_id=ids("<|image|>"), boi_token_id=ids("<|image>"), eoi_token_id=ids("<image|>"),
+                        video_token_id=ids("<|video|>"), audio_token_id=ids("<|audio|>"),
+                        boa_token_id=ids("<|audio>"), eoa_token_index=ids("<audio|>"))
+
+
+def tiny_gemma4_processor(tokenizer, max_pixels, thought_channel=False):
+    """Gemma4Processor with the smallest soft-token budget per image that holds `max_pixels` (a soft token is
+    a 3x3 pool of 16 px patches, 48x48 px): 70, the smallest allowed, for the demo's 112x112."""
+    from transformers import (Gemma4AudioFeatureExtractor, Gemma4ImageProcessor, Gemma4Processor,
+                              Gemma4VideoProcessor)
+
+    budget = next((b for b in GEMMA4_IMAGE_BUDGETS if b * 48 * 48 >= max_pixels), GEMMA4_IMAGE_BUDGETS[-1])
+    image_processor = Gemma4ImageProcessor(max_soft_tokens=budget, patch_size=16, pooling_kernel_size=3)
+    return Gemma4Processor(feature_extractor=Gemma4AudioFeatureExtractor(), image_processor=image_processor,
+                           tokenizer=tokenizer, video_processor=Gemma4VideoProcessor(), image_seq_length=budget,
+                           chat_template=tiny_chat_template("gemma4", thought_channel))
+
+
+def tiny_processor(family, tokenizer, max_pixels, thought_channel=False):
     """Image processor + tokenizer + chat template, as a Qwen-VL processor of `family` (Qwen3.5 uses
-    Qwen3-VL's, as the real one does)."""
+    Qwen3-VL's, as the real one does; Gemma 4: tiny_gemma4_processor)."""
+    if family == "gemma4":
+        return tiny_gemma4_processor(tokenizer, max_pixels, thought_channel)
     patch = 14 if family == "qwen2_5_vl" else 16
     factor = patch * 2
     # Smallest allowed image is one merged patch; the budget caps the token count per image.
@@ -206,11 +329,21 @@ def _warmup_encode(processor, image, question, answer):
     prompt = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
         add_generation_prompt=True, tokenize=False, **TEMPLATE_KWARGS)  # rendered as the pipeline renders it
-    enc = processor(text=[prompt], images=[image], return_tensors="pt", return_mm_token_type_ids=False)
+    if _is_gemma4(processor):  # its template writes <bos> (the tokenizer would add a second); its turns end in <turn|>
+        enc = processor(text=[prompt], images=[image], return_tensors="pt", add_special_tokens=False)
+        end = "<turn|>"
+    else:
+        enc = processor(text=[prompt], images=[image], return_tensors="pt", return_mm_token_type_ids=False)
+        end = "<|im_end|>"
     ids = enc["input_ids"][0].tolist()
-    target = processor.tokenizer.encode(answer + "<|im_end|>", add_special_tokens=False)
-    return {"ids": ids + target, "labels": [-100] * len(ids) + target,
-            "pixel_values": enc["pixel_values"], "image_grid_thw": enc["image_grid_thw"]}
+    target = processor.tokenizer.encode(answer + end, add_special_tokens=False)
+    # The image tensors: Qwen's pixel_values + image_grid_thw, Gemma 4's pixel_values + image_position_ids.
+    images = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    return {"ids": ids + target, "labels": [-100] * len(ids) + target, "images": images}
+
+
+def _is_gemma4(processor):
+    return type(processor).__name__ == "Gemma4Processor"
 
 
 def _warmup_collate(examples, pad_id, image_token_id):
@@ -221,8 +354,7 @@ def _warmup_collate(examples, pad_id, image_token_id):
             "mm_token_type_ids": torch.tensor([[int(t == image_token_id) for t in row] for row in ids]),
             "attention_mask": torch.tensor([[1] * len(e["ids"]) + [0] * (width - len(e["ids"])) for e in examples]),
             "labels": torch.tensor([e["labels"] + [-100] * (width - len(e["labels"])) for e in examples]),
-            "pixel_values": torch.cat([e["pixel_values"] for e in examples]),
-            "image_grid_thw": torch.cat([e["image_grid_thw"] for e in examples])}
+            **{k: torch.cat([e["images"][k] for e in examples]) for k in examples[0]["images"]}}
 
 
 def warm_up_tiny_base(model, processor, examples, epochs=6, lr=2e-3, batch_size=32, seed=0):
@@ -255,9 +387,10 @@ def warm_up_tiny_base(model, processor, examples, epochs=6, lr=2e-3, batch_size=
 
 
 def build_tiny_qwen_vl(out_dir, texts, family="qwen2_5_vl", seed=0, max_pixels=112 * 112, hidden_size=64,
-                       warmup_examples=(), warmup_epochs=6):
-    """Build and save a tiny Qwen-VL checkpoint folder (config, weights, tokenizer, processor).
+                       warmup_examples=(), warmup_epochs=6, variant="e2b"):
+    """Build and save a tiny Qwen-VL (or Gemma 4) checkpoint folder (config, weights, tokenizer, processor).
 
+    `variant` (Gemma 4 only): "e2b" like E2B/E4B, "31b" like 26B/31B, with their thought-channel template.
     Returns the folder. A `TINY_MODEL.json` marker written last makes re-runs free.
     """
     if family not in TINY_FAMILIES:
@@ -267,13 +400,15 @@ def build_tiny_qwen_vl(out_dir, texts, family="qwen2_5_vl", seed=0, max_pixels=1
     spec = {"family": family, "seed": seed, "max_pixels": max_pixels, "hidden_size": hidden_size,
             "n_texts": len(texts), "n_warmup": len(warmup_examples), "warmup_epochs": warmup_epochs,
             "builder_version": 5}
+    if family == "gemma4":  # (the Qwen markers stay as they were: their folders are not rebuilt)
+        spec["variant"] = variant
     if marker.exists() and json.loads(marker.read_text()) == spec:
         return out_dir
     tokenizer = train_tiny_tokenizer(texts, family=family)
-    config = tiny_model_config(family, tokenizer, hidden_size)
+    config = tiny_model_config(family, tokenizer, hidden_size, variant=variant)
     torch.manual_seed(seed)
     model = tiny_model_class(family)(config).eval()
-    processor = tiny_processor(family, tokenizer, max_pixels)
+    processor = tiny_processor(family, tokenizer, max_pixels, thought_channel=variant == "31b")
     if warmup_examples:
         warm_up_tiny_base(model, processor, list(warmup_examples), epochs=warmup_epochs, seed=seed)
     out_dir.mkdir(parents=True, exist_ok=True)
