@@ -173,7 +173,8 @@ def test_gemma4_warm_up_lowers_the_loss(variant, tmp_path):
     def loss():
         batch = _warmup_collate([_warmup_encode(processor, *e) for e in examples], tok.pad_token_id,
                                 processor.image_token_id)
-        assert batch["input_ids"][:, 0].eq(tok.bos_token_id).all() and batch["input_ids"][:, 1].ne(tok.bos_token_id).all()
+        ids = batch["input_ids"]
+        assert ids[:, 0].eq(tok.bos_token_id).all() and ids[:, 1].ne(tok.bos_token_id).all()  # one <bos>
         with torch.no_grad():
             return model.eval()(**batch).loss.item()
 
