@@ -2,10 +2,12 @@
 `from_pretrained` code as a real checkpoint, quantised where a real one is, and reproducible."""
 
 import json
+from pathlib import Path
 
 import bitsandbytes as bnb
 import pytest
 import torch
+import transformers
 from peft.tuners.lora import LoraLayer
 from PIL import Image
 from safetensors import safe_open
@@ -31,6 +33,15 @@ CLASS_NAMES = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "
                "qwen3_5": "Qwen3_5ForConditionalGeneration"}
 PROCESSOR_NAMES = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor", "qwen3_5": "Qwen3VLProcessor"}
 PAIRS = [(family, real) for family in TINY_FAMILIES for real in REAL_FOR_FAMILY[family]]
+# The tests that need only the demo builder (not collate/scoring) also run Gemma 4 where transformers has it.
+HAS_GEMMA4 = hasattr(transformers, "Gemma4ForConditionalGeneration")
+DEMO_FAMILIES = TINY_FAMILIES + (("gemma4",) if HAS_GEMMA4 and "gemma4" not in TINY_FAMILIES else ())
+# Where the answer letter follows, and the token that ends the answer, per family.
+ANSWER_HEADER = {"gemma4": ("<|turn>model\n", "<turn|>")}
+QWEN_ANSWER_HEADER = ("<|im_start|>assistant\n", "<|im_end|>")
+# The real Gemma 4 E2B template (no tokenizer.json there), found like the Qwen tokenizers: ../shared beside the repo.
+GEMMA4_REAL_TEMPLATE = Path(__file__).resolve().parents[2] / "shared" / "vlm_tokenizers" / "gemma-4-E2B-it" / \
+    "chat_template.jinja"
 
 
 # ---------------------------------------------------------------------------------------------- 1
@@ -59,6 +70,26 @@ def test_tiny_template_renders_like_real_template(family, real_name, tiny_proces
             got = tiny.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False,
                                            **thinking)
             assert got == want, (label, thinking)
+
+
+@pytest.mark.skipif(not HAS_GEMMA4, reason="transformers has no Gemma 4 (it came in 5.5)")
+def test_tiny_gemma4_template_renders_like_real_template(tiny_processor, tiny_cfg):
+    """Gemma 4's template (thought_channel off, as E2B/E4B) against the real E2B one, on what the pipeline sends,
+    with the system content as a list (build_messages; the real template prints its repr) and as a string."""
+    if not GEMMA4_REAL_TEMPLATE.is_file():
+        pytest.skip(f"real Gemma 4 template not found: {GEMMA4_REAL_TEMPLATE}")
+    real = GEMMA4_REAL_TEMPLATE.read_text()
+    tiny = tiny_processor("gemma4")
+    assert tiny.chat_template == tiny_chat_template("gemma4")
+    conversations = _conversations(tiny_cfg("gemma4").instruction)
+    conversations += [(label + "/string-system", [{**m, "content": m["content"][0]["text"]} if m["role"] == "system"
+                                                  else m for m in messages], prompt)
+                      for label, messages, prompt in conversations if messages[0]["role"] == "system"]
+    for thinking in ({"enable_thinking": False}, {}, {"enable_thinking": True}):
+        for label, messages, add_generation_prompt in conversations:
+            kwargs = dict(add_generation_prompt=add_generation_prompt, tokenize=False, **thinking)
+            want = tiny.apply_chat_template(messages, chat_template=real, **kwargs)
+            assert tiny.apply_chat_template(messages, **kwargs) == want, (label, thinking)
 
 
 @pytest.mark.parametrize("family,real_name", PAIRS)
@@ -199,7 +230,7 @@ def test_tiny_qwen3_5_in_4bit_runs_forward_and_backward_with_lora(tiny_cfg, tiny
 
 
 # ---------------------------------------------------------------------------------------------- 3
-@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("family", DEMO_FAMILIES)
 def test_build_is_reproducible(family, tmp_path, tiny_model_dir):
     first = build_tiny_qwen_vl(tmp_path / "one", TINY_TEXTS, family=family, seed=0, max_pixels=112 * 112)
     second = build_tiny_qwen_vl(tmp_path / "two", TINY_TEXTS, family=family, seed=0, max_pixels=112 * 112)
@@ -226,16 +257,17 @@ def test_unknown_family_is_rejected(tmp_path):
         build_tiny_qwen_vl(tmp_path, TINY_TEXTS, family="qwen2_vl")
 
 
-@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("family", DEMO_FAMILIES)
 def test_answer_letters_are_single_tokens_in_tiny_tokenizer(family, tiny_processor):
     tok = tiny_processor(family).tokenizer
-    ids = answer_letter_ids(tok)
+    header, end = ANSWER_HEADER.get(family, QWEN_ANSWER_HEADER)
+    ids = answer_letter_ids(tok, header)
     assert [tok.decode([i]) for i in ids] == ["a", "b", "c", "d"]
     assert [tok.convert_tokens_to_ids(letter) for letter in "abcd"] == ids
     assert len(set(ids)) == 4
     spaced = [tok.encode(" " + letter, add_special_tokens=False) for letter in "abcd"]
     assert all(len(s) == 1 and s[0] not in ids for s in spaced)  # ' a' is its own token, as in Qwen
-    assert tok.encode("<|im_start|>assistant\nc<|im_end|>", add_special_tokens=False)[-2] == ids[2]
+    assert tok.encode(header + "c" + end, add_special_tokens=False)[-2] == ids[2]
 
 
 def test_a_demo_run_with_another_seed_builds_its_own_tiny_base(tmp_path, monkeypatch):
