@@ -31,9 +31,9 @@ LAYOUT = (
     ("Part I: the pipeline, stage by stage", (
         ("Configuration", ("core.files", "core.config")),
         ("Hardware and versions", ("core.compat", "core.hardware", "core.memory")),
-        ("Model families: what differs between Qwen2/2.5/3-VL and Qwen3.5", ("families.family", "families.qwen_vl",
-                                                                               "families.qwen3_5", "families.registry")),
         ("Model: the checkpoint in 4 or 16 bits with LoRA adapters", ("core.modeling",)),
+        ("Model families: what differs between Qwen2/2.5/3-VL, Qwen3.5 and Gemma 4", (
+            "families.family", "families.qwen_vl", "families.qwen3_5", "families.gemma4", "families.registry")),
         ("Data: read, check, find, resume; what the run needs at its end", ("core.data", "core.locate", "core.resume",
                                                                           "core.preflight")),
         ("Dataset: the chat template, labels on the answer letter only", ("core.prompts", "core.collate")),

@@ -43,7 +43,7 @@ from .core.training import train_fold
 from .demo.demo_data import generate_demo_dataset
 from .demo.demo_model import build_tiny_qwen_vl
 from .scale.parallel import parallel_workers, run_folds
-from .speed.fast_vision import compile_vision_choice, compile_vision_elementwise, patch_vision_attention
+from .speed.fast_vision import speed_up_vision_tower
 from .speed.feature_cache import make_feature_cache
 from .speed.self_check import check_fast_paths
 from .toolkit.analysis import analyze_run
@@ -224,14 +224,7 @@ def run_fold(fold, train, test, folds, processor, fmt, cfg, hardware, out_dir, s
     kernels = describe_kernels(model_family(cfg.model_name_or_path), hardware)  # (Qwen3.5's linear attention)
     if kernels:
         print(kernels)
-    if cfg.fast_vision_attention:
-        print(f"[model] grouped SDPA vision attention in {patch_vision_attention(model)} layers")
-    compile_on, why = compile_vision_choice(cfg.compile_vision, hardware)
-    if compile_on:
-        print(f"[model] torch.compile of the vision tower's norms, MLP and rotary in "
-              f"{compile_vision_elementwise(model)} blocks: {why}")
-    else:
-        print(f"[model] vision tower not compiled: {why}")
+    speed_up_vision_tower(model, cfg, hardware)
     shared_cache = {} if shared_cache is None else shared_cache
     cache = run_feature_cache(cfg, model, hardware, shared_cache)
     # The fast paths are checked against the stock forward on this transformers version before they are used.

@@ -23,6 +23,10 @@ HAS_QWEN3_5 = hasattr(transformers, "Qwen3_5ForConditionalGeneration")
 REAL_PROCESSOR_NAMES = ("Qwen2.5-VL-7B-Instruct", "Qwen2-VL-2B-Instruct", "Qwen3-VL-4B-Instruct") + \
     (("Qwen3.5-0.8B",) if HAS_QWEN3_5 else ())
 TINY_FAMILIES = ("qwen2_5_vl", "qwen3_vl") + (("qwen3_5",) if HAS_QWEN3_5 else ())
+HAS_GEMMA4 = hasattr(transformers, "Gemma4ForConditionalGeneration")
+# The families the shared scoring, feature-cache and shared-prefix tests run for (Gemma 4: not ChatML, its own
+# image layout; its own tests are in test_gemma4.py).
+PIPELINE_FAMILIES = TINY_FAMILIES + (("gemma4",) if HAS_GEMMA4 else ())
 # The real processor whose chat template the tiny template of each family reproduces.
 REAL_FOR_FAMILY = {"qwen2_5_vl": ("Qwen2.5-VL-7B-Instruct", "Qwen2-VL-2B-Instruct"),
                    "qwen3_vl": ("Qwen3-VL-4B-Instruct",), "qwen3_5": ("Qwen3.5-0.8B",)}

@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import numpy as np
+import transformers
 import pandas as pd
 import pytest
 
@@ -265,11 +266,16 @@ def _env():
     return {k: v for k, v in os.environ.items() if not k.startswith("MCVQA_")}
 
 
+# The runner-up of a 2026 sister competition gained +1.2 pp blending model families: a Qwen run and a Gemma 4 run
+# (another tokenizer, chat format and image size per image, the same ids) where transformers has Gemma 4.
+OTHER_FAMILY = "gemma4" if hasattr(transformers, "Gemma4ForConditionalGeneration") else "qwen3_vl"
+
+
 @pytest.fixture(scope="module")
 def demo_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("blend_demo")
     runs = []
-    for family in ("qwen2_5_vl", "qwen3_vl"):
+    for family in ("qwen2_5_vl", OTHER_FAMILY):
         run = tmp / family
         done = subprocess.run([sys.executable, "-m", "mcvqa", "run", "--profile", "demo", *FAST,
                                f"demo_family={family}", f"data_dir={tmp / 'demo'}",
@@ -288,7 +294,8 @@ def test_cli_blends_two_demo_runs_of_both_families(demo_runs, capsys):
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-3000:])
     report = _report(out)
     assert [m["run"] for m in report["members"]] == list(map(str, runs))
-    assert [m["demo_family"] for m in report["members"]] == ["qwen2_5_vl", "qwen3_vl"]
+    assert [m["demo_family"] for m in report["members"]] == ["qwen2_5_vl", OTHER_FAMILY]
+    assert len(report["disagreement"]) == 1 and 0 <= report["disagreement"][0]["disagreement"] <= 1
     assert report["n_oof"] == 60 and report["folds_agree"] and "holdout_accuracy" in report
     assert set(report["type_rows"]) == {"color", "what", "count", "position"}
     test = pd.read_csv(tmp / "demo" / "test.csv")

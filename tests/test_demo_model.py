@@ -75,15 +75,15 @@ def test_tiny_template_renders_like_real_template(family, real_name, tiny_proces
 @pytest.mark.skipif(not HAS_GEMMA4, reason="transformers has no Gemma 4 (it came in 5.5)")
 def test_tiny_gemma4_template_renders_like_real_template(tiny_processor, tiny_cfg):
     """Gemma 4's template (thought_channel off, as E2B/E4B) against the real E2B one, on what the pipeline sends,
-    with the system content as a list (build_messages; the real template prints its repr) and as a string."""
+    with the system content as a string (build_messages) and as a list (the real template prints its repr)."""
     if not GEMMA4_REAL_TEMPLATE.is_file():
         pytest.skip(f"real Gemma 4 template not found: {GEMMA4_REAL_TEMPLATE}")
     real = GEMMA4_REAL_TEMPLATE.read_text()
     tiny = tiny_processor("gemma4")
     assert tiny.chat_template == tiny_chat_template("gemma4")
     conversations = _conversations(tiny_cfg("gemma4").instruction)
-    conversations += [(label + "/string-system", [{**m, "content": m["content"][0]["text"]} if m["role"] == "system"
-                                                  else m for m in messages], prompt)
+    conversations += [(label + "/list-system", [{**m, "content": [{"type": "text", "text": m["content"]}]}
+                                                if m["role"] == "system" else m for m in messages], prompt)
                       for label, messages, prompt in conversations if messages[0]["role"] == "system"]
     for thinking in ({"enable_thinking": False}, {}, {"enable_thinking": True}):
         for label, messages, add_generation_prompt in conversations:

@@ -77,13 +77,16 @@ def test_cli_is_deterministic_on_cpu(tmp_path):
     assert pa.equals(pb)
 
 
-@pytest.mark.parametrize("family,architecture", [("qwen3_vl", "Qwen3VL"), ("qwen3_5", "Qwen3_5")])
+@pytest.mark.parametrize("family,architecture", [("qwen3_vl", "Qwen3VL"), ("qwen3_5", "Qwen3_5"), ("gemma4", "Gemma4")])
 def test_cli_demo_runs_with_the_other_families_warm_up_included(tmp_path, family, architecture):
-    """`--profile demo demo_family=...`: the tiny Qwen3-VL / Qwen3.5 base is built and warmed up (its forward needs
-    mm_token_type_ids) and the run writes a valid submission (the other tests run Qwen2.5-VL); the fast paths'
-    self-check passes, Qwen3.5's shared prefix through its linear-attention state included."""
+    """`--profile demo demo_family=...`: the tiny Qwen3-VL / Qwen3.5 / Gemma 4 base is built and warmed up (its forward
+    needs mm_token_type_ids) and the run writes a valid submission (the other tests run Qwen2.5-VL); the fast paths'
+    self-check passes, Qwen3.5's shared prefix through its linear-attention state and Gemma's through its sliding
+    window included."""
     if family == "qwen3_5" and not hasattr(transformers, "Qwen3_5ForConditionalGeneration"):
         pytest.skip(f"transformers {transformers.__version__} has no Qwen3.5 (from 5.2)")
+    if family == "gemma4" and not hasattr(transformers, "Gemma4ForConditionalGeneration"):
+        pytest.skip(f"transformers {transformers.__version__} has no Gemma 4 (from 5.5)")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MCVQA_")}
     done = subprocess.run([sys.executable, "-m", "mcvqa", "run", "--profile", "demo", f"demo_family={family}", "folds=0",
                            "demo_warmup_rows=64", "demo_warmup_epochs=1", "epochs=1", f"data_dir={tmp_path / 'demo'}",

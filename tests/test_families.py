@@ -286,7 +286,7 @@ def test_qwen35_scores_option_orders_with_the_whole_prompt_in_bf16_only(tiny_cfg
         rows.append({"id": f"q{i}", "image_path": str(tmp_path / f"{i}.png"), "question": "그림의 색은?",
                      "a": "빨간색", "b": "파란색", "c": "초록색", "d": "노란색"})
     frame = pd.DataFrame(rows)
-    bf16 = dataclasses.replace(hardware, dtype="bfloat16", torch_dtype=torch.bfloat16)
+    bf16 = dataclasses.replace(hardware, dtype="bfloat16")
     cache, checked = check_fast_paths(model, frame, processor, make_prompt_format(processor, cfg), cfg, bf16, FeatureCache())
     out = capsys.readouterr()
     assert checked.tta_shared_prefix is False and cache is not None and "WARNING" not in out.err

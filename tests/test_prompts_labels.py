@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REAL_PROCESSOR_NAMES, demo_config
+from conftest import REAL_PROCESSOR_NAMES, TINY_FAMILIES, demo_config
 from mcvqa.speed.feature_cache import CachedImageEncoding
 from mcvqa.core.collate import IGNORE_INDEX, VqaCollator
 from mcvqa.core.prompts import (
@@ -357,3 +357,20 @@ def test_answer_letter_ids_rejects_letter_that_merges_after_header():
 
 def test_answer_letter_ids_accepts_clean_fake():
     assert answer_letter_ids(_FakeTokenizer({})) == [ord("a"), ord("b"), ord("c"), ord("d")]
+
+
+def test_templates_get_only_the_switches_they_read(tiny_processor, caplog):
+    """enable_thinking=False goes to the templates that read it (Qwen3.5, Gemma 4); passed to one that does not,
+    transformers logs a warning per rendering (2,522 lines in one Qwen2.5-VL benchmark log)."""
+    import logging
+
+    from mcvqa.core.prompts import template_kwargs
+
+    assert template_kwargs(tiny_processor("qwen2_5_vl")) == {}
+    if "qwen3_5" in TINY_FAMILIES:
+        assert template_kwargs(tiny_processor("qwen3_5")) == {"enable_thinking": False}
+    processor = tiny_processor("qwen2_5_vl")
+    with caplog.at_level(logging.WARNING):
+        fmt = make_prompt_format(processor, demo_config())
+        render_prompt(processor, fmt, "질문?", ["a", "b", "c", "d"])
+    assert not [r for r in caplog.records if "processor_kwargs" in r.getMessage()]

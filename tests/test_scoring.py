@@ -13,12 +13,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import TINY_FAMILIES
+from conftest import PIPELINE_FAMILIES, TINY_FAMILIES
 from mcvqa.speed.feature_cache import CachedImageEncoding
 from mcvqa.core.collate import VqaCollator, cyclic_perms
 from mcvqa.core.inference import predict_views, softmax, to_original_order
 from mcvqa.core.compat import model_input_names
-from mcvqa.core.modeling import unwrap_vlm
+from mcvqa.core.modeling import unwrap_vlm, vision_tower
+from mcvqa.families.registry import family_of
 from mcvqa.core.scoring import MODEL_INPUT_KEYS, answer_loss, letter_logits
 
 MIN_PIXELS, MAX_PIXELS = 28 * 28 * 4, 112 * 112
@@ -27,7 +28,7 @@ pytestmark = [pytest.mark.usefixtures("torch_single_thread"), pytest.mark.filter
               pytest.mark.filterwarnings("ignore::FutureWarning")]
 
 
-@pytest.fixture(params=TINY_FAMILIES)
+@pytest.fixture(params=PIPELINE_FAMILIES)
 def family(request):
     return request.param
 
@@ -71,7 +72,10 @@ def test_batch_is_ragged(family, setup):
     batch = _collate(processor, fmt, _items())
     lengths = batch["attention_mask"].sum(1).tolist()
     assert len(set(lengths)) == 3 and max(lengths) == batch["input_ids"].shape[1]
-    assert len({tuple(g) for g in batch["image_grid_thw"].tolist()}) == 3
+    if "image_grid_thw" in batch:
+        assert len({tuple(g) for g in batch["image_grid_thw"].tolist()}) == 3
+    else:  # Gemma: each image's patch grid, from its patch positions (-1: padding)
+        assert len({tuple(p.max(dim=0).values.tolist()) for p in batch["image_position_ids"]}) == 3
 
 
 def test_lora_adapters_change_the_letter_logits(family, setup, tiny_model):
@@ -224,16 +228,17 @@ def test_fp16_hardware_runs_the_vision_tower_outside_autocast(family, setup, tin
     cfg = tiny_cfg(family, quantization="none")
     model = add_lora(load_base_model(cfg, hardware), cfg, t4)  # fp32 weights on the CPU, fp16 "hardware"
     vlm = model.get_base_model().model
-    assert vlm.visual.patch_embed.proj.weight.dtype == torch.float32
+    family, tower = family_of(model.config), vision_tower(model)
+    assert next(tower.parameters()).dtype == torch.float32
     batch = _collate(*setup, _items())
-    pixels, grid = batch["pixel_values"].float(), batch["image_grid_thw"]
+    pixels, meta = batch["pixel_values"].float(), batch[family.image_meta]
     with torch.no_grad():
-        reference = vlm.get_image_features(pixels, grid, return_dict=True).pooler_output
+        reference = family.encode_images(vlm, pixels, meta)[0]
         # CPU autocast stands in for a T4's CUDA autocast: the same switch, another device type.
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            under_autocast = vlm.get_image_features(pixels, grid, return_dict=True).pooler_output
-            vlm.visual.forward = vlm.visual.forward.__wrapped__  # the stock forward, for contrast
-            stock = vlm.get_image_features(pixels, grid, return_dict=True).pooler_output
+            under_autocast = family.encode_images(vlm, pixels, meta)[0]
+            tower.forward = tower.forward.__wrapped__  # the stock forward, for contrast
+            stock = family.encode_images(vlm, pixels, meta)[0]
     for ref, got, raw in zip(reference, under_autocast, stock):
         assert got.dtype == torch.float32 and torch.equal(got, ref)
         assert not torch.equal(raw.float(), ref)  # without the wrapper autocast changes the features
@@ -376,7 +381,12 @@ def test_predict_views_halves_the_batch_on_cuda_oom_with_the_same_predictions(
     for key in reference:
         np.testing.assert_allclose(got[key], reference[key], atol=1e-6)
 
-    def broken(model, batch, *args, **kwargs):
+    calls = []
+
+    def broken(model, batch, *args, **kwargs):  # (the shared prefix's first batch passes its check: the path is used)
+        calls.append(1)
+        if shared_prefix and len(calls) == 1:
+            return real(model, batch, *args, **kwargs)
         raise RuntimeError("not a memory problem")
 
     monkeypatch.setattr(module, name, broken)
@@ -390,14 +400,34 @@ def _ignored_cache_argument(language_model):
     return "kv_cache_nobody_reads"
 
 
+def _break_cache_keyword(monkeypatch):
+    import mcvqa.families.family as family_module
+    import mcvqa.families.gemma4 as gemma4_module
+
+    for module in (family_module, gemma4_module):
+        monkeypatch.setattr(module, "cache_argument", _ignored_cache_argument)
+
+
+def _lose_cached_features(monkeypatch, model):
+    """The cached features do not reach the model as the stock forward's do (e.g. a changed placeholder rule)."""
+    import dataclasses
+
+    family_class = type(family_of(unwrap_vlm(model).config))
+    real = family_class.decoder_forward
+
+    def lost(self, vlm, input_ids, attention_mask, positions, features, device, cache=None, type_ids=None):
+        features = [dataclasses.replace(f, embeds=torch.zeros_like(f.embeds)) for f in features or []]
+        return real(self, vlm, input_ids, attention_mask, positions, features, device, cache=cache, type_ids=type_ids)
+
+    monkeypatch.setattr(family_class, "decoder_forward", lost)
+
+
 def test_shared_prefix_that_breaks_falls_back_to_exact_views_with_a_warning(
         family, setup, tiny_model, tiny_cfg, hardware, tmp_path, monkeypatch, capsys):
     """A pass whose shared-prefix scoring disagrees with view-by-view scoring on its first batch warns and
     goes on view by view: the probabilities are the exact ones, not the broken path's."""
     from mcvqa.speed.feature_cache import FeatureCache
-    from mcvqa.speed.shared_prefix import shared_prefix_letter_logits
-    import mcvqa.families.family as family_module
-    from mcvqa.families.family import ModelFamily
+    from mcvqa.speed.shared_prefix import shared_or_error
 
     processor, fmt = setup
     model = tiny_model(family, True)
@@ -407,17 +437,19 @@ def test_shared_prefix_that_breaks_falls_back_to_exact_views_with_a_warning(
     healthy = predict_views(model, frame, processor, fmt, tiny_cfg(family, **base), hardware, feature_cache=FeatureCache())
     out = capsys.readouterr()
     assert "WARNING" not in out.err and "shared prefix checked on the first batch (max |Δ logit|" in out.out
-    monkeypatch.setattr(family_module, "cache_argument", _ignored_cache_argument)
+    _break_cache_keyword(monkeypatch)
     with torch.no_grad():  # the broken path really is broken (else the fallback could not be seen)
         cache = FeatureCache()
         batch = cache.attach(model, VqaCollator(processor, fmt, MIN_PIXELS, MAX_PIXELS, encoding=CachedImageEncoding())(
             [dict(it, perm=p, options=[it["options"][i] for i in p], answer=-1)
              for it in _items() for p in [(0, 1, 2, 3), (1, 2, 3, 0)]]))
-        broken = shared_prefix_letter_logits(model, batch, fmt.letter_ids, "cpu", 2)
-        assert (broken - letter_logits(model, batch, fmt.letter_ids, "cpu", None)).abs().max() > 1e-2
+        broken = shared_or_error(model, batch, fmt.letter_ids, "cpu", 2)  # Gemma's masks notice the missing cache
+        assert isinstance(broken, Exception) or \
+            (broken - letter_logits(model, batch, fmt.letter_ids, "cpu", None)).abs().max() > 1e-2
     got = predict_views(model, frame, processor, fmt, tiny_cfg(family, **base), hardware, feature_cache=FeatureCache())
     out = capsys.readouterr()
-    assert out.err.count("WARNING: test x1: the shared-prefix option-order scoring disagrees") == 1
+    assert out.err.count("WARNING: test x1: the shared-prefix option-order scoring " +
+                         ("fails" if family == "gemma4" else "disagrees")) == 1
     assert "failed: view by view" in out.out
     for key in exact:
         np.testing.assert_allclose(got[key], exact[key], atol=1e-5)
@@ -428,8 +460,6 @@ def test_check_fast_paths_switches_off_what_disagrees_with_the_stock_forward(
         family, setup, tiny_model, tiny_cfg, hardware, tmp_path, monkeypatch, capsys):
     from mcvqa.speed.feature_cache import FeatureCache
     from mcvqa.speed.self_check import check_fast_paths
-    import mcvqa.families.family as family_module
-    from mcvqa.families.family import ModelFamily
 
     processor, fmt = setup
     model = tiny_model(family, True)
@@ -441,19 +471,14 @@ def test_check_fast_paths_switches_off_what_disagrees_with_the_stock_forward(
     assert "WARNING" not in out.err and "[check] the cached-feature forward = the stock forward" in out.out
     assert "the shared-prefix option-order scoring = scoring each view on its own" in out.out
 
-    monkeypatch.setattr(family_module, "cache_argument", _ignored_cache_argument)  # the 5.18-5.23 failure
+    _break_cache_keyword(monkeypatch)  # the 5.18-5.23 failure
     got_cache, got_cfg = check_fast_paths(model, frame, processor, fmt, cfg, hardware, cache)
     assert got_cache is cache and got_cfg.tta_shared_prefix is False
-    assert "WARNING: the shared-prefix option-order scoring gives other letter logits" in capsys.readouterr().err
+    assert ("WARNING: the shared-prefix option-order scoring failed" if family == "gemma4" else
+            "WARNING: the shared-prefix option-order scoring gives other letter logits") in capsys.readouterr().err
     monkeypatch.undo()
 
-    real_embed = ModelFamily.embed_with_features
-
-    def features_one_token_off(self, vlm, input_ids, features, device):  # e.g. a changed placeholder rule
-        embeds, extra = real_embed(self, vlm, input_ids, features, device)
-        return (embeds.roll(1, dims=1) if features else embeds), extra
-
-    monkeypatch.setattr(ModelFamily, "embed_with_features", features_one_token_off)
+    _lose_cached_features(monkeypatch, model)
     got_cache, got_cfg = check_fast_paths(model, frame, processor, fmt, cfg, hardware, cache)
     assert got_cache is None and got_cfg.tta_shared_prefix is False
     assert "WARNING: the cached-feature forward gives other letter logits than the stock forward" in capsys.readouterr().err

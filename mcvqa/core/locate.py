@@ -4,7 +4,7 @@ On Kaggle every input is a read-only folder under `/kaggle/input`, the competiti
 alike, and Kaggle Models nest a model several levels deep (`<model>/transformers/<variant>/<version>/`).
 `data_dir=auto` takes the one folder holding `train.csv` and `test.csv`; `model_name_or_path=auto` the
 one folder whose `config.json` is a model of a family the pipeline loads (families/: Qwen2-VL, Qwen2.5-VL,
-Qwen3-VL, Qwen3.5) with weights beside it, and checks that the installed transformers has that family;
+Qwen3-VL, Qwen3.5, Gemma 4) with weights beside it, and checks that the installed transformers has that family;
 a model setting that names a folder without `config.json` (a Kaggle Models parent) is searched the same way.
 With none or several, the message lists what was found and the line that chooses. A hub id (no local
 folder) is tried once up front, so a session without internet says so instead of failing deep inside
@@ -20,7 +20,7 @@ import pathlib
 
 from packaging.version import Version
 
-from ..families.registry import MODEL_TYPES, family_of
+from ..families.registry import FAMILIES, MODEL_TYPES, family_of
 from .compat import transformers_version
 from .errors import UserError
 from .packages import SetupError, kaggle_input
@@ -72,7 +72,7 @@ def find_model_dir(search_root=None, given="auto"):
     search_root = kaggle_input() if search_root is None else search_root
     found = sorted(str(pathlib.Path(p).parent) for p in glob.glob(f"{search_root}/**/config.json", recursive=True)
                    if _is_model_folder(p))
-    return _choose("model_name_or_path", found, "model folder (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5): config.json "
+    return _choose("model_name_or_path", found, f"model folder ({', '.join(f.name for f in FAMILIES)}): config.json "
                    f"of model_type {'/'.join(MODEL_TYPES)} with weights beside it", search_root, given)
 
 

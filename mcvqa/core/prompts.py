@@ -18,6 +18,13 @@ from .data import OPTION_LETTERS
 # templates default to thinking (the answer would follow an open `<think>`); off, an empty thinking block precedes
 # the letter. Templates without the switch (Qwen2/2.5/3-VL) ignore it.
 TEMPLATE_KWARGS = {"enable_thinking": False}
+
+
+def template_kwargs(processor):
+    """TEMPLATE_KWARGS the processor's template reads: transformers logs a warning for every rendering that passes
+    a variable its template does not use (2,522 lines in one Qwen2.5-VL benchmark log, BENCHMARKS.md run 30)."""
+    template = str(processor.chat_template or "")
+    return {name: value for name, value in TEMPLATE_KWARGS.items() if name in template}
 # Empty thinking blocks a template writes at the end of the generation prompt but drops from an answered
 # conversation's history: Gemma 4 26B/31B open an empty thought channel before the answer even with thinking
 # off. The model writes the letter after it, so the letter is trained and scored there.
@@ -69,7 +76,9 @@ def format_user_text(question, options, instruction, instruction_first=False):
 
 def build_messages(user_text, system_prompt="", answer_letter=None):
     """Messages in the processor's chat format; the image goes first, as in Qwen's examples."""
-    messages = [{"role": "system", "content": [{"type": "text", "text": system_prompt}]}] if system_prompt else []
+    # The system turn's content as a plain string: Gemma 4's template writes a list there as its Python repr
+    # ("[{'type': 'text', ...}]"); the Qwen templates render both forms alike.
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": user_text}]})
     if answer_letter is not None:
         messages.append({"role": "assistant", "content": [{"type": "text", "text": answer_letter}]})
@@ -94,9 +103,9 @@ def make_prompt_format(processor, cfg):
     tokenizer = processor.tokenizer
     user_text = format_user_text("?", ["1", "2", "3", "4"], cfg.instruction, cfg.instruction_first)
     prompt = processor.apply_chat_template(build_messages(user_text, cfg.system_prompt), add_generation_prompt=True,
-                                           tokenize=False, **TEMPLATE_KWARGS)
+                                           tokenize=False, **template_kwargs(processor))
     full = processor.apply_chat_template(build_messages(user_text, cfg.system_prompt, "a"), tokenize=False,
-                                         **TEMPLATE_KWARGS)
+                                         **template_kwargs(processor))
     # The letters' ids where this template puts the answer (after Qwen3.5's empty thinking block, say).
     letter_ids = answer_letter_ids(tokenizer, header=prompt)
     answered = answer_start(prompt, full)
@@ -132,5 +141,5 @@ def render_prompt(processor, fmt, question, options):
         n_cut += int(cut)
     user_text = format_user_text(question, kept, fmt.instruction, fmt.instruction_first)
     text = processor.apply_chat_template(build_messages(user_text, fmt.system_prompt), add_generation_prompt=True,
-                                         tokenize=False, **TEMPLATE_KWARGS)
+                                         tokenize=False, **template_kwargs(processor))
     return text, n_cut

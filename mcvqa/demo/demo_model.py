@@ -28,7 +28,7 @@ from transformers import (
 )
 
 from ..core.compat import model_input_names
-from ..core.prompts import TEMPLATE_KWARGS
+from ..core.prompts import template_kwargs
 
 # Qwen's special tokens, in Qwen's order (ids differ in the tiny vocabulary, names do not).
 QWEN_SPECIAL_TOKENS = (
@@ -328,7 +328,7 @@ def _warmup_encode(processor, image, question, answer):
     """One chat-formatted (image, question) -> answer words example; labels on the answer and end token."""
     prompt = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
-        add_generation_prompt=True, tokenize=False, **TEMPLATE_KWARGS)  # rendered as the pipeline renders it
+        add_generation_prompt=True, tokenize=False, **template_kwargs(processor))  # rendered as the pipeline renders it
     if _is_gemma4(processor):  # its template writes <bos> (the tokenizer would add a second); its turns end in <turn|>
         enc = processor(text=[prompt], images=[image], return_tensors="pt", add_special_tokens=False)
         end = "<turn|>"

@@ -27,6 +27,7 @@
 
 import torch
 
+from ..core.compat import cache_argument
 from .family import ModelFamily, snap_down
 
 SOFT_TOKEN_BUDGETS = (70, 140, 280, 560, 1120)  # what Gemma4ImageProcessor accepts
@@ -140,8 +141,6 @@ class Gemma4(ModelFamily):
         """The model's own forward with the cached features as its encoder outputs: per-layer embeddings from the
         ids, the image block's bidirectional mask (26B/31B: `type_ids`, None for text-only suffixes)."""
         from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-        from ..core.compat import cache_argument
 
         extra = {}
         if features:

@@ -136,3 +136,18 @@ def compile_vision_elementwise(model):
                 rotaries[source] = torch.compile(source, dynamic=True)
             module._mcvqa_rotary = rotaries[source]
     return len(blocks)
+
+
+def speed_up_vision_tower(model, cfg, hardware):
+    """The tower's fast paths where it has the parts they replace (Qwen-VL's windowed attention and vision blocks;
+    other towers run as they are), each said in one line."""
+    if cfg.fast_vision_attention:
+        layers = patch_vision_attention(model)
+        print(f"[model] grouped SDPA vision attention in {layers} layers" if layers else
+              "[model] grouped SDPA vision attention: nothing to group in this tower (Qwen-VL's windowed towers only)")
+    compile_on, why = compile_vision_choice(cfg.compile_vision, hardware)
+    blocks = compile_vision_elementwise(model) if compile_on else 0
+    if blocks:
+        print(f"[model] torch.compile of the vision tower's norms, MLP and rotary in {blocks} blocks: {why}")
+    else:
+        print(f"[model] vision tower not compiled: {why if not compile_on else 'no Qwen-VL vision blocks in this tower'}")

@@ -135,20 +135,27 @@ class SharedPrefixScorer:
         return out if out is not None else self.exact(model, batch, letter_ids, device, pixel_dtype)
 
     def __call__(self, model, batch, letter_ids, device, pixel_dtype):
-        out = self.shared(model, batch, letter_ids, device, pixel_dtype)
-        if self.used and self.check is None and "image_features" in batch:
-            exact = self.exact(model, batch, letter_ids, device, pixel_dtype)
+        if not (self.used and self.check is None and "image_features" in batch):
+            return self.shared(model, batch, letter_ids, device, pixel_dtype)
+        # The first batch with cached features: both ways (a fast path a release broke can also raise).
+        out = shared_or_error(model, batch, letter_ids, device, self.views_per_row)
+        exact = self.exact(model, batch, letter_ids, device, pixel_dtype)
+        if out is None:
+            return exact
+        if isinstance(out, Exception):
+            problem, self.check = f"fails ({type(out).__name__}: {str(out)[:200]})", float("inf")
+        else:
             ok, error, tolerance = logits_agree(out, exact, self.hardware)
             self.check = error
-            if not ok:
-                warn(f"{self.desc}: the shared-prefix option-order scoring disagrees with scoring each view on its own "
-                     f"(max |difference| {error:.3g} > tolerance {tolerance:.3g} in the letter logits; transformers "
-                     f"{transformers_version()}). This pass goes on view by view: exact, but each option order runs the "
-                     f"whole prompt, so its language model does ~2-3x the work. Fix: {fast_path_fix()}; or "
-                     f"tta_shared_prefix=false to skip this check.")
-                self.used = False
-                return exact
-        return out
+            if ok:
+                return out
+            problem = (f"disagrees with scoring each view on its own (max |difference| {error:.3g} > tolerance "
+                       f"{tolerance:.3g} in the letter logits; transformers {transformers_version()})")
+        warn(f"{self.desc}: the shared-prefix option-order scoring {problem}. This pass goes on view by view: exact, "
+             f"but each option order runs the whole prompt, so its language model does ~2-3x the work. Fix: "
+             f"{fast_path_fix()}; or tta_shared_prefix=false to skip this check.")
+        self.used = False
+        return exact
 
     def stats(self):
         return {"shared_prefix_check": self.check, "shared_prefix_used": self.used}
