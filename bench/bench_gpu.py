@@ -34,6 +34,10 @@ try:  # Qwen3.5 (transformers >= 5.2); the Qwen-VL rows still run on an older on
     from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
 except ImportError:
     Qwen3_5Config = Qwen3_5ForConditionalGeneration = None
+try:  # Gemma 4 (transformers >= 5.5)
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+except ImportError:
+    Gemma4Config = Gemma4ForConditionalGeneration = None
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from mcvqa.speed.feature_cache import CachedImageEncoding  # noqa: E402
@@ -47,6 +51,7 @@ from mcvqa.core.modeling import load_model_for_training  # noqa: E402
 from mcvqa.core.prompts import build_messages, format_user_text, make_prompt_format  # noqa: E402
 from mcvqa.core.modeling import unwrap_vlm  # noqa: E402
 from mcvqa.core.scoring import answer_loss, letter_logits  # noqa: E402
+from bench_gemma4 import GEMMA4_MODELS, gemma4_sizes  # noqa: E402
 
 SPECIAL = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
 # Published sizes: Qwen/Qwen2.5-VL-3B-Instruct and Qwen/Qwen3-VL-8B-Instruct config.json.
@@ -120,6 +125,10 @@ MODELS.update({
         "Qwen3.5-9B": (4096, 12288, 32, 16, 4, 32, False, (27, 1152, 4304, 16)),
         "Qwen3.5-27B": (5120, 17408, 64, 24, 4, 48, False, (27, 1152, 4304, 16)),
     }.items()})
+# Gemma 4 (bench_gemma4.py: sizes, where they come from, the bench tokenizer): E2B, E4B share a processor asset,
+# the 31B has its own (its template's empty thought channel). The sizes are built by gemma4_sizes(name, tiny).
+MODELS.update({name: (Gemma4Config, Gemma4ForConditionalGeneration, asset, None)
+               for name, (_, _, _, asset) in GEMMA4_MODELS.items()})
 TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 TINY_VISION = {"Qwen2.5-VL-3B": dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                                      fullatt_block_indexes=[1, 3]),
@@ -167,10 +176,14 @@ class Bench:
 
 def model_config(name, tiny):
     config_cls, model_cls, processor_name, sizes = MODELS[name]
-    sizes = json.loads(json.dumps(sizes))
     if config_cls is None:
-        raise SystemExit(f"{name}: this transformers ({__import__('transformers').__version__}) has no Qwen3.5 "
-                         "(needs >= 5.2)")
+        family, floor = ("Gemma 4", "5.5.2") if name in GEMMA4_MODELS else ("Qwen3.5", "5.2")
+        raise SystemExit(f"{name}: this transformers ({__import__('transformers').__version__}) has no {family} "
+                         f"(needs >= {floor})")
+    if name in GEMMA4_MODELS:
+        # The attention is left to transformers: "sdpa" set here would reach the audio tower, which has none.
+        return config_cls(**gemma4_sizes(name, tiny)), model_cls, processor_name
+    sizes = json.loads(json.dumps(sizes))
     if tiny:
         text = sizes["text_config"]
         ratio = text.get("linear_num_value_heads", 0) // max(text.get("linear_num_key_heads", 1), 1)
@@ -660,7 +673,8 @@ def main():
     args = parser.parse_args()
     bench = Bench(args)
     assets = pathlib.Path(args.assets)
-    missing = [m[2] for m in MODELS.values() if not (assets / m[2] / "tokenizer_config.json").exists()]
+    missing = [m[2] for n, m in MODELS.items() if n not in GEMMA4_MODELS  # the parts here run Qwen models only
+               and not (assets / m[2] / "tokenizer_config.json").exists()]
     if missing:
         raise SystemExit(f"{assets}: processors {sorted(set(missing))} missing. Fix: python bench/bench_profiles.py "
                          "--prepare (copies them from ../shared/qwen_tokenizers), then carry .bench_assets")

@@ -16,6 +16,16 @@ product's own checks decide.
     python bench/bench_profiles.py --runs colab_a100:Qwen3.5-27B@bnb-4bit   # the folder saved pre-quantised (NF4)
     python bench/bench_profiles.py --tiny --runs kaggle_t4x2:Qwen3.5-4B,kaggle_t4x2:Qwen3.5-9B@bnb-4bit --n-train 24 \
         --n-test 8
+    python bench/bench_profiles.py --runs kaggle_t4x2:Gemma-4-E4B,colab_a100:Gemma-4-31B@bnb-4bit   # Gemma 4
+    python bench/bench_profiles.py --tiny --runs kaggle_t4x2:Gemma-4-E4B --n-train 24 --n-test 8
+
+Gemma 4 (bench_gemma4.py) runs with the BENCH tokenizer (262,144 entries, special tokens at the real ids, a BPE
+trained on the bench's Korean texts: fewer Korean tokens per sample than the real one would give) and the real
+tokenizer/processor configs and template (the 31B's reconstructed), made by --prepare into .bench_assets.
+On transformers 5.25 the product cannot load E2B/E4B folders (their audio tower) with attn_implementation=sdpa:
+"Gemma4AudioModel does not support ... scaled_dot_product_attention" (mcvqa/core/modeling.py load_base_model passes one
+implementation for every sub-model). Until the product fixes that, `+attn_implementation=eager` after the run runs it
+(all of the model in eager attention: slower than what users would get).
 
 Qwen3.5 needs bitsandbytes for NF4 and runs its DeltaNet layers with flash-linear-attention where importable
 (`PYTHONPATH=.gpu/site:.gpu/fla`), else transformers' torch loop.
@@ -38,13 +48,15 @@ from PIL import Image, ImageDraw
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+from bench_gemma4 import GEMMA4_MODELS, prepare_gemma_assets  # noqa: E402
 from bench_gpu import MODELS, matmul_peak_tflops, model_config  # noqa: E402
 
 # What makes the H200 stand in for each profile's card (profile settings themselves are untouched).
 CARD = {"kaggle_t4x2": ["gpu_memory_gib=15", "dtype=float16", "compile_vision=off"],  # a T4: 15 GiB, no bf16, no compile (auto is off below sm80)
         "colab_a100": ["gpu_memory_gib=39.5"],  # Colab's usual A100 40 GB
         "local_gpu": []}
-PROCESSORS = ("Qwen2.5-VL-7B-Instruct", "Qwen3-VL-4B-Instruct", "Qwen3.5-0.8B")
+PROCESSORS = ("Qwen2.5-VL-7B-Instruct", "Qwen3-VL-4B-Instruct", "Qwen3.5-0.8B")  # copied from ../shared/qwen_tokenizers
+GEMMA_SOURCE = ROOT.parent / "shared" / "vlm_tokenizers" / "gemma-4-E2B-it"  # real files, no tokenizer.json
 QUESTIONS = ["그림 속 빨간색 도형은 몇 개입니까?", "그림의 왼쪽 위에 있는 물체는 무엇입니까?",
              "이 사진에서 가장 큰 도형의 색은 무엇입니까?", "그림에 적힌 글자는 무엇입니까?",
              "파란색 원은 어느 쪽에 있습니까? 그림을 잘 보고 답하세요."]
@@ -52,12 +64,16 @@ WORDS = ["빨간색", "파란색", "초록색", "노란색", "원", "사각형",
          "왼쪽 위", "오른쪽 아래", "가운데", "자동차", "고양이", "나무"]
 
 
-def prepare(assets, source):
-    """Copy the real processors (tokenizer, chat template, image processor configs; no weights) here."""
+def prepare(assets, source, gemma_source=GEMMA_SOURCE):
+    """Copy the real processors (tokenizer, chat template, image processor configs; no weights) here, and make the
+    Gemma 4 ones (bench_gemma4.prepare_gemma_assets: the bench tokenizer with the real configs)."""
     assets.mkdir(parents=True, exist_ok=True)
     for name in PROCESSORS:
+        if (assets / name / "tokenizer_config.json").exists():  # copies are read-only: copying again would fail
+            continue
         shutil.copytree(source / name, assets / name, dirs_exist_ok=True)
     print(f"[bench] processors copied to {assets}")
+    prepare_gemma_assets(assets, gemma_source, QUESTIONS + WORDS)
 
 
 def make_competition(folder, n_train, n_test, seed=0):
@@ -106,6 +122,15 @@ def build_model_folder(name, assets, folder, tiny, quantise=""):
         return folder
     config, model_cls, processor_name = model_config(name, tiny)
     started = time.perf_counter()
+    if not tiny:
+        bf16 = parameter_count(config, model_cls) * 2 / 2**30
+        free, total = (v / 2**30 for v in torch.cuda.mem_get_info())
+        # Built whole in bf16 on the card, then (@bnb-4bit) quantised layer by layer in place: the peak is the bf16
+        # model (Gemma-4-31B: ~58.5 GiB; Qwen3.5-27B ~51) plus one layer's NF4 copy, under an H100's ~79 GiB.
+        print(f"[bench] {name}: building {bf16:.1f} GiB of bf16 weights on the GPU ({free:.1f} of {total:.1f} GiB "
+              "free)", flush=True)
+        if bf16 > free - 2:
+            raise SystemExit(f"{name}: {bf16:.1f} GiB of bf16 weights do not fit the {free:.1f} GiB free on this card")
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # built in bf16 (not fp32, then cast): a 27B's 51 GiB fit an 80 GB card
@@ -120,7 +145,11 @@ def build_model_folder(name, assets, folder, tiny, quantise=""):
     elif quantise:
         raise SystemExit(f"{name}@{quantise}: unknown; the one pre-quantised form is @{PREQUANTISED}")
     model.save_pretrained(folder, max_shard_size="4GB")
-    AutoProcessor.from_pretrained(assets / processor_name).save_pretrained(folder)
+    if name in GEMMA4_MODELS:  # the asset's files as they are (the real configs, as a downloaded folder has them)
+        for file in (assets / processor_name).iterdir():
+            shutil.copy(file, folder / file.name)
+    else:
+        AutoProcessor.from_pretrained(assets / processor_name).save_pretrained(folder)
     del model
     torch.cuda.empty_cache()
     size = sum(f.stat().st_size for f in folder.iterdir()) / 2**30
@@ -138,11 +167,11 @@ def quantise_nf4_in_place(model, name):
     import bitsandbytes as bnb
     from transformers import BitsAndBytesConfig
 
-    from mcvqa.core.modeling import VISION_MODULE_NAMES
     from mcvqa.families.registry import family_of
 
-    # The product's own skip list (core/modeling.py load_base_model): vision tower, lm_head, the family's gates.
-    skip = [*VISION_MODULE_NAMES, "lm_head", *family_of(model.config).kbit_skip]
+    # The product's own skip list (core/modeling.py load_base_model): towers, lm_head, the family's gates / router.
+    family = family_of(model.config)
+    skip = [*family.vision_modules, "lm_head", *family.kbit_skip]
     names = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and n.startswith("model.language_model.")
              and n.rsplit(".", 1)[-1] not in skip]
     for module_name in names:  # by name: a list of the modules would keep every bf16 weight alive to the end
@@ -164,6 +193,12 @@ def quantise_nf4_in_place(model, name):
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.uint8, llm_int8_skip_modules=skip)
     print(f"[bench] {name}: {len(names)} linear layers of the language model quantised to NF4 in place", flush=True)
+
+
+def parameter_count(config, model_cls):
+    """Parameters of the architecture, counted on the meta device (no memory)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in model_cls(config).parameters())
 
 
 def flops_per_token(name, tiny):
@@ -343,6 +378,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--prepare", action="store_true", help="copy the real processors into --assets and stop")
     parser.add_argument("--source", default=str(ROOT.parent / "shared" / "qwen_tokenizers"))
+    parser.add_argument("--gemma-source", default=str(GEMMA_SOURCE))
     parser.add_argument("--assets", default=str(ROOT / ".bench_assets"))
     parser.add_argument("--runs", default="kaggle_t4x2:Qwen2.5-VL-3B",
                         help="profile:model[@bnb-4bit][+key=value...],... (models: bench_gpu.MODELS)")
@@ -360,11 +396,14 @@ def main():
     args = parser.parse_args()
     assets = pathlib.Path(args.assets)
     if args.prepare:
-        return prepare(assets, pathlib.Path(args.source))
-    missing = [name for name in PROCESSORS if not (assets / name / "tokenizer_config.json").exists()]
+        return prepare(assets, pathlib.Path(args.source), pathlib.Path(args.gemma_source))
+    specs = [parse_spec(spec) for spec in args.runs.split(",")]
+    missing = sorted({MODELS[name][2] for _, name, _, _ in specs} - {
+        p.name for p in assets.glob("*") if (p / "tokenizer_config.json").exists()})
     if missing:
         raise SystemExit(f"{assets}: processors {missing} missing. Fix: python bench/bench_profiles.py --prepare "
-                         "(copies them from ../shared/qwen_tokenizers), and carry .bench_assets to the GPU machine")
+                         "(copies them from ../shared/qwen_tokenizers, makes Gemma 4's from ../shared/vlm_tokenizers), "
+                         "and carry .bench_assets to the GPU machine")
     import transformers
 
     work, out = pathlib.Path(args.work), pathlib.Path(args.out)
@@ -375,7 +414,6 @@ def main():
           f"fp16 matmul peak {peak:.0f} TFLOP/s", flush=True)
     data = make_competition(work / "data", args.n_train, args.n_test)
     rows = []
-    specs = [parse_spec(spec) for spec in args.runs.split(",")]
     for index, (profile, name, quantise, extra) in enumerate(specs):
         suffix = "".join("-" + re.sub(r"[^A-Za-z0-9.]+", "", setting) for setting in extra)
         folder_name = name + (f"-{quantise}" if quantise else "")
@@ -386,6 +424,8 @@ def main():
                      *([] if args.tiny else CARD[profile]), *args.set, *extra]
         if args.tiny:
             overrides += ["num_workers=0", "min_pixels=3136", "max_pixels=12544"]
+            if name in GEMMA4_MODELS:  # Gemma's image budget is its own setting: the smallest (70 soft tokens)
+                overrides += ["max_soft_tokens=70"]
         shutil.rmtree(work / "runs" / label, ignore_errors=True)
         code, wall, text = run_cli(label, profile, overrides, out / f"profile_{label}.log")
         metrics_path = work / "runs" / label / "metrics.json"
