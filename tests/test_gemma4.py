@@ -294,3 +294,29 @@ def test_a_system_prompt_is_written_as_text(gemma):
     text, _ = render_prompt(processor, fmt, "그림 속 도형은?", ["원", "별", "네모", "세모"])
     assert text.startswith("<bos><|turn>system\n한국어 시험 문제입니다.<turn|>\n<|turn>user\n<|image|>그림 속 도형은?")
     assert "'type'" not in text
+
+
+def test_e2b_e4b_folders_with_their_audio_tower_load_with_sdpa(gemma, hardware, tmp_path):
+    """Real E2B/E4B folders carry an audio tower that has eager attention only: asked for SDPA (the pipeline's choice)
+    for the whole model, transformers refused to load every one of them. The family asks per part."""
+    import shutil
+
+    from transformers import AutoConfig, Gemma4ForConditionalGeneration
+
+    from mcvqa.core.modeling import load_base_model
+
+    _, _, _, cfg = gemma("e2b")
+    config = AutoConfig.from_pretrained(cfg.model_name_or_path)
+    config.audio_config = type(config.audio_config or transformers.Gemma4AudioConfig())(
+        hidden_size=32, num_attention_heads=2, num_hidden_layers=1, subsampling_conv_channels=[8, 4],
+        output_proj_dims=config.text_config.hidden_size, conv_kernel_size=5)
+    folder = tmp_path / "with_audio"
+    Gemma4ForConditionalGeneration(config).save_pretrained(folder)
+    for name in pathlib.Path(cfg.model_name_or_path).iterdir():
+        if name.suffix in (".json", ".jinja") and name.name not in ("config.json", "TINY_MODEL.json"):
+            shutil.copy(name, folder / name.name)
+    with pytest.raises(ValueError, match="does not support an attention implementation"):
+        transformers.AutoModelForImageTextToText.from_pretrained(folder, attn_implementation="sdpa")
+    model = load_base_model(demo_config(model_name_or_path=str(folder), quantization="none"), hardware)
+    assert model.config.get_text_config()._attn_implementation == "sdpa"
+    assert model.config.audio_config._attn_implementation == "eager"

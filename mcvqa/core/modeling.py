@@ -125,11 +125,12 @@ def uses_nf4(cfg):
 def load_base_model(cfg, hardware, device=None):
     """The frozen base model, NF4 where `uses_nf4`, placed wholly on one device."""
     device = device or ("cuda:0" if hardware.device == "cuda" else "cpu")
-    kwargs = dict(dtype=hardware.torch_dtype, attn_implementation=hardware.attn_implementation,
+    family = model_family(cfg.model_name_or_path)
+    attention = family.attn_implementation(checkpoint_config(cfg.model_name_or_path), hardware.attn_implementation)
+    kwargs = dict(dtype=hardware.torch_dtype, attn_implementation=attention,
                   device_map={"": device}, local_files_only=is_local_model(cfg.model_name_or_path))
     prequantised = saved_in_4bit(cfg.model_name_or_path)  # its own quantization_config wins over one passed here
     if uses_nf4(cfg) and not prequantised:
-        family = model_family(cfg.model_name_or_path)
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=hardware.torch_dtype,

@@ -75,6 +75,10 @@ class ModelFamily:
         """Each row's cache repeated for its n_views option orders, in place (row-major: r0 r0 .. r1 r1 ..)."""
         cache.batch_repeat_interleave(n_views)
 
+    def attn_implementation(self, config, requested):
+        """The attention implementation to load the checkpoint with (the hardware's choice, or per sub-model)."""
+        return requested
+
     def in_towers(self, name):
         """Whether the parameter or module `name` belongs to a frozen tower (vision, audio, their projections)."""
         return any(f".{t}." in f".{name}." for t in self.tower_modules)

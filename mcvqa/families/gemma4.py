@@ -54,6 +54,16 @@ class Gemma4(ModelFamily):
     meta_per_sample = False  # it travels with the pixels; a cached image needs none
     processor_classes = ("Gemma4Processor",)
 
+    def attn_implementation(self, config, requested):
+        """SDPA for the language model and the vision tower even where FlashAttention 2 is installed (it drops the
+        image block's bidirectional mask: transformers refuses it for Gemma 4), eager for the audio tower of E2B/E4B
+        (it has nothing else; asked for SDPA, every E2B/E4B folder failed to load)."""
+        attention = "sdpa" if requested == "flash_attention_2" else requested
+        per_part = {"": attention, "text_config": attention, "vision_config": attention}
+        if getattr(config, "audio_config", None) is not None:
+            per_part["audio_config"] = "eager"
+        return per_part
+
     def kv_layers(self, text_config):
         return text_config.num_hidden_layers - (getattr(text_config, "num_kv_shared_layers", 0) or 0)
 
