@@ -28,7 +28,8 @@ CARDS = {"kaggle_t4x2": ([{"name": "Tesla T4", "capability": (7, 5), "memory_gib
          "local_gpu": ([{"name": "NVIDIA A100-SXM4-80GB", "capability": (8, 0), "memory_gib": 80.0}], "A100 80 GB")}
 RUNS = [("kaggle_t4x2", "Qwen2.5-VL-3B", []), ("kaggle_t4x2", "Qwen3-VL-8B", []), ("kaggle_t4x2", "Qwen3.5-4B", []),
         ("kaggle_t4x2", "Qwen3.5-9B", []), ("colab_a100", "Qwen2.5-VL-7B", []), ("colab_a100", "Qwen3.5-9B", []),
-        ("colab_a100", "Qwen3.5-27B", []), ("local_gpu", "Qwen3.5-27B", ["micro_batch_size=16", "grad_accum_steps=1"])]
+        ("colab_a100", "Qwen3.5-27B", []), ("local_gpu", "Qwen3.5-27B", ["micro_batch_size=16", "grad_accum_steps=1"]),
+        ("kaggle_t4x2", "Gemma-4-E2B", []), ("kaggle_t4x2", "Gemma-4-E4B", []), ("colab_a100", "Gemma-4-31B", [])]
 N_TRAIN = N_TEST = 3887
 
 

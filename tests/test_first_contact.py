@@ -17,6 +17,7 @@ import sysconfig
 import nbformat
 import pandas as pd
 import papermill
+import transformers
 import pytest
 
 from conftest import TINY_TEXTS
@@ -172,14 +173,28 @@ def test_kaggle_first_contact_without_then_with_the_wheel_bundle(kaggle):
     shutil.move(kaggle["inputs"] / "qwen2.5-vl", kaggle["tmp"] / "detached-qwen2.5-vl")
     qwen35 = build_tiny_qwen_vl(kaggle["inputs"] / "qwen3.5" / "transformers" / "tiny" / "1", TINY_TEXTS,
                                 family="qwen3_5", max_pixels=56 * 56)
+    _run_attached(kaggle, "qwen3_5", qwen35, "transformers>=5.7,<6")
+
+    # A Gemma 4 model (the 31B's template: the answer after an empty thought channel) attached instead: the same.
+    if not hasattr(transformers, "Gemma4ForConditionalGeneration"):
+        return
+    shutil.move(kaggle["inputs"] / "qwen3.5", kaggle["tmp"] / "detached-qwen3.5")
+    gemma = build_tiny_qwen_vl(kaggle["inputs"] / "gemma-4" / "transformers" / "tiny" / "1", TINY_TEXTS,
+                               family="gemma4", variant="31b")
+    _run_attached(kaggle, "gemma4", gemma, "transformers>=5.18,<6", "max_soft_tokens=70")
+
+
+def _run_attached(kaggle, model_type, model_dir, requirement, *overrides):
+    """The notebook top to bottom with model_name_or_path=auto and `model_dir` the one model attached: found, its
+    transformers requirement said, the fast paths checked, a submission of the test ids written."""
     (kaggle["working"] / "submission.csv").unlink()
-    notebook, error = _run_notebook(kaggle, "qwen35.ipynb", OVERRIDES=_overrides(kaggle["working"]).replace(
-        f"output_dir={kaggle['working'] / 'run'}", f"output_dir={kaggle['working'] / 'run_qwen35'}"))
+    notebook, error = _run_notebook(kaggle, f"{model_type}.ipynb", OVERRIDES="\n".join([_overrides(kaggle["working"]).replace(
+        f"output_dir={kaggle['working'] / 'run'}", f"output_dir={kaggle['working'] / ('run_' + model_type)}"), *overrides]))
     assert error is None, error
     outputs = "\n".join(o.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
                         for o in cell.get("outputs", []) if o.get("output_type") == "stream")
-    assert "a qwen3_5 model is attached: it needs transformers>=5.7,<6" in outputs
-    assert f"model_name_or_path=auto -> {qwen35}" in outputs
+    assert f"a {model_type} model is attached: it needs {requirement}" in outputs
+    assert f"model_name_or_path=auto -> {model_dir}" in outputs
     assert "[check] the cached-feature forward = the stock forward" in outputs and "shared-prefix option-order" in outputs
     submission = pd.read_csv(kaggle["working"] / "submission.csv")
     assert submission["id"].tolist() == pd.read_csv(kaggle["inputs"] / "vqa-competition" / "test.csv")["id"].tolist()
