@@ -123,15 +123,8 @@ class Gemma4(ModelFamily):
                             processor.boi_token + processor.image_token * n_tokens + processor.eoi_token, 1)
 
     def encode_images(self, vlm_model, pixel_values, meta):
-        out = vlm_model.get_image_features(pixel_values, meta, return_dict=True)
-        embeds = out.pooler_output
-        return (list(embeds) if isinstance(embeds, (list, tuple)) else self._split(embeds, meta)), []
-
-    @staticmethod
-    def _split(embeds, meta):
-        """One tensor for the call (transformers 5.5-5.x): split by each image's real patches / 9."""
-        sizes = ((meta != -1).all(dim=-1).sum(dim=-1) // 9).tolist()
-        return list(torch.split(embeds, sizes))
+        """One tensor per image (transformers 5.18+, where the feature cache runs: cached_features_problem)."""
+        return list(vlm_model.get_image_features(pixel_values, meta, return_dict=True).pooler_output), []
 
     # -- the language model on cached features ------------------------------------------------------------
     def positions(self, vlm_model, ids, type_ids, meta, mask):
