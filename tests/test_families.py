@@ -201,8 +201,12 @@ def test_a_folder_saved_in_4_bits_trains_qlora_with_its_own_quantization(tiny_cf
 
     from mcvqa.core.modeling import add_lora, load_base_model, saved_in_4bit
 
+    import dataclasses
+
     saved, source = tmp_path / "tiny-bnb-4bit", pathlib.Path(tiny_cfg("qwen2_5_vl").model_name_or_path)
-    load_base_model(tiny_cfg("qwen2_5_vl", quantization="nf4"), hardware).save_pretrained(saved)
+    # Saved as downloads are: from a bf16 load (its unquantised weights and the 4-bit weights' dequantised dtype bf16).
+    bf16 = dataclasses.replace(hardware, dtype="bfloat16")
+    load_base_model(tiny_cfg("qwen2_5_vl", quantization="nf4"), bf16).save_pretrained(saved)
     for path in source.iterdir():  # the processor's files beside the 4-bit weights
         if path.suffix != ".safetensors" and path.name != "config.json":
             (saved / path.name).write_bytes(path.read_bytes())
@@ -219,6 +223,10 @@ def test_a_folder_saved_in_4_bits_trains_qlora_with_its_own_quantization(tiny_cf
         model = load_base_model(planned, hardware)
     layers = [m for m in model.modules() if hasattr(m, "compute_dtype")]
     assert layers and all(m.compute_dtype == hardware.torch_dtype for m in layers)
+    # ...and everything else too: bf16 weights would round the LM head's input and every dequantised layer (on the
+    # CPU the shared-prefix check then saw 5e-3 where fp32 gives 5e-7; a T4 has no bf16).
+    assert all(p.dtype == hardware.torch_dtype for p in model.parameters() if type(p).__name__ != "Params4bit")
+    assert all(m.weight.quant_state.dtype == hardware.torch_dtype for m in layers)
     add_lora(model, planned, hardware)  # k-bit preparation ran: the LoRA model builds on it
 
 

@@ -140,14 +140,25 @@ def load_base_model(cfg, hardware, device=None):
         )
     model = AutoModelForImageTextToText.from_pretrained(cfg.model_name_or_path, **kwargs)
     model.requires_grad_(False)
+    if prequantised:
+        # Its unquantised weights (embeddings, norms, the towers) keep the dtype they were saved in (bf16 mostly),
+        # whatever dtype was asked: on a T4 the tied embedding and LM head would then compute in bf16, which it lacks.
+        for param in model.parameters():
+            if param.dtype in (torch.float16, torch.bfloat16) and type(param).__name__ != "Params4bit":
+                param.data = param.data.to(hardware.torch_dtype)
     for module in model.modules():
         # bitsandbytes repacks CPU 4-bit weights for fast inference on the first eval-mode forward and
         # never unpacks them; a later training forward then fails on biased layers (q/k/v_proj).
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
-        # A folder saved in 4 bits brings the compute dtype it was saved with (bf16 mostly): a T4 has no bf16.
+        # A folder saved in 4 bits brings the compute dtype it was saved with (bf16 mostly): a T4 has no bf16. Its
+        # weights also dequantise to the dtype they were saved from: bf16 rounding in every layer (on the CPU the
+        # shared-prefix check then saw 5e-3 where fp32 gives 5e-7), and on a T4 bf16 first, then fp16.
         if prequantised and hasattr(module, "compute_dtype"):
             module.compute_dtype = hardware.torch_dtype
+            state = getattr(getattr(module, "weight", None), "quant_state", None)
+            if state is not None:
+                state.dtype = hardware.torch_dtype
     return model
 
 
