@@ -296,7 +296,7 @@ def test_a_system_prompt_is_written_as_text(gemma):
     assert "'type'" not in text
 
 
-def test_e2b_e4b_folders_with_their_audio_tower_load_with_sdpa(gemma, hardware, tmp_path):
+def test_e2b_e4b_folders_with_their_audio_tower_load_with_sdpa(gemma, hardware, tmp_path, capsys):
     """Real E2B/E4B folders carry an audio tower that has eager attention only: asked for SDPA (the pipeline's choice)
     for the whole model, transformers refused to load every one of them. The family asks per part."""
     import shutil
@@ -318,5 +318,6 @@ def test_e2b_e4b_folders_with_their_audio_tower_load_with_sdpa(gemma, hardware, 
     with pytest.raises(ValueError, match="does not support an attention implementation"):
         transformers.AutoModelForImageTextToText.from_pretrained(folder, attn_implementation="sdpa")
     model = load_base_model(demo_config(model_name_or_path=str(folder), quantization="none"), hardware)
+    assert "[model] Gemma 4: attention per part" in capsys.readouterr().out
     assert model.config.get_text_config()._attn_implementation == "sdpa"
     assert model.config.audio_config._attn_implementation == "eager"

@@ -214,7 +214,7 @@ def plan_memory(cfg, hardware, verbose=True):
     micro = cfg.micro_batch_size
     say(f"[memory] {hardware.gpu_memory_gib:g} GiB per GPU; estimated {weights:.1f} GiB for the model "
         f"({'4-bit weights, fp32 copies' if quantization == 'nf4' else '16-bit weights'}, LoRA + optimizer), {free:.1f} "
-        f"GiB left; a {tokens}-token sample ({family.pixel_cap(cfg)} pixels + ~{TEXT_TOKENS} text) needs ~{without:.2f} GiB of "
+        f"GiB left; a {tokens}-token sample ({tokens - TEXT_TOKENS} image tokens + ~{TEXT_TOKENS} text) needs ~{without:.2f} GiB of "
         f"activations without gradient checkpointing, ~{with_ckpt:.2f} GiB with it")
     if free <= 0:
         raise ConfigError(f"config: {cfg.model_name_or_path} needs ~{weights:.1f} GiB for its weights alone, more than "

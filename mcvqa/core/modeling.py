@@ -127,6 +127,8 @@ def load_base_model(cfg, hardware, device=None):
     device = device or ("cuda:0" if hardware.device == "cuda" else "cpu")
     family = model_family(cfg.model_name_or_path)
     attention = family.attn_implementation(checkpoint_config(cfg.model_name_or_path), hardware.attn_implementation)
+    if attention != hardware.attn_implementation:
+        print(f"[model] {family.name}: attention per part {attention} ({family.attention_why})")
     kwargs = dict(dtype=hardware.torch_dtype, attn_implementation=attention,
                   device_map={"": device}, local_files_only=is_local_model(cfg.model_name_or_path))
     prequantised = saved_in_4bit(cfg.model_name_or_path)  # its own quantization_config wins over one passed here

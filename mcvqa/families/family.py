@@ -75,6 +75,8 @@ class ModelFamily:
         """Each row's cache repeated for its n_views option orders, in place (row-major: r0 r0 .. r1 r1 ..)."""
         cache.batch_repeat_interleave(n_views)
 
+    attention_why = ""  # why attn_implementation differs from the hardware's choice, where it does
+
     def attn_implementation(self, config, requested):
         """The attention implementation to load the checkpoint with (the hardware's choice, or per sub-model)."""
         return requested

@@ -53,6 +53,8 @@ class Gemma4(ModelFamily):
     image_meta = "image_position_ids"
     meta_per_sample = False  # it travels with the pixels; a cached image needs none
     processor_classes = ("Gemma4Processor",)
+    attention_why = ("FlashAttention 2 would drop the image block's bidirectional mask; the E2B/E4B audio tower has "
+                     "eager attention only")
 
     def attn_implementation(self, config, requested):
         """SDPA for the language model and the vision tower even where FlashAttention 2 is installed (it drops the
