@@ -302,6 +302,9 @@ def test_cli_blends_two_demo_runs_of_both_families(demo_runs, capsys):
     validate_submission(pd.read_csv(out / "submission.csv"), test["id"].tolist())
     assert pd.read_csv(out / "test_probs_ensemble.csv")["id"].tolist() == test["id"].tolist()
     assert "out-of-fold (honest" in done.stdout and "in-sample" in done.stdout
+    # The blend folder gets the plots a run folder gets, of the blend's own predictions.
+    assert {p.name for p in (out / "plots").glob("*.png")} >= {"prediction_distribution.png", "confusion_matrix.png",
+                                                               "reliability.png", "answer_distribution.png"}
     # A member that is not a run folder, through the CLI (in-process): one line, status 2, the folder named.
     assert main(["blend", str(runs[0]), str(tmp / "nowhere"), "--out", str(tmp / "blend2")]) == 2
     err = capsys.readouterr().err

@@ -31,6 +31,7 @@ from scipy.optimize import minimize
 
 from ..core.errors import UserError
 from ..core.files import read_json
+from ..core.reporting import make_run_plots
 from ..core.data import (OPTION_LETTERS, PROB_COLUMNS, letter_indices, letters_from_probs, probs_frame,
                          read_competition_csv)
 from .question_types import QUESTION_TYPES, question_type
@@ -407,5 +408,7 @@ def blend_runs(run_dirs, out_dir, per_type=False, data_dir=None, min_type_rows=M
     markdown = _report_md(report)
     (out_dir / "blend_report.md").write_text(markdown, encoding="utf-8")
     print(markdown, end="")
-    print(f"[blend] wrote {out_dir}: submission.csv, test_probs_ensemble.csv, oof_probs.csv, blend_report.json/.md")
+    plots = make_run_plots(out_dir)  # the blend's own predictions: letter balance, confusion, reliability
+    print(f"[blend] wrote {out_dir}: submission.csv, test_probs_ensemble.csv, oof_probs.csv, blend_report.json/.md, "
+          f"plots/ ({', '.join(plots)})")
     return report
