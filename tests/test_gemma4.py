@@ -321,3 +321,15 @@ def test_e2b_e4b_folders_with_their_audio_tower_load_with_sdpa(gemma, hardware, 
     assert "[model] Gemma 4: attention per part" in capsys.readouterr().out
     assert model.config.get_text_config()._attn_implementation == "sdpa"
     assert model.config.audio_config._attn_implementation == "eager"
+
+
+def test_a_resumed_run_notices_another_image_budget():
+    """max_soft_tokens decides what a fold's Gemma sees, as max_pixels does Qwen's: a run folder resumed with
+    another budget is told (folds built with the old one are not mixed in silently); runs saved before the
+    setting existed compare as unchanged."""
+    from mcvqa.core.config import changed_settings
+
+    cfg = demo_config(max_soft_tokens=560)
+    saved = {"instruction_first": cfg.instruction_first}
+    assert changed_settings({**saved, "max_soft_tokens": 280}, cfg) == {"max_soft_tokens": (280, 560)}
+    assert changed_settings(saved, cfg) == {}

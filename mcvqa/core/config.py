@@ -326,7 +326,7 @@ def resolve_config(profile="auto", overrides=None, env=None, verbose=True, gpu="
 
 # Settings that decide what a fold's model sees: every fold of one run must share them.
 PROMPT_AND_IMAGE_SETTINGS = ("model_name_or_path", "system_prompt", "instruction", "instruction_first",
-                             "max_question_tokens", "max_option_tokens", "min_pixels", "max_pixels")
+                             "max_question_tokens", "max_option_tokens", "min_pixels", "max_pixels", "max_soft_tokens")
 # Their values in runs saved before the setting existed.
 EARLIER_DEFAULTS = {"instruction_first": False}
 
