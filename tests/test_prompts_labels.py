@@ -374,3 +374,34 @@ def test_templates_get_only_the_switches_they_read(tiny_processor, caplog):
         fmt = make_prompt_format(processor, demo_config())
         render_prompt(processor, fmt, "질문?", ["a", "b", "c", "d"])
     assert not [r for r in caplog.records if "processor_kwargs" in r.getMessage()]
+
+
+def test_prompt_repeat_writes_question_and_options_twice_the_image_once_and_keeps_the_label(
+        tiny_processor, tiny_model, tmp_path):
+    """prompt_repeat (the 0.972 single model's trick): the user text twice, one image, the label still on the
+    letter the scorer reads, and the option orders of a row still share a prefix (the question, once)."""
+    from mcvqa.speed.feature_cache import FeatureCache
+    from mcvqa.speed.shared_prefix import shared_prefix_letter_logits
+    from mcvqa.core.scoring import letter_logits
+
+    processor = tiny_processor("qwen2_5_vl")
+    fmt = make_prompt_format(processor, demo_config(prompt_repeat=True))
+    plain = make_prompt_format(processor, demo_config())
+    question, options = "그림 속 도형은 무슨 색입니까?", ["빨간색", "파란색", "초록색", "노란색"]
+    text, _ = render_prompt(processor, fmt, question, options)
+    assert text.count(question) == 2 and text.count("b. 파란색") == 2 and text.count("<|vision_start|>") == 1
+    assert render_prompt(processor, plain, question, options)[0].count(question) == 1
+    image = Image.new("RGB", (64, 48), (200, 30, 30))
+    views = [{"row": 0, "perm": p, "image": image, "question": question, "options": [options[i] for i in p],
+              "answer": p.index(0)} for p in [(0, 1, 2, 3), (1, 2, 3, 0), (2, 3, 0, 1), (3, 0, 1, 2)]]
+    batch = VqaCollator(processor, fmt, 56 * 56, 56 * 56, encoding=CachedImageEncoding())(views)
+    for row in range(4):
+        labelled = (batch["labels"][row] != IGNORE_INDEX).nonzero().flatten().tolist()
+        assert labelled == [int(batch["answer_positions"][row]) + 1]
+        assert int(batch["labels"][row, labelled[0]]) == fmt.letter_ids[views[row]["answer"]]
+    model = tiny_model("qwen2_5_vl", False)
+    with torch.no_grad():
+        cached = FeatureCache().attach(model, batch)
+        exact = letter_logits(model, cached, fmt.letter_ids, "cpu", None)
+        shared = shared_prefix_letter_logits(model, cached, fmt.letter_ids, "cpu", n_views=4)
+    torch.testing.assert_close(shared, exact, atol=1e-5, rtol=1e-4)

@@ -88,6 +88,7 @@ class Config:
     instruction_first: bool = True  # instruction between question and options: option-order TTA views share it in their prefix (suffix 49 -> 23 tokens per view; ensemble 3.05x -> 2.55x one pass, same demo accuracy: BENCHMARKS.md)
     max_question_tokens: int = 256  # longer questions are cut (the answer position never is)
     max_option_tokens: int = 64  # per option
+    prompt_repeat: bool = False  # question and options written twice, the image once (the 0.972 Gemma 4 single model)
     # --- input checks -----------------------------------------------------------------------------
     on_bad_image: str = "error"  # error: stop listing every bad row | blank: counted blank fallback
     bomb_limit_pixels: int = 200_000_000  # larger decoded images are refused as possible decompression bombs
@@ -326,7 +327,8 @@ def resolve_config(profile="auto", overrides=None, env=None, verbose=True, gpu="
 
 # Settings that decide what a fold's model sees: every fold of one run must share them.
 PROMPT_AND_IMAGE_SETTINGS = ("model_name_or_path", "system_prompt", "instruction", "instruction_first",
-                             "max_question_tokens", "max_option_tokens", "min_pixels", "max_pixels", "max_soft_tokens")
+                             "max_question_tokens", "max_option_tokens", "min_pixels", "max_pixels", "max_soft_tokens",
+                             "prompt_repeat")
 # Their values in runs saved before the setting existed.
 EARLIER_DEFAULTS = {"instruction_first": False}
 

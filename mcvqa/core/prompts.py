@@ -61,9 +61,14 @@ def _cut_tokens(tokenizer, text, max_tokens):
     return cut, True
 
 
-def format_user_text(question, options, instruction, instruction_first=False):
+def format_user_text(question, options, instruction, instruction_first=False, repeat=False):
     """Question, the four options one per line, then the answer instruction (or the instruction
-    before the options: then option-order TTA views share it in their common prefix)."""
+    before the options: then option-order TTA views share it in their common prefix). `repeat`: all of it
+    written twice (the image stays once), as the 0.972 single model of a 2026 sister competition did: read a
+    second time, every option token can attend to the whole question and all four options."""
+    if repeat:
+        once = format_user_text(question, options, instruction, instruction_first)
+        return f"{once}\n\n{once}"
     # An option's own line breaks would read as new options; fold them into spaces.
     lines = [question.strip()]
     if instruction and instruction_first:
@@ -96,12 +101,13 @@ class PromptFormat:
     max_question_tokens: int
     max_option_tokens: int
     instruction_first: bool = False
+    repeat: bool = False  # the question and options written twice (config prompt_repeat)
 
 
 def make_prompt_format(processor, cfg):
     """Check the template once: prompt + letter + suffix must equal the full rendered conversation."""
     tokenizer = processor.tokenizer
-    user_text = format_user_text("?", ["1", "2", "3", "4"], cfg.instruction, cfg.instruction_first)
+    user_text = format_user_text("?", ["1", "2", "3", "4"], cfg.instruction, cfg.instruction_first, cfg.prompt_repeat)
     prompt = processor.apply_chat_template(build_messages(user_text, cfg.system_prompt), add_generation_prompt=True,
                                            tokenize=False, **template_kwargs(processor))
     full = processor.apply_chat_template(build_messages(user_text, cfg.system_prompt, "a"), tokenize=False,
@@ -114,7 +120,7 @@ def make_prompt_format(processor, cfg):
                          f"{prompt!r}\n{full!r}")
     suffix_ids = tokenizer.encode(full[answered + 1:], add_special_tokens=False)
     return PromptFormat(letter_ids, suffix_ids, cfg.system_prompt, cfg.instruction,
-                        cfg.max_question_tokens, cfg.max_option_tokens, cfg.instruction_first)
+                        cfg.max_question_tokens, cfg.max_option_tokens, cfg.instruction_first, cfg.prompt_repeat)
 
 
 def answer_start(prompt, full):
@@ -139,7 +145,7 @@ def render_prompt(processor, fmt, question, options):
         option, cut = _cut_tokens(tokenizer, str(option), fmt.max_option_tokens)
         kept.append(option)
         n_cut += int(cut)
-    user_text = format_user_text(question, kept, fmt.instruction, fmt.instruction_first)
+    user_text = format_user_text(question, kept, fmt.instruction, fmt.instruction_first, fmt.repeat)
     text = processor.apply_chat_template(build_messages(user_text, fmt.system_prompt), add_generation_prompt=True,
                                          tokenize=False, **template_kwargs(processor))
     return text, n_cut
