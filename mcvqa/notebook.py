@@ -74,8 +74,10 @@ when there is no internet; this notebook makes that dataset too (`MAKE_BUNDLE = 
 It is **generated** from the `mcvqa` package by `python -m mcvqa.notebook`; do not edit it by hand,
 change the package and regenerate it instead.
 
-- **Kaggle** (2x T4, often no internet): attach the competition data and a Qwen2.5-VL, Qwen3-VL or Qwen3.5 model (Kaggle
-  Models); both are found under `/kaggle/input` by themselves. Without internet, also attach the wheel
+- **Kaggle** (2x T4, often no internet): attach the competition data and a Qwen2.5-VL, Qwen3-VL, Qwen3.5 or Gemma 4
+  model (Kaggle Models; which one for which card: the README's model guide); both are found under `/kaggle/input`
+  by themselves. Gemma 4's image resolution is `max_soft_tokens` (70-1120 tokens per image, default 280), Qwen's
+  `max_pixels`. Without internet, also attach the wheel
   dataset, made once in a session with internet: run this notebook with `MAKE_BUNDLE = True` and the
   internet on (it writes `/kaggle/working/mcvqa_wheels` for this kernel's Python, prints how to keep it
   as a dataset: *Save Version*, then *Output -> New Dataset*, and stops), or, with the package,
