@@ -43,13 +43,9 @@ def _meta_model(cfg):
         return AutoModelForImageTextToText.from_config(config), config
 
 
-def _family(model):
-    return family_of(model.config)
-
-
 def _language_linears(model):
     """The language model's linear layers, LM head excluded: (name, module) pairs."""
-    family = _family(model)
+    family = family_of(model.config)
     return [(name, module) for name, module in model.named_modules()
             if isinstance(module, torch.nn.Linear) and not family.in_towers(name) and not name.endswith("lm_head")]
 
@@ -74,7 +70,7 @@ def lm_matmul_parameters(model):
 
 def vision_matmul_parameters(model):
     """Weights of the vision tower's matmuls (patch merger included): 2 x this many FLOPs per patch."""
-    family = _family(model)
+    family = family_of(model.config)
     return sum(module.in_features * module.out_features for name, module in model.named_modules()
                if isinstance(module, torch.nn.Linear) and family.in_towers(name) and "audio" not in name)
 

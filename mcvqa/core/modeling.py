@@ -69,9 +69,11 @@ def vision_tower(model):
 
 
 def frozen_towers(model):
-    """The vision tower and what maps its output into the language model outside it (Gemma 4's embed_vision)."""
+    """The family's towers the checkpoint has: the vision tower, and for Gemma 4 what maps its output into the
+    language model (embed_vision) and the E2B/E4B audio tower with its projection."""
     vlm = unwrap_vlm(model)
-    return [vision_tower(model), *([vlm.model.embed_vision] if hasattr(vlm.model, "embed_vision") else [])]
+    towers = (getattr(vlm.model, name, None) for name in family_of(vlm.config).tower_modules)
+    return [tower for tower in towers if tower is not None]
 
 
 def tower_dtype(model):

@@ -28,12 +28,6 @@ def model_inputs(batch, device, pixel_dtype, vlm_model):
     return inputs
 
 
-def decoder_forward(vlm, input_ids, attention_mask, positions, features, device, cache=None, type_ids=None):
-    """The language model on input_ids with cached image features, as the family feeds them (families/)."""
-    return family_of(vlm.config).decoder_forward(vlm, input_ids, attention_mask, positions, features, device,
-                                                 cache=cache, type_ids=type_ids)
-
-
 def answer_hidden_states(model, batch, device, pixel_dtype):
     """Final hidden state at each sample's answer position: [batch, hidden]."""
     vlm = unwrap_vlm(model)
@@ -43,8 +37,8 @@ def answer_hidden_states(model, batch, device, pixel_dtype):
         family = family_of(vlm.config)
         positions = family.positions(vlm.model, batch["input_ids"], batch["mm_token_type_ids"],
                                      batch.get(family.image_meta), batch["attention_mask"])
-        out = decoder_forward(vlm, batch["input_ids"], batch["attention_mask"], positions, batch["image_features"],
-                              device, type_ids=batch["mm_token_type_ids"])
+        out = family.decoder_forward(vlm, batch["input_ids"], batch["attention_mask"], positions,
+                                     batch["image_features"], device, type_ids=batch["mm_token_type_ids"])
     else:
         out = vlm.model(**model_inputs(batch, device, pixel_dtype, vlm.model), use_cache=False)
     hidden = out.last_hidden_state

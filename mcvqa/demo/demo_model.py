@@ -29,6 +29,8 @@ from transformers import (
 
 from ..core.compat import model_input_names
 from ..core.prompts import template_kwargs
+from ..families.gemma4 import GEMMA4, PIXELS_PER_TOKEN, SOFT_TOKEN_BUDGETS
+from ..families.registry import processor_family
 
 # Qwen's special tokens, in Qwen's order (ids differ in the tiny vocabulary, names do not).
 QWEN_SPECIAL_TOKENS = (
@@ -89,9 +91,6 @@ GEMMA4_NAMED_TOKENS = {
     "boa_token": "<|audio>", "eoa_token": "<audio|>", "sot_token": "<|turn>", "eot_token": "<turn|>",
     "soc_token": "<|channel>", "eoc_token": "<channel|>", "think_token": "<|think|>",
 }
-# Gemma4ImageProcessor accepts only these soft-token budgets per image.
-GEMMA4_IMAGE_BUDGETS = (70, 140, 280, 560, 1120)
-
 # The Gemma 4 E2B/E4B template (../shared/vlm_tokenizers/gemma-4-E2B-it/chat_template.jinja) for what this
 # pipeline sends, without tools: <bos>, a system turn when there is a system message or thinking is on
 # (content rendered with the same `| trim`, so list content renders as the real one does), turns
@@ -298,7 +297,7 @@ def tiny_gemma4_processor(tokenizer, max_pixels, thought_channel=False):
     from transformers import (Gemma4AudioFeatureExtractor, Gemma4ImageProcessor, Gemma4Processor,
                               Gemma4VideoProcessor)
 
-    budget = next((b for b in GEMMA4_IMAGE_BUDGETS if b * 48 * 48 >= max_pixels), GEMMA4_IMAGE_BUDGETS[-1])
+    budget = next((b for b in SOFT_TOKEN_BUDGETS if b * PIXELS_PER_TOKEN >= max_pixels), SOFT_TOKEN_BUDGETS[-1])
     image_processor = Gemma4ImageProcessor(max_soft_tokens=budget, patch_size=16, pooling_kernel_size=3)
     return Gemma4Processor(feature_extractor=Gemma4AudioFeatureExtractor(), image_processor=image_processor,
                            tokenizer=tokenizer, video_processor=Gemma4VideoProcessor(), image_seq_length=budget,
@@ -329,7 +328,7 @@ def _warmup_encode(processor, image, question, answer):
     prompt = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
         add_generation_prompt=True, tokenize=False, **template_kwargs(processor))  # rendered as the pipeline renders it
-    if _is_gemma4(processor):  # its template writes <bos> (the tokenizer would add a second); its turns end in <turn|>
+    if processor_family(processor) is GEMMA4:  # its template writes <bos> (the tokenizer would add a second); its turns end in <turn|>
         enc = processor(text=[prompt], images=[image], return_tensors="pt", add_special_tokens=False)
         end = "<turn|>"
     else:
@@ -340,10 +339,6 @@ def _warmup_encode(processor, image, question, answer):
     # The image tensors: Qwen's pixel_values + image_grid_thw, Gemma 4's pixel_values + image_position_ids.
     images = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
     return {"ids": ids + target, "labels": [-100] * len(ids) + target, "images": images}
-
-
-def _is_gemma4(processor):
-    return type(processor).__name__ == "Gemma4Processor"
 
 
 def _warmup_collate(examples, pad_id, image_token_id):

@@ -16,6 +16,7 @@ it, and how cached features enter their language model.
 
 
 import torch
+from packaging.version import Version
 from transformers import DynamicCache
 
 from ..core.compat import cache_argument, image_features, rope_index
@@ -43,8 +44,6 @@ class ModelFamily:
     prefix_padding = "right"  # how prefixes of different lengths are padded in one shared-prefix pass
     kernels = ()  # (module, pip package, what it speeds up): optional CUDA kernels this family's layers use
     vision_attr = "visual"  # the frozen vision tower: `<VLM>.model.<vision_attr>`
-    # bitsandbytes skip patterns (they match from the start of module names): the towers stay out of 4 bits.
-    vision_modules = ("model.visual", "visual")
     tower_modules = ("visual",)  # module names (anywhere in a parameter's path) of the frozen, unquantised towers
     # The collated batch's image metadata: Qwen's grid is per sample (one image each) and stays in the batch
     # when cached features replace the pixels (the rope positions need it).
@@ -80,6 +79,12 @@ class ModelFamily:
     def attn_implementation(self, config, requested):
         """The attention implementation to load the checkpoint with (the hardware's choice, or per sub-model)."""
         return requested
+
+    @property
+    def vision_modules(self):
+        """bitsandbytes skip patterns for the towers (they match from the start of module names): they stay out of
+        4 bits."""
+        return (*(f"model.{tower}" for tower in self.tower_modules), *self.tower_modules)
 
     def in_towers(self, name):
         """Whether the parameter or module `name` belongs to a frozen tower (vision, audio, their projections)."""
@@ -168,8 +173,6 @@ class ModelFamily:
     @property
     def recommended_transformers(self):
         """The release from which everything of this family runs, the fast paths included (setup installs it)."""
-        from packaging.version import Version
-
         return max((self.transformers_floor, self.shared_prefix_since, self.features_since), key=Version)
 
     def __repr__(self):
@@ -184,5 +187,3 @@ def repeat_rows(n_rows, n_views, device=None):
 def snap_down(value, allowed):
     """The largest of `allowed` (sorted) not above value; the smallest when all are."""
     return max([a for a in allowed if a <= value] or [allowed[0]])
-
-

@@ -48,7 +48,6 @@ class Gemma4(ModelFamily):
     features_since = "5.18"  # Gemma4Model.forward's mm_encoder_outputs
     prefix_padding = "left"
     vision_attr = "vision_tower"
-    vision_modules = ("model.vision_tower", "model.embed_vision", "model.audio_tower", "model.embed_audio")
     tower_modules = ("vision_tower", "embed_vision", "audio_tower", "embed_audio")
     image_meta = "image_position_ids"
     meta_per_sample = False  # it travels with the pixels; a cached image needs none

@@ -5,7 +5,7 @@ Qwen3-VL also the deepstack features it injects into early decoder layers) depen
 the pixel range and the tower's precision. A run shows every image many times: each training image in
 two folds' training and one fold's validation, every epoch, and every test image under 4 option views
 in 3 folds. The cache encodes each image the first time it is seen and afterwards the language model
-gets the stored features in place of the image tokens' embeddings (`scoring.decoder_forward`, on every
+gets the stored features in place of the image tokens' embeddings (its family's `decoder_forward`, on every
 supported transformers version: compat.py). `image_grid_thw` and the `<|image_pad|>` tokens stay in the
 batch, so the multimodal rope positions (`get_rope_index`) are computed exactly as before.
 
@@ -215,7 +215,7 @@ class FeatureCache:
         if len(keys) != batch["input_ids"].shape[0]:
             raise ValueError(f"feature cache: {len(keys)} image keys for {batch['input_ids'].shape[0]} samples (one image "
                              "per sample expected)")
-        meta_key = "image_grid_thw" if "image_grid_thw" in batch else "image_position_ids"
+        family = family_of(unwrap_vlm(model).config)
         found = {}
         for key in keys:
             if key not in found:
@@ -234,8 +234,8 @@ class FeatureCache:
                 spans = [pixels_of[k] for k in chunk]
                 pixels = _gather(batch["pixel_values"], spans)
                 # Qwen's grid is per sample; Gemma's patch positions travel row for row with the pixels.
-                meta = batch[meta_key][[pixels_of[k][2] for k in chunk]] if meta_key == "image_grid_thw" \
-                    else _gather(batch[meta_key], spans)
+                meta = batch[family.image_meta][[pixels_of[k][2] for k in chunk]] if family.meta_per_sample \
+                    else _gather(batch[family.image_meta], spans)
                 for key, features in zip(chunk, self.encode(model, pixels, meta)):
                     found[key] = self._keep(key, features)
                     self.encoded += 1

@@ -13,7 +13,7 @@ from packaging.version import Version
 
 from ..core.compat import fast_path_fix, transformers_version, warn
 from ..core.memory import is_oom
-from ..core.scoring import decoder_forward, head_logits, letter_logits, logits_agree
+from ..core.scoring import head_logits, letter_logits, logits_agree
 from ..core.modeling import unwrap_vlm
 from ..families.registry import family_of
 
@@ -86,9 +86,9 @@ def shared_prefix_letter_logits(model, batch, letter_ids, device, n_views):
     width = prefix_ids.shape[1]
     features = [batch["image_features"][i] for i in first]
     cache = family.new_cache(vlm.config.get_text_config())
-    decoder_forward(vlm, prefix_ids, prefix_mask,
-                    _pad_positions([positions[:, r, :c] for r, c in enumerate(prefix_len)], width, left=left),
-                    features, device, cache=cache, type_ids=prefix_types)
+    family.decoder_forward(vlm, prefix_ids, prefix_mask,
+                           _pad_positions([positions[:, r, :c] for r, c in enumerate(prefix_len)], width, left=left),
+                           features, device, cache=cache, type_ids=prefix_types)
     family.expand_cache(cache, n_rows, n_views)
     starts = [prefix_len[i // n_views] for i in range(ids.shape[0])]
     suffix_ids = _pad_rows([ids[i, s:lengths[i]] for i, s in enumerate(starts)], 0)
@@ -96,8 +96,8 @@ def shared_prefix_letter_logits(model, batch, letter_ids, device, n_views):
     next_pos = [positions[:, r, c - 1:c] + 1 for r, c in enumerate(prefix_len)]  # [3, 1] per row
     suffix_pos = _pad_positions([next_pos[i // n_views] + torch.arange(int(lengths[i]) - s)
                                  for i, s in enumerate(starts)], suffix_ids.shape[1])
-    out = decoder_forward(vlm, suffix_ids, torch.cat([prefix_mask.repeat_interleave(n_views, 0), suffix_mask], 1),
-                          suffix_pos, None, device, cache=cache)
+    out = family.decoder_forward(vlm, suffix_ids, torch.cat([prefix_mask.repeat_interleave(n_views, 0), suffix_mask], 1),
+                                 suffix_pos, None, device, cache=cache)
     hidden = out.last_hidden_state
     answer = batch["answer_positions"] - torch.tensor(starts)
     hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), answer.to(hidden.device)]
@@ -106,8 +106,9 @@ def shared_prefix_letter_logits(model, batch, letter_ids, device, n_views):
 
 def shared_or_error(model, batch, letter_ids, device, n_views):
     """The shared-prefix letter logits (None: not this batch's shape), or the exception it raised: a cache a
-    release changed can fail rather than disagree (the fold's self-check then turns the path off; within a
-    pass an error stops it, as any other). A CUDA out-of-memory error is raised (the caller halves)."""
+    release changed can fail rather than disagree (the fold's self-check, and a pass's first batch, then turn
+    the path off; on a later batch of a pass an error stops it, as any other). A CUDA out-of-memory error is
+    raised (the caller halves)."""
     try:
         return shared_prefix_letter_logits(model, batch, letter_ids, device, n_views)
     except Exception as error:  # noqa: BLE001 - any other failure of the fast path means: use the exact one
@@ -120,7 +121,8 @@ class SharedPrefixScorer:
     """A prediction pass's scorer of k option views per row (core/inference.py's `scorer`).
 
     Its first batch with cached features is scored both ways; from then on the shared prefix is used
-    when the two agreed, else every view on its own (exact, ~2-3x the language-model work)."""
+    when the two agreed, else (they disagreed, or the shared path raised) every view on its own (exact, ~2-3x
+    the language-model work)."""
 
     def __init__(self, n_views, hardware, desc="predict"):
         self.views_per_row = n_views
