@@ -270,7 +270,7 @@ def seed_baseline(profile, overrides, name, n):
     """The seed notebook's loop on the product's own 4-bit model and precision: batch 1 x accumulation 4, the
     causal-LM loss over the whole sequence; and its inference, one sample through `generate`."""
     from mcvqa.core.collate import VqaCollator, VqaDataset, identity_views
-    from mcvqa.core.compat import model_input_names
+    from mcvqa.machinery.compat import model_input_names
     from mcvqa.core.hardware import compute_autocast
     from mcvqa.core.modeling import unwrap_vlm
     from mcvqa.core.scoring import MODEL_INPUT_KEYS
@@ -364,7 +364,7 @@ def parse_spec(spec):
 
 
 def gate_row(metrics):
-    """The uncertainty gate's cost (core/gate.py, metrics.json), test and out-of-fold passes of all folds."""
+    """The uncertainty gate's cost (runkit/gate.py, metrics.json), test and out-of-fold passes of all folds."""
     gate = (metrics or {}).get("gate")
     if not gate:
         return None

@@ -26,8 +26,8 @@ import subprocess
 import sys
 import tempfile
 
-from .core.errors import UserError
-from .core.packages import (BUNDLE_METADATA, RUN_PACKAGES, SetupError, describe_kernel, describe_platforms,
+from .machinery.errors import UserError
+from .machinery.packages import (BUNDLE_METADATA, RUN_PACKAGES, SetupError, describe_kernel, describe_platforms,
                             index_allowed, kernel_platforms, kernel_python, package_problems)
 
 KAGGLE_PYTHON = "3.12"  # Kaggle's image: what `python -m mcvqa bundle` makes wheels for unless told otherwise

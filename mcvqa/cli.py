@@ -13,8 +13,8 @@ import argparse
 import sys
 
 from .bundle import KAGGLE_PYTHON
-from .core.errors import UserError
-from .core.packages import SetupError, ensure_packages, package_problems
+from .machinery.errors import UserError
+from .machinery.packages import SetupError, ensure_packages, package_problems
 
 
 def _parser():

@@ -29,19 +29,19 @@ NOTEBOOK_PATH = PACKAGE_DIR.parent / "Kaggle_AllInOne_Pro.ipynb"
 # a call cell after each stage of the run with its result right under it. Numbering is generated.
 LAYOUT = (
     ("Part I: the pipeline, stage by stage", (
-        ("Configuration", ("core.files", "core.config")),
-        ("Hardware and versions", ("core.compat", "core.hardware", "core.memory")),
+        ("Configuration", ("machinery.files", "core.config")),
+        ("Hardware and versions", ("machinery.compat", "core.hardware", "core.memory")),
         ("Model: the checkpoint in 4 or 16 bits with LoRA adapters", ("core.modeling",)),
         ("Model families: what differs between Qwen2/2.5/3-VL, Qwen3.5 and Gemma 4", (
             "families.family", "families.qwen_vl", "families.qwen3_5", "families.gemma4", "families.registry")),
-        ("Data: read, check, find, resume; what the run needs at its end", ("core.data", "core.locate", "core.resume",
-                                                                          "core.preflight")),
+        ("Data: read, check, find, resume; what the run needs at its end", ("core.data", "runkit.locate", "runkit.resume",
+                                                                          "runkit.preflight")),
         ("Dataset: the chat template, labels on the answer letter only", ("core.prompts", "core.collate")),
         ("Scoring: four letter logits at one position", ("core.scoring",)),
-        ("Training: the explicit loop per fold", ("core.process", "core.budget", "core.training")),
+        ("Training: the explicit loop per fold", ("machinery.process", "runkit.budget", "core.training")),
         ("Inference: direct-logit scoring with option-order TTA", ("core.inference",)),
-        ("Uncertainty gate: extra views only where the model is unsure", ("core.gate",)),
-        ("Ensemble, submission, plots", ("core.ensemble", "core.submission", "core.reporting")),
+        ("Uncertainty gate: extra views only where the model is unsure", ("runkit.gate",)),
+        ("Ensemble, submission, plots", ("core.ensemble", "core.submission", "runkit.reporting")),
         ("Error analysis and blending runs", ("toolkit.question_types", "toolkit.analysis", "toolkit.blend",
                                               "toolkit.run_blend")),
     )),
@@ -57,7 +57,7 @@ LAYOUT = (
     )),
 )
 # Right after the parameters: nothing else may need a package. The bundle too: a notebook alone can make one.
-SETUP_MODULES = ("core.errors", "core.packages", "bundle")
+SETUP_MODULES = ("machinery.errors", "machinery.packages", "bundle")
 FLOW_MODULES = SETUP_MODULES + tuple(m for _, stages in LAYOUT for _, modules in stages for m in modules)
 CELL_MARKER = "# %% "  # a module's code is cut into cells at these lines; the text is the next cell's heading
 

@@ -20,28 +20,28 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .core.budget import RunClock
-from .core.compat import check_versions
 from .core.config import PROFILES, Config, check_adapter_source, check_resume, save_config
 from .core.data import (PROB_COLUMNS, add_image_hashes, check_images, letter_indices, letters_from_probs, load_image,
                         make_folds, probs_frame, read_competition_csv)
 from .core.ensemble import apply_temperature, ensemble_folds, fit_temperature, fold_weights
-from .core.gate import describe_gate, extra_views_per_row, gate_choice, gate_on, gated_probs, max_gated_rows
 from .core.hardware import apply_memory_cap
 from .core.inference import gather_views, image_scales, predict_views, tta_probs
-from .core.locate import resolve_inputs
 from .core.memory import free_memory, plan_memory
 from .core.modeling import (describe_kernels, load_model_for_training, load_processor, load_trainable_state,
                             model_family)
-from .core.process import process_group
-from .core.preflight import preflight
 from .core.prompts import make_prompt_format
-from .core.reporting import make_run_plots
-from .core.resume import fold_manifest, prediction_settings, prepare_fold
 from .core.submission import read_sample_submission, write_submission
 from .core.training import train_fold
 from .demo.demo_data import generate_demo_dataset
 from .demo.demo_model import build_tiny_qwen_vl
+from .machinery.compat import check_versions
+from .machinery.process import process_group
+from .runkit.budget import RunClock
+from .runkit.gate import describe_gate, extra_views_per_row, gate_choice, gate_on, gated_probs, max_gated_rows
+from .runkit.locate import resolve_inputs
+from .runkit.preflight import preflight
+from .runkit.reporting import make_run_plots
+from .runkit.resume import fold_manifest, prediction_settings, prepare_fold
 from .scale.parallel import parallel_workers, run_folds
 from .speed.fast_vision import speed_up_vision_tower
 from .speed.feature_cache import make_feature_cache
@@ -144,7 +144,7 @@ class Run:
 
 def start_run(cfg, hardware):
     """Inputs found and checked, the data read, the memory plan, the prompt format and the folds, and everything
-    the run needs at its end (core/preflight.py): all before the first fold, nothing expensive loaded yet, and
+    the run needs at its end (runkit/preflight.py): all before the first fold, nothing expensive loaded yet, and
     nothing written into the run folder until every check has passed (a refused run leaves none behind)."""
     group = process_group()
     clock = RunClock.start(cfg.time_budget_hours)

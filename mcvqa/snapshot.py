@@ -13,8 +13,8 @@ import pathlib
 import re
 import shutil
 
-from .core.files import read_json
-from .core.reporting import _REPORT_PLOT_NAMES
+from .machinery.files import read_json
+from .runkit.reporting import _REPORT_PLOT_NAMES
 
 # Report label -> config keys to try; mcvqa.config spells the learning rate `learning_rate`.
 _REPORT_SETTINGS = {"n_folds": ("n_folds",), "epochs": ("epochs",), "lr": ("lr", "learning_rate"),
@@ -103,7 +103,7 @@ def _report_experiment_md(name, date, run_dir, cfg, metrics, plots, analysis=Non
 
 
 def _report_gate_md(gate):
-    """The uncertainty gate's out-of-fold evidence (core/gate.py), when the run had it on."""
+    """The uncertainty gate's out-of-fold evidence (runkit/gate.py), when the run had it on."""
     if not gate:
         return []
     test = gate.get("cost", {}).get("test", {})

@@ -11,7 +11,7 @@ import pytest
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from mcvqa.core.compat import SUPPORTED_TRANSFORMERS, cache_argument, check_versions, transformers_version, version_problem
+from mcvqa.machinery.compat import SUPPORTED_TRANSFORMERS, cache_argument, check_versions, transformers_version, version_problem
 from mcvqa.core.modeling import unwrap_vlm
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ def test_version_problem_names_the_range_and_the_fix():
 
 
 def test_a_run_stops_on_an_unsupported_transformers(monkeypatch, capsys):
-    import mcvqa.core.compat as compat
+    import mcvqa.machinery.compat as compat
 
     assert check_versions()["transformers"] == str(transformers_version())
     assert "[versions] torch" in capsys.readouterr().out

@@ -16,7 +16,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from conftest import REAL_FOR_FAMILY, TINY_FAMILIES, TINY_TEXTS
 from mcvqa.demo.demo_model import build_tiny_qwen_vl, tiny_chat_template, train_tiny_tokenizer
 from mcvqa.core.collate import VqaCollator
-from mcvqa.core.compat import model_input_names
+from mcvqa.machinery.compat import model_input_names
 from mcvqa.core.modeling import add_lora, load_base_model, load_model_for_training, load_processor, unwrap_vlm
 from mcvqa.core.prompts import answer_letter_ids, build_messages, format_user_text
 from mcvqa.core.scoring import MODEL_INPUT_KEYS

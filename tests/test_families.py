@@ -11,10 +11,10 @@ from transformers import AutoModelForImageTextToText, Qwen3_5Config
 
 from mcvqa.core.config import resolve_config
 from mcvqa.core.hardware import choose_hardware
-from mcvqa.core.locate import check_family_release, find_model_dir
+from mcvqa.runkit.locate import check_family_release, find_model_dir
 from mcvqa.core.memory import choose_quantization, kv_cache_gib_per_row, lora_parameters, plan_memory
 from mcvqa.core.modeling import lora_targets, model_family
-from mcvqa.core.packages import SetupError
+from mcvqa.machinery.packages import SetupError
 from mcvqa.families.qwen3_5 import QWEN3_5
 from mcvqa.families.qwen_vl import QWEN_VL
 from conftest import HAS_QWEN3_5
@@ -144,7 +144,7 @@ def test_the_9b_nf4_plan_keeps_the_248k_embeddings_in_16_bits(qwen35_dirs, monke
 
 
 def test_a_family_newer_than_the_installed_transformers_stops_with_the_fix(tmp_path, monkeypatch):
-    import mcvqa.core.locate as locate
+    import mcvqa.runkit.locate as locate
     from packaging.version import Version
 
     folder = tmp_path / "qwen3.5-9b" / "1"
@@ -184,7 +184,7 @@ def test_an_attached_qwen35_raises_the_setup_cells_transformers_requirement(tmp_
 def test_the_setup_cells_table_is_the_families_own_need():
     """packages.py runs before anything is installed (standard library only), so it keeps its own table of what
     a model line needs: in step with the families."""
-    from mcvqa.core.packages import MODEL_TYPE_TRANSFORMERS
+    from mcvqa.machinery.packages import MODEL_TYPE_TRANSFORMERS
 
     for family in FAMILIES:
         for model_type in family.model_types:

@@ -17,7 +17,7 @@ from PIL import Image
 from conftest import PIPELINE_FAMILIES, TINY_FAMILIES, randomise_lora
 from mcvqa.speed.feature_cache import CachedImageEncoding
 from mcvqa.core.collate import VqaCollator
-from mcvqa.core.compat import image_features
+from mcvqa.machinery.compat import image_features
 from mcvqa.speed.fast_vision import (chunk_groups, compile_vision_choice, compile_vision_elementwise, grouped_attention,
                                patch_vision_attention, unpatch_vision_attention)
 from mcvqa.core.hardware import choose_hardware

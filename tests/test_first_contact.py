@@ -24,7 +24,7 @@ from conftest import TINY_TEXTS
 from mcvqa.demo.demo_data import generate_demo_dataset
 from mcvqa.demo.demo_model import build_tiny_qwen_vl
 from mcvqa.bundle import KAGGLE_PYTHON, MANYLINUX, write_bundle_metadata
-from mcvqa.core.packages import RUN_PACKAGES
+from mcvqa.machinery.packages import RUN_PACKAGES
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 KAGGLE_LACKS = ("peft", "bitsandbytes", "accelerate", "cloudpickle")

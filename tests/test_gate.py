@@ -1,4 +1,4 @@
-"""Uncertainty-gated test-time compute (core/gate.py): which rows get extra views, what their probabilities
+"""Uncertainty-gated test-time compute (runkit/gate.py): which rows get extra views, what their probabilities
 become (checked against an independent all-views pass), that every other row is left bit for bit, and
 when the submission takes the gated probabilities."""
 
@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import demo_config
 from mcvqa.core.config import ConfigError
-from mcvqa.core.gate import (extra_views_per_row, gate_perms, gate_summary, gated_probs, max_gated_rows,
+from mcvqa.runkit.gate import (extra_views_per_row, gate_perms, gate_summary, gated_probs, max_gated_rows,
                              select_gated)
 from mcvqa.core.inference import average_views, predict_views, tta_probs
 from mcvqa.core.prompts import make_prompt_format
@@ -154,7 +154,7 @@ def test_the_submission_takes_the_gate_only_when_it_raised_out_of_fold_accuracy(
 
 
 def test_the_gate_plot_shows_the_before_and_after_it_is_given(tmp_path):
-    from mcvqa.core.reporting import plot_uncertainty_gate
+    from mcvqa.runkit.reporting import plot_uncertainty_gate
 
     gate = {"oof_rows_gated": 60, "oof_rows": 300, "oof_accuracy_gated_rows_before": 0.367,
             "oof_accuracy_gated_rows_after": 0.233, "cv_accuracy_before": 0.783, "cv_accuracy_after": 0.757,

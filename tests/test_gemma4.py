@@ -231,9 +231,9 @@ def test_an_attached_gemma_asks_for_the_release_with_its_fast_paths(tmp_path, mo
     an older release stops with the fix, before anything loads."""
     from packaging.version import Version
 
-    import mcvqa.core.locate as locate
+    import mcvqa.runkit.locate as locate
     from mcvqa.core import packages
-    from mcvqa.core.packages import SetupError
+    from mcvqa.machinery.packages import SetupError
 
     folder = tmp_path / "gemma-4-e4b-it" / "transformers" / "default" / "1"
     folder.mkdir(parents=True)

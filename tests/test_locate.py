@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from mcvqa.core.config import resolve_config
-from mcvqa.core.locate import InputNotFoundError, find_data_dir, find_model_dir, resolve_inputs
+from mcvqa.runkit.locate import InputNotFoundError, find_data_dir, find_model_dir, resolve_inputs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -249,22 +249,80 @@ def test_real_notebook_can_make_the_bundle_itself():
     sources = [c.source for c in cells]
     setup, part_one = sources.index("## Setup"), next(i for i, s in enumerate(sources) if s.startswith("# Part I"))
     bundle = next(i for i, s in enumerate(sources) if s.startswith("# mcvqa/bundle.py"))
-    assert setup < sources.index(next(s for s in sources if s.startswith("# mcvqa/core/packages.py"))) < bundle < part_one
+    assert setup < sources.index(next(s for s in sources if s.startswith("# mcvqa/machinery/packages.py"))) < bundle < part_one
     assert "def make_kernel_bundle(" in sources[bundle] and "def make_bundle(" in sources[bundle]
     call = next(s for s in sources[bundle + 1:part_one] if "ensure_packages()" in s).splitlines()
     assert call[0].startswith("if MAKE_BUNDLE:") and call[1].strip().startswith("make_kernel_bundle()")
     assert call[2].startswith("installed_now = ensure_packages()")
 
 
-def test_core_imports_neither_speed_nor_scale():
-    """The core stages get the speed and scale wings through the objects they are handed, never by import (nor
-    the demo builders or the toolkit, which the pipeline calls)."""
-    for path in sorted((NOTEBOOK_PATH.parent / "mcvqa" / "core").glob("*.py")):
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.level == 2:
-                assert (node.module or "").split(".")[0] not in ("speed", "scale", "demo", "toolkit"), \
-                    f"{path.name} imports {node.module}"
+# What each part of the package may import (besides itself): the stages (core/) only the layer below and the model
+# families; the wings (runkit/, speed/, scale/, toolkit/, demo/) the stages; only the top (pipeline, cli, ...) all.
+ALLOWED_IMPORTS = {
+    "machinery": set(),
+    "families": {"machinery"},
+    "core": {"machinery", "families"},
+    "runkit": {"machinery", "families", "core"},
+    "speed": {"machinery", "families", "core"},
+    "scale": {"machinery", "families", "core"},
+    "demo": {"machinery", "families", "core"},
+    "toolkit": {"machinery", "families", "core", "runkit"},
+}
+
+
+def _package_imports():
+    """{module: set of package modules it imports}, names relative to mcvqa (e.g. 'core.training')."""
+    package = NOTEBOOK_PATH.parent / "mcvqa"
+    graph = {}
+    for path in sorted(package.rglob("*.py")):
+        name = ".".join(path.relative_to(package).with_suffix("").parts)
+        base = name.split(".")[:-1]
+        graph[name] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                parts = base[:len(base) - (node.level - 1)] + ([node.module] if node.module else [])
+                graph[name].add(".".join(parts))
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mcvqa."):
+                graph[name].add(node.module[len("mcvqa."):])
+    return graph
+
+
+def test_each_part_imports_only_the_parts_below_it():
+    """The admission rule of the architecture: the stages (core/) never import a wing or the top; a wing never
+    imports another wing (toolkit may read runkit's reports). Seen failing: core/training.py importing
+    runkit/budget.py."""
+    for module, imports in _package_imports().items():
+        part = module.split(".")[0]
+        if part not in ALLOWED_IMPORTS:
+            continue  # the top: pipeline, cli, bundle, snapshot, notebook
+        for target in imports:
+            target_part = target.split(".")[0]
+            assert target_part == part or target_part in ALLOWED_IMPORTS[part], f"{module} imports {target}"
+
+
+def test_core_holds_only_the_stages_of_the_model_path():
+    stages = {"config", "hardware", "memory", "modeling", "data", "prompts", "collate", "scoring", "training",
+              "inference", "ensemble", "submission"}
+    core = {p.stem for p in (NOTEBOOK_PATH.parent / "mcvqa" / "core").glob("*.py")} - {"__init__"}
+    assert core == stages
+
+
+def test_no_import_cycle_between_modules():
+    graph = _package_imports()
+    state = {}
+
+    def visit(module, path):
+        if state.get(module) == "done":
+            return
+        assert state.get(module) != "open", f"import cycle: {' -> '.join(path + [module])}"
+        state[module] = "open"
+        for target in graph.get(module, ()):
+            if target in graph and target != module:
+                visit(target, path + [module])
+        state[module] = "done"
+
+    for module in graph:
+        visit(module, [])
 
 
 def test_real_package_has_no_duplicate_top_level_names():

@@ -15,7 +15,7 @@ from mcvqa import bundle
 from mcvqa.bundle import (BUNDLE_FOLDER, KAGGLE_LACKS, KAGGLE_PYTHON, MANYLINUX, BundleMade, bundle_folder,
                           make_bundle, make_kernel_bundle, write_bundle_metadata)
 from mcvqa.core import packages
-from mcvqa.core.packages import (BUNDLE_METADATA, SetupError, ensure_packages, kernel_platforms, kernel_python,
+from mcvqa.machinery.packages import (BUNDLE_METADATA, SetupError, ensure_packages, kernel_platforms, kernel_python,
                                  usable_wheel_folders)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -202,7 +202,7 @@ def test_make_bundle_without_internet_stops_before_anything(tmp_path, monkeypatc
     assert pip.commands == [] and not (tmp_path / "wheels").exists()
 
 
-@pytest.mark.parametrize("module", ["core/errors.py", "core/packages.py", "bundle.py"])
+@pytest.mark.parametrize("module", ["machinery/errors.py", "machinery/packages.py", "bundle.py"])
 def test_the_setup_modules_import_only_the_standard_library(module):
     """They run in the notebook before anything is installed."""
     tree = ast.parse((ROOT / "mcvqa" / module).read_text(encoding="utf-8"))

@@ -180,7 +180,7 @@ def test_sharded_predictions_equal_single_process(tmp_path, tiny_model, tiny_pro
 def test_notebook_cell_sends_its_functions_by_value(tmp_path):
     """In the notebook the code lives in __main__ and no mcvqa package exists: the job must travel by value."""
     pytest.importorskip("cloudpickle")
-    script = module_sources("core.process")[1] + "\n\n\n" + module_sources("scale.parallel")[1] + (
+    script = module_sources("machinery.process")[1] + "\n\n\n" + module_sources("scale.parallel")[1] + (
         "\n\n\ndef job(x):\n"
         "    import importlib.util\n"
         "    return x * 2, importlib.util.find_spec('mcvqa') is None\n\n\n"

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 from sklearn.calibration import calibration_curve
 
-import mcvqa.core.reporting as reporting
-from mcvqa.core.reporting import (
+import mcvqa.runkit.reporting as reporting
+from mcvqa.runkit.reporting import (
     expected_calibration_error,
     make_run_plots,
     plot_confusion_matrix,

@@ -17,7 +17,7 @@ from conftest import PIPELINE_FAMILIES, TINY_FAMILIES
 from mcvqa.speed.feature_cache import CachedImageEncoding
 from mcvqa.core.collate import VqaCollator, cyclic_perms
 from mcvqa.core.inference import predict_views, softmax, to_original_order
-from mcvqa.core.compat import model_input_names
+from mcvqa.machinery.compat import model_input_names
 from mcvqa.core.modeling import unwrap_vlm, vision_tower
 from mcvqa.families.registry import family_of
 from mcvqa.core.scoring import MODEL_INPUT_KEYS, answer_loss, letter_logits

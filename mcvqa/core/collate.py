@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import DEFAULT_BOMB_LIMIT_PIXELS, OPTION_LETTERS, load_image
 from ..families.registry import processor_family
+from .data import DEFAULT_BOMB_LIMIT_PIXELS, OPTION_LETTERS, load_image
 from .prompts import render_prompt
 
 IGNORE_INDEX = -100

@@ -17,7 +17,7 @@ import pathlib
 import re
 import typing
 
-from .errors import UserError
+from ..machinery.errors import UserError
 
 # Before torch starts its OpenMP threads: idle threads sleep instead of spinning. On a small CPU shared
 # with another torch process, spinning threads made two demo runs 10x slower (211 s vs 29 s for both,

@@ -23,8 +23,8 @@ from PIL import Image, ImageFile, ImageOps
 from sklearn.model_selection import StratifiedGroupKFold
 from tqdm.auto import tqdm
 
+from ..machinery.errors import UserError
 from .config import Config
-from .errors import UserError
 
 logger = logging.getLogger("mcvqa")
 

@@ -24,8 +24,8 @@ import re
 import torch
 from transformers import AutoModelForImageTextToText
 
-from .config import ConfigError
 from ..families.registry import family_of
+from .config import ConfigError
 from .modeling import checkpoint_config, embedding_tables, lora_targets, model_family, saved_in_4bit
 
 TEXT_TOKENS = 160  # template + Korean question + instruction + four options, typical (the image dominates)

@@ -21,7 +21,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
 from ..families.registry import family_of
-from .errors import UserError
+from ..machinery.errors import UserError
 
 def is_local_model(name_or_path):
     return os.path.isdir(name_or_path)

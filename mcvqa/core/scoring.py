@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..families.registry import family_of
-from .compat import model_input_names
+from ..machinery.compat import model_input_names
 from .config import ConfigError
 from .modeling import unwrap_vlm
 

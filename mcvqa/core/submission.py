@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..machinery.errors import UserError
+from ..machinery.files import atomic_write
 from .data import OPTION_LETTERS
-from .errors import UserError
-from .files import atomic_write
 
 SUBMISSION_COLUMNS = ("id", "answer")
 MAX_LISTED_SUBMISSION_ROWS = 5

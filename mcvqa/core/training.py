@@ -9,7 +9,7 @@ saved. Validation accuracy comes from the same direct-logit scorer as the submis
 resumes where it stopped; finished folds are skipped. A CUDA out-of-memory error halves the
 micro-batch for the rest of the fold (same effective batch, exact same loss): the failed attempt's
 memory is freed first, and its step starts again from zero gradients. Non-finite losses skip the step
-and too many in a row stop the run with the likely cause. The process group (core/process.py) says
+and too many in a row stop the run with the likely cause. The process group (machinery/process.py) says
 which of a step's samples are this process's and sums the gradients: one process in the notebook.
 """
 
@@ -28,15 +28,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from .budget import prediction_reserve_s
+from ..machinery.files import atomic_write
+from ..machinery.process import process_group
 from .collate import identity_views, loader_encoding, make_loader, micro_batches, shuffled_views
 from .data import letter_indices
-from .files import atomic_write
 from .hardware import compute_autocast
 from .inference import predict_letter_logits
 from .memory import halve_on_oom
 from .modeling import load_trainable_state, model_device, tower_dtype, trainable_state
-from .process import process_group
 from .scoring import answer_loss
 
 
@@ -255,7 +254,7 @@ def train_fold(model, train_frame, val_frame, processor, fmt, cfg, hardware, fol
 
     The best EMA adapter is saved as `best_adapter.pt`; `DONE.json` marks the fold finished.
     feature_cache (speed/feature_cache.py; None = off) reuses the frozen tower's image features. clock
-    (budget.py): training stops early, after an evaluation, when the time left would not cover
+    (runkit/budget.py): training stops early, after an evaluation, when the time left would not cover
     `reserve_views` scored views."""
     fold_dir, group = pathlib.Path(fold_dir), process_group()
     fold_dir.mkdir(parents=True, exist_ok=True)
@@ -289,8 +288,8 @@ def train_fold(model, train_frame, val_frame, processor, fmt, cfg, hardware, fol
             state.samples_trained += n_step
             state.tokens_trained += tokens
             state.train_s += time.perf_counter() - tick
-            out_of_time = clock is not None and clock.out_of_time(
-                prediction_reserve_s(reserve_views, state.train_s / state.samples_trained))
+            out_of_time = clock is not None and clock.out_of_time_for(reserve_views,
+                                                                      state.train_s / state.samples_trained)
             if out_of_time or math.ceil(state.next_sample / run.batch_size) in evals_at:
                 tick = time.perf_counter()
                 evaluate_and_keep_best(run, val_frame, processor, fmt, cfg, hardware, fold, fold_dir, feature_cache)

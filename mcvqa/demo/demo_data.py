@@ -21,7 +21,7 @@ import pandas as pd
 from PIL import Image, ImageDraw
 
 from ..core.data import OPTION_LETTERS
-from ..core.files import atomic_write
+from ..machinery.files import atomic_write
 
 DEMO_QUESTION_TYPES = ("colour", "shape", "count", "position")
 # Far-apart RGB values so every colour stays unambiguous on a light background.

@@ -27,10 +27,10 @@ from transformers import (
     Qwen3VLVideoProcessor,
 )
 
-from ..core.compat import model_input_names
 from ..core.prompts import template_kwargs
 from ..families.gemma4 import GEMMA4, PIXELS_PER_TOKEN, SOFT_TOKEN_BUDGETS
 from ..families.registry import processor_family
+from ..machinery.compat import model_input_names
 
 # Qwen's special tokens, in Qwen's order (ids differ in the tiny vocabulary, names do not).
 QWEN_SPECIAL_TOKENS = (

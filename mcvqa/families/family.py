@@ -19,7 +19,7 @@ import torch
 from packaging.version import Version
 from transformers import DynamicCache
 
-from ..core.compat import cache_argument, image_features, rope_index
+from ..machinery.compat import cache_argument, image_features, rope_index
 
 # Language-model linear layers (attention and MLP projections) that get LoRA; the vision tower stays frozen.
 ATTENTION_MLP_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"

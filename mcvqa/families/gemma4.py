@@ -27,7 +27,7 @@
 
 import torch
 
-from ..core.compat import cache_argument
+from ..machinery.compat import cache_argument
 from .family import ModelFamily, snap_down
 
 SOFT_TOKEN_BUDGETS = (70, 140, 280, 560, 1120)  # what Gemma4ImageProcessor accepts

@@ -3,7 +3,7 @@
 `family_of(config)` names the family of a loaded or meta model's config (its `model_type`), and
 `FAMILIES` lists every family the pipeline loads (locate.py finds their folders under /kaggle/input)."""
 
-from ..core.errors import UserError
+from ..machinery.errors import UserError
 from .gemma4 import GEMMA4
 from .qwen3_5 import QWEN3_5
 from .qwen_vl import QWEN_VL

@@ -12,7 +12,7 @@ split the same way (one contiguous row shard per rank, gathered back in order). 
 files; what other ranks need from disk (a checkpoint, the best adapter) rank 0 reads and sends them.
 
 `init_distributed` (the command line calls it) installs a `DdpGroup` as the process group every stage
-talks to (core/process.py); in one process (the notebook, `python -m mcvqa run`) none of this runs and
+talks to (machinery/process.py); in one process (the notebook, `python -m mcvqa run`) none of this runs and
 that group is `SingleProcess`. This module is not in the notebook.
 """
 
@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from ..core.collate import slice_rows
-from ..core.process import SingleProcess, contiguous_shards, use_process_group
+from ..machinery.process import SingleProcess, contiguous_shards, use_process_group
 
 DDP_TIMEOUT_MINUTES = 60  # how long a rank waits for the others (e.g. while rank 0 builds the demo model)
 
@@ -60,7 +60,7 @@ def finish_distributed():
 
 
 class DdpGroup:
-    """The process group of a torchrun launch: core/process.py's SingleProcess methods, for N ranks.
+    """The process group of a torchrun launch: machinery/process.py's SingleProcess methods, for N ranks.
     Installed by `init_distributed` only once torch.distributed is initialised with 2+ ranks."""
 
     @property

@@ -30,7 +30,7 @@ import threading
 import time
 
 from ..core.config import ConfigError
-from ..core.process import process_group
+from ..machinery.process import process_group
 
 # What a worker process runs: load (function, args, result path), call, save the result atomically.
 WORKER_MAIN = """\

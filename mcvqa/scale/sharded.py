@@ -8,8 +8,8 @@ import torch
 
 from ..core.inference import gather_views, predict_views
 from ..core.modeling import load_model_for_training, load_processor, load_trainable_state
-from ..core.process import contiguous_shards
 from ..core.prompts import make_prompt_format
+from ..machinery.process import contiguous_shards
 from .parallel import WorkerJob, run_in_workers
 
 

@@ -27,9 +27,9 @@ import pathlib
 import torch
 from ..core.collate import pixel_spans
 from ..core.config import ConfigError
-from ..core.files import atomic_write
 from ..core.modeling import frozen_towers, tower_device, tower_dtype, unwrap_vlm
 from ..families.registry import family_of, processor_family
+from ..machinery.files import atomic_write
 from .replay import PassReplay, pass_batches
 from .shared_prefix import SharedPrefixScorer
 

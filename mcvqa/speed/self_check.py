@@ -1,7 +1,7 @@
 """## Self-check of the fast paths: each fold compares them with the stock forward first
 
 The cached-feature forward and the shared-prefix option orders reach transformers below its public API
-(core/compat.py); a release that changes what they rely on gives wrong numbers, not errors (5.18-5.23
+(machinery/compat.py); a release that changes what they rely on gives wrong numbers, not errors (5.18-5.23
 ignored the decoder's cache keyword, so every suffix ran without its prefix). Before a fold relies on
 them, a few of its rows are scored three ways; a path that disagrees is switched off for the fold with
 a warning that says what that costs and the fix.
@@ -12,11 +12,11 @@ import dataclasses
 import torch
 
 from ..core.collate import VqaCollator, VqaDataset, cyclic_perms, pixel_cap
-from ..core.compat import fast_path_fix, transformers_version, warn
 from ..core.hardware import compute_autocast
 from ..core.modeling import model_device, tower_dtype, unwrap_vlm
 from ..core.scoring import letter_logits, logits_agree
 from ..families.registry import family_of
+from ..machinery.compat import fast_path_fix, transformers_version, warn
 from .feature_cache import CachedImageEncoding
 from .shared_prefix import shared_or_error, shared_prefix_problem
 

@@ -3,7 +3,7 @@
 The option orders of one row differ only after the question (with `instruction_first` the instruction
 is shared too), so the prefix runs once, its KV cache is repeated per view, and only the short
 option-dependent suffixes run per view. That leans on transformers internals (the decoder's cache
-keyword, rope positions: core/compat.py), which a release can change without an error, so the first
+keyword, rope positions: machinery/compat.py), which a release can change without an error, so the first
 batch of every prediction pass is also scored view by view (`SharedPrefixScorer`), and the pass goes on
 view by view, with a warning, when the two disagree. Needs cached image features (feature_cache.py).
 """
@@ -11,11 +11,11 @@ view by view, with a warning, when the two disagree. Needs cached image features
 import torch
 from packaging.version import Version
 
-from ..core.compat import fast_path_fix, transformers_version, warn
 from ..core.memory import is_oom
-from ..core.scoring import head_logits, letter_logits, logits_agree
 from ..core.modeling import unwrap_vlm
+from ..core.scoring import head_logits, letter_logits, logits_agree
 from ..families.registry import family_of
+from ..machinery.compat import fast_path_fix, transformers_version, warn
 
 
 def _pad_rows(rows, value, width=None, left=False):

@@ -37,9 +37,9 @@ from matplotlib import font_manager, ft2font
 from matplotlib.figure import Figure  # (no pyplot: figures render with Agg, the session's backend stays as it is)
 from matplotlib.textpath import text_to_path
 
-from ..core.errors import UserError
 from ..core.data import OPTION_LETTERS, PROB_COLUMNS, letter_indices, letters_from_probs, read_competition_csv
-from ..core.files import read_json
+from ..machinery.errors import UserError
+from ..machinery.files import read_json
 from .question_types import QUESTION_TYPES, question_type
 
 TOP_N = 24

@@ -29,13 +29,13 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import minimize
 
-from ..core.errors import UserError
-from ..core.files import read_json
-from ..core.reporting import make_run_plots
 from ..core.data import (OPTION_LETTERS, PROB_COLUMNS, letter_indices, letters_from_probs, probs_frame,
                          read_competition_csv)
-from .question_types import QUESTION_TYPES, question_type
 from ..core.submission import write_submission
+from ..machinery.errors import UserError
+from ..machinery.files import read_json
+from ..runkit.reporting import make_run_plots
+from .question_types import QUESTION_TYPES, question_type
 
 MIN_TYPE_ROWS = 30  # a question type needs this many out-of-fold rows for weights of its own
 FALLBACK_SPLITS = 5  # honest estimate when the members' oof rows have one fold only: this many seeded splits

@@ -9,7 +9,7 @@ test.csv before any training, so a wrong folder stops the run in seconds, not ho
 
 import shutil
 
-from ..core.files import atomic_write
+from ..machinery.files import atomic_write
 from .blend import BlendError, blend_runs, load_member
 
 

@@ -21,9 +21,9 @@ import pathlib
 from packaging.version import Version
 
 from ..families.registry import FAMILIES, MODEL_TYPES, family_of
-from .compat import transformers_version
-from .errors import UserError
-from .packages import SetupError, kaggle_input
+from ..machinery.compat import transformers_version
+from ..machinery.errors import UserError
+from ..machinery.packages import SetupError, kaggle_input
 
 DRIVE_ROOT = "/content/drive"
 

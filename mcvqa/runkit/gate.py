@@ -20,10 +20,10 @@ import time
 import numpy as np
 import pandas as pd
 
-from .collate import cyclic_perms
-from .data import PROB_COLUMNS, letters_from_probs
-from .files import read_json
-from .inference import average_views, gather_views, image_scales, predict_views
+from ..core.collate import cyclic_perms
+from ..core.data import PROB_COLUMNS, letters_from_probs
+from ..core.inference import average_views, gather_views, image_scales, predict_views
+from ..machinery.files import read_json
 
 
 def gate_on(cfg):

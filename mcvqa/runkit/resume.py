@@ -22,8 +22,8 @@ import pathlib
 
 import pandas as pd
 
-from .config import ConfigError
-from .data import OPTION_LETTERS
+from ..core.config import ConfigError
+from ..core.data import OPTION_LETTERS
 
 SIGNED_COLUMNS = ("id", "question", *OPTION_LETTERS, "answer", "image_hash")
 PREDICTION_FILES = ("oof_probs.csv", "oof_probs_view0.csv", "test_probs.csv", "test_probs_view0.csv",

@@ -36,6 +36,10 @@ class RunClock:
         """Whether the work still reserved (plus the margin) no longer fits in the budget."""
         return bool(self.budget_s) and self.left() < reserve_s + MARGIN_S
 
+    def out_of_time_for(self, views_to_score, train_s_per_sample):
+        """Whether a fold's prediction passes (from its training speed) no longer fit, with the margin."""
+        return self.out_of_time(prediction_reserve_s(views_to_score, train_s_per_sample))
+
     def describe(self):
         budget = f" of the {self.budget_s / 3600:.2f} h budget" if self.budget_s else ""
         return f"{self.elapsed() / 3600:.2f} h elapsed{budget}"

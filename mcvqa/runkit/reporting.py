@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
 
-from .data import OPTION_LETTERS, PROB_COLUMNS, letters_from_probs
-from .files import read_json
+from ..core.data import OPTION_LETTERS, PROB_COLUMNS, letters_from_probs
+from ..machinery.files import read_json
 
 _REPORT_PLOT_NAMES = ("answer_distribution", "prediction_distribution", "training_curves", "confusion_matrix",
                       "reliability", "uncertainty_gate")

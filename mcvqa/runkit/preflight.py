@@ -18,9 +18,9 @@ import pathlib
 import shutil
 import tempfile
 
+from ..core.config import ConfigError
+from ..core.inference import image_scales
 from .budget import MARGIN_S
-from .config import ConfigError
-from .inference import image_scales
 
 # Dense fp16/bf16 tensor-core peaks (FLOP/s) by card name; the estimate assumes a fraction of them.
 PEAK_FLOPS = {"t4": 65e12, "l4": 121e12, "a10": 125e12, "v100": 125e12, "l40": 181e12, "a100": 312e12,
