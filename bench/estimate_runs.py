@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from bench_gpu import model_config  # noqa: E402
 
-from mcvqa.core import preflight  # noqa: E402
+from mcvqa.runkit import preflight  # noqa: E402
 from mcvqa.core.config import resolve_config  # noqa: E402
 from mcvqa.core.hardware import choose_hardware  # noqa: E402
 from mcvqa.core.memory import plan_memory  # noqa: E402

@@ -15,6 +15,7 @@ This module is the builder only; it is not part of the notebook.
 
 import argparse
 import ast
+import json
 import pathlib
 import sys
 
@@ -24,33 +25,37 @@ PACKAGE_NAME = "mcvqa"
 PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
 NOTEBOOK_PATH = PACKAGE_DIR.parent / "Kaggle_AllInOne_Pro.ipynb"
 
-# The notebook in the user's order: (part heading, [(stage title, modules)]). Part I is the pipeline stage
-# by stage; Part II the engine room (speed, fold workers, demo builders), definitions only; Part III runs it,
-# a call cell after each stage of the run with its result right under it. Numbering is generated.
+# The notebook in the user's order: (part heading, [(stage title, modules)]). Part I is the pipeline stage by
+# stage, the configuration and hardware run right after their definitions; Part II the engine room (run machinery,
+# run features, speed, scale, toolkit, demo builders), folded; Part III runs it, a call cell after each step with its
+# result right under it. The engine room sits above the run because a notebook is one namespace run top to bottom:
+# a function must be defined before the cell that calls it. Numbering is generated.
+ENGINE_ROOM_PART = "Part II: the engine room (folded: definitions only, safe to skip)"
 LAYOUT = (
     ("Part I: the pipeline, stage by stage", (
-        ("Configuration", ("machinery.files", "core.config")),
-        ("Hardware and versions", ("machinery.compat", "core.hardware", "core.memory")),
-        ("Model: the checkpoint in 4 or 16 bits with LoRA adapters", ("core.modeling",)),
-        ("Model families: what differs between Qwen2/2.5/3-VL, Qwen3.5 and Gemma 4", (
-            "families.family", "families.qwen_vl", "families.qwen3_5", "families.gemma4", "families.registry")),
-        ("Data: read, check, find, resume; what the run needs at its end", ("core.data", "runkit.locate", "runkit.resume",
-                                                                          "runkit.preflight")),
+        ("Configuration", ("core.config",)),
+        ("Hardware, versions and the memory plan", ("machinery.compat", "core.hardware", "core.memory")),
+        ("Model: the checkpoint in 4 or 16 bits with LoRA adapters, per model family", (
+            "core.modeling", "families.family", "families.qwen_vl", "families.qwen3_5", "families.gemma4",
+            "families.registry")),
+        ("Data: read and check the competition files", ("core.data",)),
         ("Dataset: the chat template, labels on the answer letter only", ("core.prompts", "core.collate")),
         ("Scoring: four letter logits at one position", ("core.scoring",)),
-        ("Training: the explicit loop per fold", ("machinery.process", "runkit.budget", "core.training")),
+        ("Training: the explicit loop per fold", ("core.training",)),
         ("Inference: direct-logit scoring with option-order TTA", ("core.inference",)),
-        ("Uncertainty gate: extra views only where the model is unsure", ("runkit.gate",)),
-        ("Ensemble, submission, plots", ("core.ensemble", "core.submission", "runkit.reporting")),
+        ("Ensemble and submission", ("core.ensemble", "core.submission")),
+    )),
+    (ENGINE_ROOM_PART, (
+        ("Run machinery: whole-or-nothing files, the process group", ("machinery.files", "machinery.process")),
+        ("Run features: inputs, resume, what the run's end needs, the time budget", (
+            "runkit.locate", "runkit.resume", "runkit.budget", "runkit.preflight")),
+        ("Uncertainty gate and reports", ("runkit.gate", "runkit.reporting")),
+        ("Speed: each image through the vision tower once, shared-prefix option orders, fast vision attention", (
+            "speed.feature_cache", "speed.replay", "speed.shared_prefix", "speed.self_check", "speed.fast_vision")),
+        ("Scale: one fold worker per GPU", ("scale.parallel",)),
         ("Error analysis and blending runs", ("toolkit.question_types", "toolkit.analysis", "toolkit.blend",
                                               "toolkit.run_blend")),
-    )),
-    ("Part II: the engine room (safe to skip: definitions only, nothing runs here)", (
-        ("Speed: each image through the vision tower once", ("speed.feature_cache", "speed.replay")),
-        ("Speed: shared-prefix option orders, checked at run time", ("speed.shared_prefix", "speed.self_check")),
-        ("Speed: fast vision attention", ("speed.fast_vision",)),
-        ("Scale: one fold worker per GPU", ("scale.parallel",)),
-        ("Demo: tiny data and a tiny Qwen-VL for a CPU run", ("demo.demo_data", "demo.demo_model")),
+        ("Demo: tiny data and a tiny model for a CPU run", ("demo.demo_data", "demo.demo_model")),
     )),
     ("Part III: the run", (
         ("Run the pipeline", ("pipeline",)),
@@ -59,44 +64,53 @@ LAYOUT = (
 # Right after the parameters: nothing else may need a package. The bundle too: a notebook alone can make one.
 SETUP_MODULES = ("machinery.errors", "machinery.packages", "bundle")
 FLOW_MODULES = SETUP_MODULES + tuple(m for _, stages in LAYOUT for _, modules in stages for m in modules)
+# The code a reader of Part I sees unfolded: what decides the answer (the letter logits, the loss) and the training
+# loop. Every other definition cell is folded (its markdown stays visible): a click shows it, Run All runs it.
+SHOWN_CELLS = frozenset({"core.data: Your image transform (edit this cell in a fork)", "core.scoring",
+                         "core.training: The loop"})
+# Part I modules whose docstrings are reference rather than the story (what differs per release or model family):
+# like the engine room, only their title is markdown; the rest opens their folded code.
+BRIEF_MODULES = frozenset({"machinery.compat", "families.family", "families.qwen_vl", "families.qwen3_5",
+                           "families.gemma4", "families.registry"})
+# Jupyter's and Kaggle's flags for a code cell whose source is collapsed (the cell still runs).
+FOLDED = {"jupyter": {"source_hidden": True}, "_kg_hide-input": True}
+SCREEN_LINES = 40  # rendered lines a laptop screen shows of a notebook, for the reading measure below
 CELL_MARKER = "# %% "  # a module's code is cut into cells at these lines; the text is the next cell's heading
 
 INTRO_MARKDOWN = """\
-# Kaggle All-in-One Pro: Qwen-VL and Qwen3.5 LoRA / QLoRA for multiple-choice VQA
+# Kaggle All-in-One Pro: Qwen-VL, Qwen3.5 and Gemma 4 LoRA / QLoRA for multiple-choice VQA
 
-This notebook fine-tunes a Qwen vision-language model with LoRA (16-bit) or 4-bit QLoRA, as the model family
-and the card allow (`quantization=auto`), on a multiple-choice visual question answering competition,
-cross-validates it over folds, and writes `submission.csv`.
-It is self-contained: every stage's code is in the cells below. The setup cell right after the
-parameters installs only what the image lacks (peft, bitsandbytes, ...), from an attached wheel dataset
-when there is no internet; this notebook makes that dataset too (`MAKE_BUNDLE = True`).
-
-It is **generated** from the `mcvqa` package by `python -m mcvqa.notebook`; do not edit it by hand,
-change the package and regenerate it instead.
+Fine-tunes a vision-language model with LoRA (16-bit) or 4-bit QLoRA, as the model family and the card allow, on a
+multiple-choice VQA competition, over folds, and writes `submission.csv`. Everything is in the cells below; the setup
+cell installs only what the image lacks. **Run All**: Part I defines the stages and runs the configuration and hardware
+cells, Part II is the engine room (folded, safe to skip), Part III runs the data, one example prompt with its label,
+training, and the submission, each result under its cell.
 
 - **Kaggle** (2x T4, often no internet): attach the competition data and a Qwen2.5-VL, Qwen3-VL, Qwen3.5 or Gemma 4
-  model (Kaggle Models; which one for which card: the README's model guide); both are found under `/kaggle/input`
-  by themselves. Gemma 4's image resolution is `max_soft_tokens` (70-1120 tokens per image, default 280), Qwen's
-  `max_pixels`. Without internet, also attach the wheel
-  dataset, made once in a session with internet: run this notebook with `MAKE_BUNDLE = True` and the
-  internet on (it writes `/kaggle/working/mcvqa_wheels` for this kernel's Python, prints how to keep it
-  as a dataset: *Save Version*, then *Output -> New Dataset*, and stops), or, with the package,
-  `python -m mcvqa bundle --out kaggle_bundle`. Leave `PROFILE = "auto"`, then *Run All*.
-- **Colab**: mount Google Drive (`from google.colab import drive; drive.mount('/content/drive')`) and put
-  the competition files in `MyDrive/mcvqa/data`; `PROFILE = "auto"` picks `colab_a100` (7B at 768x768) on
-  a GPU of 30 GiB or more and `colab_t4` (3B at 448x448) below, then *Run all*.
-- **Local**: `PROFILE = "demo"` runs the whole flow on a CPU with a tiny synthetic dataset and model;
-  papermill can set `PROFILE` and `OVERRIDES` as parameters.
-- **Beyond one run** (settings in `OVERRIDES`): `blend_with=/kaggle/input/<an earlier run>/run` blends this
-  run with earlier ones at its end (the submission becomes the blend, weights fitted out of fold);
-  `gate_fraction=0.1` gives the least certain 10 % of the rows all 24 option orders (kept only where the
-  out-of-fold rows gained). Every run ends with its error analysis, shown under the last cells.
-- A setting that is wrong stops with one message naming it and the fix, not a traceback."""
+  model (which one for which card: the README's model guide); both are found under `/kaggle/input`. Without
+  internet also attach the wheel dataset, made once with internet by `MAKE_BUNDLE = True` (it says how to keep it).
+- **Colab**: put the competition files in Drive's `MyDrive/mcvqa/data` and mount Drive; `PROFILE = "auto"` picks
+  `colab_a100` on a GPU of 30 GiB or more, `colab_t4` below. **Local**: `PROFILE = "demo"` runs all of it on a CPU.
+
+**Your changes, in a fork**
+- **Settings** go in `OVERRIDES`, one `key=value` per line (`max_pixels=768*768`, `learning_rate=1e-4`): they win
+  over the profile. Editing a default in the `Config` cell is not the place: the profile sets many of them (the
+  config cell prints which, and where each value came from).
+- **Code**: edit the cell its first line names (e.g. `# mcvqa/core/prompts.py`), then Run All. Your own image
+  augmentation goes in `custom_image_transform` (Part I, Data; shown unfolded), switched on with
+  `image_transform=custom` (`image_transform_on=train+test` to apply it at test time too): declared so, the feature
+  cache steps aside. A re-run into a run folder whose folds were made by other prompt or image code or settings
+  stops and says what changed (a new `output_dir` is the fix).
+- Beyond one run: `blend_with=<earlier run folders>` blends runs at the end, `gate_fraction=0.1` gives the least
+  certain rows all 24 option orders; a wrong setting stops with one message naming it and the fix.
+
+This notebook is generated from the `mcvqa` package (`python -m mcvqa.notebook`), which is tested; in the package,
+change the code there and regenerate."""
 
 PARAMETERS_CELL = """\
 # One flag switches the environment: "auto" picks kaggle_t4x2 on Kaggle, colab_a100 on Colab, demo on a CPU.
 PROFILE = "auto"
-# Extra settings as "key=value" lines, e.g. "epochs=2\\nmax_pixels=602112"; they win over the profile.
+# Your settings, one "key=value" per line, e.g. "epochs=2\\nmax_pixels=768*768"; they win over the profile.
 OVERRIDES = \"\"
 # True, with the internet on: only write the wheel dataset this notebook needs offline (peft, bitsandbytes, ...)
 # to /kaggle/working/mcvqa_wheels, print how to keep it, and stop; nothing trains.
@@ -301,17 +315,44 @@ def _call_cells(key):
     return cells
 
 
-def module_cells(name, package_dir=None):
+def _fold(cell):
+    cell.metadata.update(FOLDED)
+    return cell
+
+
+def _module_markdown(markdown, title_shown, engine_room):
+    """A module's markdown: its docstring with the title one level down, without the title when the stage heading
+    above says it already (a one-module stage), and only the title in the engine room (there the rest of the
+    docstring opens the folded code)."""
+    title, _, body = markdown.partition("\n")
+    if engine_room:
+        return _demote(title)
+    return body.strip() if title_shown else _demote(markdown)
+
+
+def _docstring_code(markdown):
+    """The docstring's body as the string that opens a folded engine-room cell."""
+    body = markdown.partition("\n")[2].strip().replace('"' * 3, "'" * 3)
+    return f'\n"""{body}\n"""' if body else ""
+
+
+def module_cells(name, package_dir=None, title_shown=False, engine_room=False):
     """The notebook cells of module `name`: its docstring as markdown, its code as one cell per marked part
-    (each first line names the source file), and the call cells that follow it."""
+    (each first line names the source file; folded unless SHOWN_CELLS names it), and the call cells that follow it.
+    title_shown: the stage heading above has the module's title; engine_room: only the title as markdown."""
     markdown, code = module_sources(name, package_dir)
-    cells = [nbformat.v4.new_markdown_cell(_demote(markdown))]
-    for heading, chunk in _chunks(code):
+    text = _module_markdown(markdown, title_shown, engine_room)
+    cells = [nbformat.v4.new_markdown_cell(text)] if text else []
+    for i, (heading, chunk) in enumerate(_chunks(code)):
         if heading is not None:
             cells += [nbformat.v4.new_markdown_cell(f"#### {heading}")]
         source = f"# {_relative_path(name)}" + ("" if heading is None else f" ({heading.lower()})")
-        cells += [nbformat.v4.new_code_cell(f"{source}\n{chunk}")]
-        cells += _call_cells(name if heading is None else f"{name}: {heading}")
+        if engine_room and i == 0:
+            source += _docstring_code(markdown)
+        key = name if heading is None else f"{name}: {heading}"
+        cell = nbformat.v4.new_code_cell(f"{source}\n{chunk}")
+        cells += [cell if key in SHOWN_CELLS else _fold(cell)]
+        cells += _call_cells(key)
     return cells
 
 
@@ -327,7 +368,7 @@ def build_notebook(package_dir=None, modules=None):
     else:
         cells.append(nbformat.v4.new_markdown_cell("## Setup"))
         for name in SETUP_MODULES:
-            cells.extend(module_cells(name, package_dir))
+            cells.extend(module_cells(name, package_dir, engine_room=True))
         number = 0
         for part, stages in LAYOUT:
             cells.append(nbformat.v4.new_markdown_cell(f"# {part}"))
@@ -335,7 +376,8 @@ def build_notebook(package_dir=None, modules=None):
                 number += 1
                 cells.append(nbformat.v4.new_markdown_cell(f"## {number}. {title}"))
                 for name in names:
-                    cells.extend(module_cells(name, package_dir))
+                    cells.extend(module_cells(name, package_dir, title_shown=len(names) == 1,
+                                              engine_room=part == ENGINE_ROOM_PART or name in BRIEF_MODULES))
     for i, cell in enumerate(cells):
         cell.id = f"cell-{i:03d}"  # nbformat makes random ids; fixed ones keep the diff stable
     nb = nbformat.v4.new_notebook(cells=cells)
@@ -357,6 +399,32 @@ def notebook_is_fresh(path=None, package_dir=None, modules=None):
     if not path.is_file():
         return False
     return path.read_bytes().decode("utf-8") == render_notebook(package_dir, modules)
+
+
+TRAINING_CALL = "run_all_folds(run)"
+
+
+def _rendered_lines(cell):
+    """Lines a cell takes on screen, with the gap to the next: a folded code cell shows one line (its ellipsis)."""
+    if cell.cell_type == "code" and cell.metadata.get("jupyter", {}).get("source_hidden"):
+        return 2
+    return len(cell.source.splitlines()) + 1
+
+
+def _code_lines(cells):
+    return sum(len(c.source.splitlines()) for c in cells if c.cell_type == "code")
+
+
+def reading_measure(nb=None):
+    """How far a reader scrolls: code lines in all, code lines and screens (SCREEN_LINES rendered lines; outputs not
+    counted) above the cell that starts training, and how many of those code lines are folded."""
+    nb = nb or build_notebook()
+    training = next(i for i, c in enumerate(nb.cells) if c.cell_type == "code" and TRAINING_CALL in c.source)
+    above = nb.cells[:training]
+    folded = [c for c in above if c.metadata.get("jupyter", {}).get("source_hidden")]
+    return {"cells": len(nb.cells), "code_lines": _code_lines(nb.cells), "code_lines_above_training": _code_lines(above),
+            "shown_code_lines_above_training": _code_lines(above) - _code_lines(folded),
+            "screens_to_training": round(sum(_rendered_lines(c) for c in above) / SCREEN_LINES, 1)}
 
 
 def _defined_names(tree):
@@ -403,9 +471,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m mcvqa.notebook", description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if the committed notebook is stale")
     parser.add_argument("--path", type=pathlib.Path, default=None, help="notebook path (default: repo root)")
+    parser.add_argument("--measure", action="store_true", help="print how far a reader scrolls to training")
     args = parser.parse_args(argv)
     path = args.path or NOTEBOOK_PATH
     try:
+        if args.measure:
+            print(json.dumps(reading_measure(), indent=1))
+            return 0
         if args.check:
             if notebook_is_fresh(path):
                 print(f"{path.name} is up to date")

@@ -41,7 +41,7 @@ from .runkit.gate import describe_gate, extra_views_per_row, gate_choice, gate_o
 from .runkit.locate import resolve_inputs
 from .runkit.preflight import preflight
 from .runkit.reporting import make_run_plots
-from .runkit.resume import fold_manifest, prediction_settings, prepare_fold
+from .runkit.resume import check_code, fold_manifest, prediction_settings, prepare_fold, save_code_signature
 from .scale.parallel import parallel_workers, run_folds
 from .speed.fast_vision import speed_up_vision_tower
 from .speed.feature_cache import make_feature_cache
@@ -158,7 +158,8 @@ def start_run(cfg, hardware):
     cfg = resolve_inputs(cfg)  # data_dir / model_name_or_path "auto", a hub id, Colab's Drive: before any write
     out_dir = pathlib.Path(cfg.output_dir)
     if group.is_main():
-        check_resume(cfg, out_dir)
+        check_resume(cfg, out_dir)  # the same prompt and image settings...
+        check_code(out_dir)  # ...and code as the folds already there
     train, test, sample_submission, bad_rows = load_competition(cfg)
     apply_memory_cap(hardware)
     cfg, plan = plan_memory(cfg, hardware, verbose=group.is_main())  # checkpointing and batch sizes for this card
@@ -176,6 +177,7 @@ def start_run(cfg, hardware):
         n_images = len(set(train["image_hash"]) | set(test["image_hash"]))
         preflight(cfg, hardware, plan, len(train), len(test), n_images, len(folds_to_run(cfg)), workers)
         save_config(cfg, out_dir)  # the run folder's first files, after every check
+        save_code_signature(out_dir)
         (out_dir / "memory_plan.json").write_text(json.dumps(plan, indent=2) + "\n")
         folds_frame.to_csv(out_dir / "folds.csv", index=False)
     print(f"[folds] {cfg.n_folds} folds of {np.bincount(folds).tolist()} rows (stratified by answer, grouped by image)")

@@ -80,7 +80,7 @@ def test_precedence_defaults_profile_env_overrides(tmp_path):
 def test_bad_overrides_fail_clearly():
     with pytest.raises(ValueError, match="unknown setting 'epoch'"):
         resolve_config("demo", overrides=["epoch=2"], env={}, verbose=False)
-    with pytest.raises(ValueError, match="epochs expects int"):
+    with pytest.raises(ValueError, match=r"epochs expects a whole number \(e\.g\. 602112 or 768\*768\), got 'two'"):
         resolve_config("demo", overrides=["epochs=two"], env={}, verbose=False)
     with pytest.raises(ValueError, match="unknown profile"):
         resolve_config("kaggle", env={}, verbose=False)

@@ -116,5 +116,5 @@ def test_notebook_shows_a_known_user_error_without_a_traceback(tmp_path):
               for o in cell.get("outputs", []) if o.get("output_type") == "error"]
     assert len(errors) == 1 and errors[0]["ename"] == "ConfigError"
     text = "\n".join(errors[0]["traceback"])
-    assert "config: epochs expects int, got 'two'" in text
+    assert "config: epochs expects a whole number (e.g. 602112 or 768*768), got 'two'" in text
     assert "Traceback" not in text and "File " not in text and len(errors[0]["traceback"]) == 1

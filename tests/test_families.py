@@ -168,7 +168,7 @@ def test_model_family_of_a_folder(qwen35_dirs, tiny_model_dir):
 def test_an_attached_qwen35_raises_the_setup_cells_transformers_requirement(tmp_path, monkeypatch, capsys):
     """Kaggle's image has transformers 5.0.0: with a Qwen3.5 folder attached, the setup cell asks for what the
     family needs (its shared-prefix TTA: 5.7) and would install it, before anything imports transformers."""
-    from mcvqa.core import packages
+    from mcvqa.machinery import packages
 
     assert packages.run_requirements(tmp_path) == packages.RUN_PACKAGES  # nothing attached: the floor
     folder = tmp_path / "qwen3.5-4b" / "transformers" / "default" / "1"

@@ -245,12 +245,13 @@ def test_cache_turns_off_when_vision_tower_is_trainable(family, tiny_model, tiny
     assert make_feature_cache(dataclasses.replace(cfg, cache_image_features=False), model, hardware) is None
 
 
-def test_cache_turns_off_for_augmented_images(tiny_model, tiny_cfg):
-    @dataclasses.dataclass
-    class AugmentedConfig:
-        augment_images: bool = True
-
-    assert cache_blockers(tiny_model("qwen2_5_vl", False), AugmentedConfig()) == ["images are augmented (augment_images)"]
+@pytest.mark.parametrize("transform", ["light", "custom"])
+def test_cache_steps_aside_for_declared_image_transforms(tiny_model, tiny_cfg, transform):
+    """The image transform is declared in the settings (data.py): the cache knows, not a field-name guess."""
+    model = tiny_model("qwen2_5_vl", False)
+    assert cache_blockers(model, tiny_cfg("qwen2_5_vl")) == []
+    cfg = tiny_cfg("qwen2_5_vl", image_transform=transform)
+    assert cache_blockers(model, cfg) == [f"images are transformed (image_transform={transform}, on train)"]
 
 
 def test_run_cache_is_shared_by_folds(tiny_model, tiny_cfg, hardware, tmp_path):

@@ -14,7 +14,7 @@ import tempfile
 import pandas as pd
 import pytest
 
-from mcvqa.core import preflight
+from mcvqa.runkit import preflight
 from mcvqa.core.config import ConfigError, check_adapter_source, resolve_config
 from mcvqa.core.hardware import choose_hardware
 from mcvqa.core.modeling import ModelFolderError, load_processor

@@ -103,7 +103,7 @@ def test_epochs_0_is_zero_shot_and_a_later_run_trains(first_run, tmp_path):
 
 def test_a_bad_setting_is_one_line_without_traceback(first_run, tmp_path):
     done = _cli(first_run, first_run / "demo", tmp_path / "run", "epochs=two", expect=2)
-    assert done.stderr.strip().splitlines()[-1] == "error: config: epochs expects int, got 'two'"
+    assert done.stderr.strip().splitlines()[-1] == "error: config: epochs expects a whole number (e.g. 602112 or 768*768), got 'two'"
     assert "Traceback" not in done.stderr
 
 

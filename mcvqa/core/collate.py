@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from ..families.registry import processor_family
-from .data import DEFAULT_BOMB_LIMIT_PIXELS, OPTION_LETTERS, load_image
+from .data import DEFAULT_BOMB_LIMIT_PIXELS, OPTION_LETTERS, image_transform_for, load_image
 from .prompts import render_prompt
 
 IGNORE_INDEX = -100
@@ -38,8 +38,10 @@ def cyclic_perms(n_shifts):
 class VqaDataset(torch.utils.data.Dataset):
     """Loads the image and arranges the options of one view; the collator does the rest."""
 
-    def __init__(self, frame, views, max_pixels, blank_images=False, bomb_limit_pixels=DEFAULT_BOMB_LIMIT_PIXELS):
+    def __init__(self, frame, views, max_pixels, blank_images=False, bomb_limit_pixels=DEFAULT_BOMB_LIMIT_PIXELS,
+                 transform=None):
         self.records = frame.to_dict("records")
+        self.transform = transform  # data.py's image_transform_for: None, or (image, row) -> image
         self.views = list(views)
         self.max_pixels = max_pixels
         self.blank_images = blank_images
@@ -59,6 +61,8 @@ class VqaDataset(torch.utils.data.Dataset):
             image = self._last[1]  # the same decoded image for the row's next option view
         else:
             image = load_image(record["image_path"], max_pixels=self.max_pixels, bomb_limit_pixels=self.bomb_limit_pixels)
+            if self.transform is not None:  # once per row: its option views see the same transformed image
+                image = self.transform(image, row)
             self._last = (row, image)
         options = [record[letter] for letter in OPTION_LETTERS]
         answer = record.get("answer")
@@ -177,11 +181,13 @@ def micro_batches(batch, size):
 
 
 def make_loader(frame, views, processor, fmt, cfg, batch_size, max_pixels=None, workers=None, encoding=None,
-                pixel_dtype=None):
+                pixel_dtype=None, split="test", seed=()):
     """DataLoader of collated views in the given order. `encoding`: the collator's optional encoding
-    strategy (the image-feature cache's: no pixels for images it holds)."""
+    strategy (the image-feature cache's: no pixels for images it holds). split ("train" | "test") and seed (e.g.
+    fold, epoch) choose the image transform (data.py, image_transform_for)."""
     max_pixels = max_pixels or pixel_cap(processor, cfg)
-    dataset = VqaDataset(frame, views, max_pixels, blank_images=cfg.blank_images, bomb_limit_pixels=cfg.bomb_limit_pixels)
+    dataset = VqaDataset(frame, views, max_pixels, blank_images=cfg.blank_images, bomb_limit_pixels=cfg.bomb_limit_pixels,
+                         transform=image_transform_for(cfg, split, seed))
     collator = VqaCollator(processor, fmt, cfg.min_pixels, max_pixels, encoding=encoding, pixel_dtype=pixel_dtype)
     workers = cfg.num_workers if workers is None else workers
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator,

@@ -8,10 +8,12 @@ the parameters cell, papermill or the command line. The resolved config is print
 `config.json` beside the run's outputs.
 """
 
+import ast
 import dataclasses
 import difflib
 import importlib.util
 import json
+import operator
 import os
 import pathlib
 import re
@@ -93,6 +95,11 @@ class Config:
     on_bad_image: str = "error"  # error: stop listing every bad row | blank: counted blank fallback
     bomb_limit_pixels: int = 200_000_000  # larger decoded images are refused as possible decompression bombs
     blank_images: bool = False  # control experiment: every image blank (accuracy should fall to chance)
+    # none | light: JPEG quality 65-80, a slight blur, a small shift and rotation (the 0.972 single model's) | custom:
+    # your own `custom_image_transform` (the Data stage: edit that cell in a fork). Declared here so the feature
+    # cache steps aside and a resumed run sees the change.
+    image_transform: str = "none"
+    image_transform_on: str = "train"  # train: training batches only | train+test: every pass (validation, test) too
     # --- engine room: precision, memory, speed, robustness (chosen per card and profile; rarely touched) ---
     # nf4: NF4 weights + double quantisation (QLoRA) | none: 16-bit weights (LoRA) | auto: the model family's choice
     # where the card's memory allows it (Qwen2/2.5/3-VL: nf4; Qwen3.5: 16-bit where it fits, else nf4; memory.py)
@@ -128,6 +135,10 @@ class Config:
     demo_warmup_epochs: int = 6
 
     def __post_init__(self):
+        for name, allowed in (("image_transform", ("none", "light", "custom")),
+                              ("image_transform_on", ("train", "train+test"))):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"config: {name}={getattr(self, name)!r}; choose one of {', '.join(allowed)}")
         # gradient_checkpointing also takes booleans (profiles, older config.json files): normalised to auto | on | off.
         value = str(self.gradient_checkpointing).strip().lower()
         value = {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}.get(value, value)
@@ -241,8 +252,29 @@ def detect_environment(env=None, gpu="detect"):
     return "demo", "no GPU found: the CPU demo is what can run here"
 
 
+def _number(text):
+    """A number as users write it: 602112, 768*768, 1e-4, 2**20, 0.5 (arithmetic on literals only, never code)."""
+    def value(node):
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            return node.value
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            return -value(node.operand) if isinstance(node.op, ast.USub) else value(node.operand)
+        if isinstance(node, ast.BinOp) and type(node.op) in _ARITHMETIC:
+            return _ARITHMETIC[type(node.op)](value(node.left), value(node.right))
+        raise ValueError(text)
+
+    try:
+        return value(ast.parse(str(text).strip().replace("_", ""), mode="eval").body)
+    except (SyntaxError, ValueError, ZeroDivisionError, OverflowError):
+        raise ValueError(text) from None
+
+
+_ARITHMETIC = {ast.Mult: operator.mul, ast.Add: operator.add, ast.Sub: operator.sub, ast.Div: operator.truediv,
+               ast.Pow: operator.pow}
+
+
 def _parse_value(field, text):
-    """Turn an override string into the field's type, with a clear error."""
+    """Turn an override string into the field's type, with a clear error naming the setting and the fix."""
     kind = field.type if isinstance(field.type, type) else typing.get_origin(field.type) or str
     if kind is bool:
         lowered = str(text).strip().lower()
@@ -251,10 +283,17 @@ def _parse_value(field, text):
         if lowered in ("0", "false", "no", "off"):
             return False
         raise ConfigError(f"config: {field.name} expects true/false, got {text!r}")
-    try:
+    if kind not in (int, float):
         return kind(text)
-    except ValueError as err:
-        raise ConfigError(f"config: {field.name} expects {kind.__name__}, got {text!r}") from err
+    try:
+        number = _number(text)
+    except ValueError:
+        example = "a whole number (e.g. 602112 or 768*768)" if kind is int else "a number (e.g. 0.0001 or 1e-4)"
+        raise ConfigError(f"config: {field.name} expects {example}, got {text!r}") from None
+    if kind is int and number != int(number):
+        raise ConfigError(f"config: {field.name} expects a whole number, got {text!r} (= {number:g}); e.g. "
+                          f"{field.name}={round(number)}")
+    return kind(number)
 
 
 def parse_overrides(overrides):
@@ -320,15 +359,29 @@ def resolve_config(profile="auto", overrides=None, env=None, verbose=True, gpu="
     cfg = Config(**values)
     if verbose:
         print(f"[config] profile={profile} ({reason})")
-        changed = {k: v for k, v in dataclasses.asdict(cfg).items() if v != fields[k].default}
-        print("[config] non-default settings: " + json.dumps(changed, ensure_ascii=False))
+        _print_sources(cfg, PROFILES[profile], from_env, from_overrides)
     return cfg
+
+
+def _print_sources(cfg, profile_values, from_env, from_overrides):
+    """Each setting not at its Config default, with where it came from. A Config default the profile sets is not
+    used: say so, so that a fork edits OVERRIDES, not the default."""
+    values = dataclasses.asdict(cfg)
+    source = {k: "profile" for k in profile_values} | {k: "environment" for k in from_env} | \
+        {k: "OVERRIDES" for k in from_overrides}
+    for where in ("profile", "environment", "OVERRIDES"):
+        names = [k for k, s in source.items() if s == where and k != "profile"]
+        if names:
+            shown = ", ".join(f"{k}={json.dumps(values[k], ensure_ascii=False)}" for k in names)
+            print(f"[config] from {'the ' + cfg.profile + ' profile' if where == 'profile' else where}: {shown}")
+    print("[config] a setting goes in OVERRIDES (key=value lines: they win over the profile); a Config default is "
+          "used only where the profile sets nothing")
 
 
 # Settings that decide what a fold's model sees: every fold of one run must share them.
 PROMPT_AND_IMAGE_SETTINGS = ("model_name_or_path", "system_prompt", "instruction", "instruction_first",
                              "max_question_tokens", "max_option_tokens", "min_pixels", "max_pixels", "max_soft_tokens",
-                             "prompt_repeat")
+                             "prompt_repeat", "image_transform", "image_transform_on")
 # Their values in runs saved before the setting existed.
 EARLIER_DEFAULTS = {"instruction_first": False}
 

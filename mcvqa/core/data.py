@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile, ImageFilter, ImageOps
 from sklearn.model_selection import StratifiedGroupKFold
 from tqdm.auto import tqdm
 
@@ -311,3 +311,47 @@ def probs_frame(ids, probs, **extra):
 
 def letters_from_probs(probs):
     return [OPTION_LETTERS[i] for i in np.asarray(probs).argmax(1)]
+
+
+# %% Your image transform (edit this cell in a fork)
+def custom_image_transform(image, rng):
+    """Your own image transform, used with `image_transform=custom` (on training batches, or every pass with
+    `image_transform_on=train+test`): a PIL RGB image in, a PIL RGB image out. `rng` is a numpy Generator seeded by
+    (seed, fold, epoch, row), so a resumed run draws the same. Declaring it in the settings makes the feature cache
+    step aside, and a resume into the same output_dir stops if this code changed (runkit/resume.py)."""
+    return image
+
+
+# %% Image transforms: the light one, and which pass gets which
+def light_image_transform(image, rng):
+    """The 0.972 Gemma 4 single model's light augmentation: a small shift and rotation, a slight blur half of the
+    time, re-encoded as JPEG at quality 65-80. Option order and text are untouched (shuffle_options does those)."""
+    width, height = image.size
+    angle = float(rng.uniform(-3, 3))
+    shift = (float(rng.uniform(-0.02, 0.02)) * width, float(rng.uniform(-0.02, 0.02)) * height)
+    image = image.rotate(angle, resample=Image.Resampling.BILINEAR, translate=shift, fillcolor=(255, 255, 255))
+    if rng.random() < 0.5:
+        image = image.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.3, 0.8))))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=int(rng.integers(65, 81)))
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+
+
+class SeededTransform:
+    """A transform with its seed: `(image, row) -> image`, drawing from (seed..., row). Picklable (loader workers)."""
+
+    def __init__(self, name, seed):
+        self.name, self.seed = name, [int(s) for s in seed]
+
+    def __call__(self, image, row):
+        # Looked up at call time, so an edited custom_image_transform cell is what runs.
+        transform = custom_image_transform if self.name == "custom" else light_image_transform
+        return transform(image, np.random.default_rng(self.seed + [int(row)]))
+
+
+def image_transform_for(cfg, split, seed=()):
+    """The transform a pass's images go through, or None. split: "train" (training batches) or "test" (validation,
+    out-of-fold and test passes, which see it only with image_transform_on=train+test)."""
+    if cfg.image_transform == "none" or (split != "train" and cfg.image_transform_on == "train"):
+        return None
+    return SeededTransform(cfg.image_transform, [cfg.seed, *seed])

@@ -272,7 +272,8 @@ def train_fold(model, train_frame, val_frame, processor, fmt, cfg, hardware, fol
     while state.epoch < cfg.epochs and not state.stopped_early:
         views = epoch_views(cfg, fold, state.epoch, len(train_frame))
         loader = make_loader(train_frame, views[state.next_sample:], processor, fmt, cfg, run.batch_size,
-                             encoding=loader_encoding(feature_cache), pixel_dtype=tower_dtype(model))
+                             encoding=loader_encoding(feature_cache), pixel_dtype=tower_dtype(model), split="train",
+                             seed=(fold, state.epoch))
         model.train()
         bar = tqdm(loader, desc=f"fold {fold} epoch {state.epoch + 1}/{cfg.epochs}", leave=False)
         tick = time.perf_counter()

@@ -13,17 +13,23 @@ hash of their text and image bytes). On a re-run:
 - a zero-shot fold (`epochs=0`, nothing trained) is trained by a later run with `epochs` > 0; a trained
   fold is never overwritten by a zero-shot run;
 - prediction settings changed (TTA views, the uncertainty gate: `PREDICTION_SETTINGS`): the fold's
-  predictions are made again with its saved adapter, e.g. to try the gate on a finished run.
+  predictions are made again with its saved adapter, e.g. to try the gate on a finished run;
+- the code that builds prompts and images changed (an edited cell in a fork: `code.json` keeps a hash of each such
+  function): the run stops before anything is loaded and names the functions; settings are checked likewise
+  (config.py, check_resume).
 """
 
 import hashlib
+import inspect
 import json
 import pathlib
 
 import pandas as pd
 
+from ..core.collate import VqaCollator, VqaDataset
 from ..core.config import ConfigError
-from ..core.data import OPTION_LETTERS
+from ..core.data import OPTION_LETTERS, custom_image_transform, light_image_transform, load_image
+from ..core.prompts import build_messages, format_user_text, make_prompt_format, render_prompt
 
 SIGNED_COLUMNS = ("id", "question", *OPTION_LETTERS, "answer", "image_hash")
 PREDICTION_FILES = ("oof_probs.csv", "oof_probs_view0.csv", "test_probs.csv", "test_probs_view0.csv",
@@ -126,3 +132,47 @@ def prepare_fold(fold_dir, fold, manifest, test_ids):
     fold_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(manifest, indent=1) + "\n")
     return (fold_dir / "test_probs.csv").exists()
+
+
+# The code that decides what a fold's model sees, by name: looked up when the run starts, so that in the notebook the
+# cell as it is now is what gets signed.
+PROMPT_AND_IMAGE_CODE = ("format_user_text", "build_messages", "make_prompt_format", "render_prompt", "load_image",
+                         "VqaDataset", "VqaCollator", "custom_image_transform", "light_image_transform")
+CODE_FILE = "code.json"
+
+
+def _source(obj):
+    """The source text of a function, or of a class's functions (a class defined in a notebook cell has no file
+    for inspect to read, its methods do); the compiled code where no source can be found."""
+    if inspect.isclass(obj):
+        return "\n".join(_source(f) for _, f in sorted(vars(obj).items()) if inspect.isfunction(f))
+    try:
+        return inspect.getsource(obj)
+    except (OSError, TypeError):
+        return repr((obj.__code__.co_code, obj.__code__.co_consts))
+
+
+def code_signature():
+    """{name: hash of its source} of PROMPT_AND_IMAGE_CODE."""
+    return {name: hashlib.blake2b(_source(globals()[name]).encode("utf-8"), digest_size=8).hexdigest()
+            for name in PROMPT_AND_IMAGE_CODE}
+
+
+def check_code(out_dir):
+    """A re-run into a folder with folds must build prompts and images with the same code: an edited prompt or image
+    cell would otherwise be ensembled with folds made by the old one, without a word."""
+    out_dir = pathlib.Path(out_dir)
+    path = out_dir / CODE_FILE
+    if not path.exists() or not any(p.is_dir() for p in out_dir.glob("fold*")):
+        return
+    before, now = json.loads(path.read_text(encoding="utf-8")), code_signature()
+    changed = [name for name in PROMPT_AND_IMAGE_CODE if name in before and before[name] != now[name]]
+    if changed:
+        raise ConfigError(f"{path}: this run folder's folds were made by other prompt or image code ({', '.join(changed)} "
+                          "changed since). Resuming would ensemble folds that saw different prompts or images. Fix: a "
+                          f"new output_dir (e.g. output_dir={out_dir}_v2), or put the code back")
+
+
+def save_code_signature(out_dir):
+    path = pathlib.Path(out_dir) / CODE_FILE
+    path.write_text(json.dumps(code_signature(), indent=1) + "\n", encoding="utf-8")

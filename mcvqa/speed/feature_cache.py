@@ -115,9 +115,8 @@ def cache_blockers(model, cfg):
     reasons = []
     if vision_is_trainable(model):
         reasons.append("the vision tower has trainable parameters")
-    augment = [f.name for f in dataclasses.fields(cfg) if "augment" in f.name and getattr(cfg, f.name)]
-    if augment:
-        reasons.append(f"images are augmented ({', '.join(augment)})")
+    if cfg.image_transform != "none":  # declared in the settings (data.py): a view's image is not the cached one
+        reasons.append(f"images are transformed (image_transform={cfg.image_transform}, on {cfg.image_transform_on})")
     vlm = unwrap_vlm(model)
     problem = family_of(vlm.config).cached_features_problem(vlm.model)
     if problem:
