@@ -131,7 +131,11 @@ def load_base_model(cfg, hardware, device=None):
     attention = family.attn_implementation(checkpoint_config(cfg.model_name_or_path), hardware.attn_implementation)
     if attention != hardware.attn_implementation:
         print(f"[model] {family.name}: attention per part {attention} ({family.attention_why})")
-    kwargs = dict(dtype=hardware.torch_dtype, attn_implementation=attention,
+    # use_kernels=False: transformers 5.25 kernelizes by default (5.24 did not), fetching kernel code from the Hub at load
+    # time (its `kernels` package is a dependency now): an offline Kaggle session stops there ("kernels-community/
+    # activation could not verify publisher trust status", BENCHMARKS.md run 40), and remote code is not what was
+    # tested. Every supported release (5.0 on) takes the keyword.
+    kwargs = dict(dtype=hardware.torch_dtype, attn_implementation=attention, use_kernels=False,
                   device_map={"": device}, local_files_only=is_local_model(cfg.model_name_or_path))
     prequantised = saved_in_4bit(cfg.model_name_or_path)  # its own quantization_config wins over one passed here
     if uses_nf4(cfg) and not prequantised:
