@@ -22,10 +22,9 @@ product's own checks decide.
 Gemma 4 (bench_gemma4.py) runs with the BENCH tokenizer (262,144 entries, special tokens at the real ids, a BPE
 trained on the bench's Korean texts: fewer Korean tokens per sample than the real one would give) and the real
 tokenizer/processor configs and template (the 31B's reconstructed), made by --prepare into .bench_assets.
-On transformers 5.25 the product cannot load E2B/E4B folders (their audio tower) with attn_implementation=sdpa:
-"Gemma4AudioModel does not support ... scaled_dot_product_attention" (mcvqa/core/modeling.py load_base_model passes one
-implementation for every sub-model). Until the product fixes that, `+attn_implementation=eager` after the run runs it
-(all of the model in eager attention: slower than what users would get).
+transformers 5.25 on the GPU machine (it has 5.17): carry `.gpu/tf525` (transformers, huggingface_hub 2.4 and its
+httpx2, tokenizers, safetensors, kernels, hf-xet as wheels), then on the machine
+`pip install --no-index --no-deps --target /tmp/t525 .gpu/tf525/*.whl` and `PYTHONPATH=/tmp/t525:.gpu/site`.
 
 Qwen3.5 needs bitsandbytes for NF4 and runs its DeltaNet layers with flash-linear-attention where importable
 (`PYTHONPATH=.gpu/site:.gpu/fla`), else transformers' torch loop.
