@@ -232,7 +232,7 @@ def test_an_attached_gemma_asks_for_the_release_with_its_fast_paths(tmp_path, mo
     from packaging.version import Version
 
     import mcvqa.runkit.locate as locate
-    from mcvqa.core import packages
+    from mcvqa.machinery import packages
     from mcvqa.machinery.packages import SetupError
 
     folder = tmp_path / "gemma-4-e4b-it" / "transformers" / "default" / "1"

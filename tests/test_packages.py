@@ -14,7 +14,7 @@ import pytest
 from mcvqa import bundle
 from mcvqa.bundle import (BUNDLE_FOLDER, KAGGLE_LACKS, KAGGLE_PYTHON, MANYLINUX, BundleMade, bundle_folder,
                           make_bundle, make_kernel_bundle, write_bundle_metadata)
-from mcvqa.core import packages
+from mcvqa.machinery import packages
 from mcvqa.machinery.packages import (BUNDLE_METADATA, SetupError, ensure_packages, kernel_platforms, kernel_python,
                                  usable_wheel_folders)
 
