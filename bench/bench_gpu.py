@@ -51,6 +51,7 @@ from mcvqa.core.modeling import load_model_for_training  # noqa: E402
 from mcvqa.core.prompts import build_messages, format_user_text, make_prompt_format  # noqa: E402
 from mcvqa.core.modeling import unwrap_vlm  # noqa: E402
 from mcvqa.core.scoring import answer_loss, letter_logits  # noqa: E402
+from mcvqa.core.training import FoldContext  # noqa: E402
 from bench_gemma4 import GEMMA4_MODELS, gemma4_sizes  # noqa: E402
 
 SPECIAL = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
@@ -410,13 +411,16 @@ def pipeline_rows(bench, model, processor, fmt, section, seed_rate):
     with tempfile.TemporaryDirectory() as folder:
         frame = frame_on_disk(n, args.size, folder)
         cfg1 = bench_cfg(bench, tta_option_views=1)
-        predict_views(model, frame.iloc[:args.batch], processor, fmt, cfg1, bench.hardware, desc="warm-up")
-        t_single, _ = bench.timed(lambda: predict_views(model, frame, processor, fmt, cfg1, bench.hardware))
+        predict_views(FoldContext(processor, fmt, cfg1, bench.hardware), model, frame.iloc[:args.batch], desc="warm-up")
+        t_single, _ = bench.timed(lambda: predict_views(FoldContext(processor, fmt, cfg1, bench.hardware),
+                                                        model, frame))
         bench.row(section, f"ours: predict_views, {n} rows, 1 view, no cache (JPEG decode + collate in workers)", n / t_single)
         bench.results["inference_speedup"] = (n / t_single) / seed_rate
         cache = FeatureCache()
-        predict_views(model, frame, processor, fmt, cfg1, bench.hardware, feature_cache=cache)
-        t_hit, _ = bench.timed(lambda: predict_views(model, frame, processor, fmt, cfg1, bench.hardware, feature_cache=cache))
+        predict_views(FoldContext(processor, fmt, cfg1, bench.hardware, feature_cache=cache), model, frame)
+        t_hit, _ = bench.timed(lambda: predict_views(FoldContext(processor, fmt, cfg1, bench.hardware,
+                                                                 feature_cache=cache),
+                                                     model, frame))
         bench.row(section, f"ours: predict_views, {n} rows, 1 view, features already cached", n / t_hit)
         bench.results["inference_speedup_cached"] = (n / t_hit) / seed_rate
 
@@ -449,8 +453,9 @@ def ensemble_rows(bench, model, processor, frame, t_single, variants=tuple(ENSEM
         def ensemble():
             cache = FeatureCache(device=bench.device if on_gpu else "cpu")
             for fold in range(3):  # 3 folds (one model here: the cost per fold is the same)
-                t_fold, views = bench.timed(lambda: predict_views(model, frame, processor, fmt, cfg4, bench.hardware,
-                                                                  feature_cache=cache, reuse_batches=reuse))
+                t_fold, views = bench.timed(lambda: predict_views(FoldContext(processor, fmt, cfg4, bench.hardware,
+                                                                              feature_cache=cache),
+                                                                  model, frame, reuse_batches=reuse))
                 print(f"[bench] {key} fold {fold}: {t_fold:.2f} s", flush=True)
             return cache, views
 
@@ -458,7 +463,8 @@ def ensemble_rows(bench, model, processor, frame, t_single, variants=tuple(ENSEM
         if key == "ensemble_cost" and bench.device == "cuda" and bench.args.profile_fold:
             from torch.profiler import ProfilerActivity, profile
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                predict_views(model, frame, processor, fmt, cfg4, bench.hardware, feature_cache=cache, reuse_batches=True)
+                predict_views(FoldContext(processor, fmt, cfg4, bench.hardware, feature_cache=cache),
+                              model, frame, reuse_batches=True)
                 torch.cuda.synchronize()
             averages = prof.key_averages()
             print(averages.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=50))
@@ -496,8 +502,10 @@ def ensemble_only(bench, processor):
     for i, n in enumerate(sizes):
         with tempfile.TemporaryDirectory() as folder:
             frame = frame_on_disk(n, args.size, folder)
-            predict_views(model, frame.iloc[:args.batch], processor, fmt, cfg1, bench.hardware, desc="warm-up")
-            t_single, _ = bench.timed(lambda: predict_views(model, frame, processor, fmt, cfg1, bench.hardware))
+            predict_views(FoldContext(processor, fmt, cfg1, bench.hardware),
+                          model, frame.iloc[:args.batch], desc="warm-up")
+            t_single, _ = bench.timed(lambda: predict_views(FoldContext(processor, fmt, cfg1, bench.hardware),
+                                                            model, frame))
             bench.row("(b) ensemble", f"one single-view pass, {n} rows, no cache (pipeline)", n / t_single,
                       note=f"{n / t_single / seed_rate:.1f}x the seed")
             variants = args.variants.split(",") if args.variants != "all" else tuple(ENSEMBLE_VARIANTS)

@@ -31,6 +31,7 @@ from mcvqa.scale.parallel import worker_slots  # noqa: E402
 from mcvqa.scale.sharded import predict_views_sharded  # noqa: E402
 from mcvqa.pipeline import load_competition  # noqa: E402
 from mcvqa.core.prompts import make_prompt_format  # noqa: E402
+from mcvqa.core.training import FoldContext  # noqa: E402
 
 # A mid-size Qwen2.5-VL: the 3B's widths with fewer layers (about 1.4 B parameters), random weights.
 MID_QWEN25_VL = dict(
@@ -134,15 +135,16 @@ def main():
     for batch in (1, cfg.infer_batch_size):
         torch.cuda.synchronize()
         t = time.perf_counter()
-        single[batch] = predict_views(model, test, processor, fmt, dataclasses.replace(cfg, infer_batch_size=batch),
-                                      hardware, desc=f"one GPU, batch {batch}")
+        single[batch] = predict_views(FoldContext(processor, fmt, dataclasses.replace(cfg, infer_batch_size=batch),
+                                                  hardware),
+                                      model, test, desc=f"one GPU, batch {batch}")
         print(f"[bench] one-GPU inference, batch {batch}: {time.perf_counter() - t:.1f} s for {len(test)} rows x "
               f"{len(single[batch])} views")
     del model
     torch.cuda.empty_cache()
     t = time.perf_counter()
     sharded = predict_views_sharded(test, dataclasses.replace(cfg, infer_batch_size=1), hardware, adapter,
-                                    worker_slots(hardware, torch.cuda.device_count()), work / "shard_logs")
+                                    slots=worker_slots(hardware, torch.cuda.device_count()), log_dir=work / "shard_logs")
     print(f"[bench] sharded inference, batch 1, {torch.cuda.device_count()} GPUs: {time.perf_counter() - t:.1f} s "
           f"(worker start and model load included)")
     exact = all(np.array_equal(sharded[k], single[1][k]) for k in single[1])

@@ -43,7 +43,8 @@ def estimate(profile, name, overrides, folder):
         cfg, plan = plan_memory(cfg, hardware, verbose=False)
     except ValueError as error:
         return f"| {name} | {card} | does not fit: {str(error).split('. Fix')[0]} | | | |"
-    (low, high), _ = preflight.estimate_hours(cfg, hardware, plan, N_TRAIN, N_TEST, N_TRAIN + N_TEST, 3, len(gpus))
+    (low, high), _ = preflight.estimate_hours(cfg, hardware, plan, n_train=N_TRAIN, n_test=N_TEST,
+                                              n_images=N_TRAIN + N_TEST, n_folds=3, workers=len(gpus))
     precision = {"nf4": "NF4 (QLoRA)", "none": "16-bit LoRA"}[plan["quantization"]]
     return (f"| {name} | {card} | {precision} | {plan['weights_gib']:.1f} GiB | micro-batch {plan['micro_batch_size']} "
             f"x {plan['grad_accum_steps']}, checkpointing {plan['gradient_checkpointing']} | {low:.1f}-{high:.1f} h |")

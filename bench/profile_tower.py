@@ -30,6 +30,7 @@ from mcvqa.core.prompts import make_prompt_format  # noqa: E402
 from mcvqa.core.collate import make_loader  # noqa: E402
 from mcvqa.core.modeling import unwrap_vlm  # noqa: E402
 from mcvqa.core.scoring import letter_logits  # noqa: E402
+from mcvqa.core.training import FoldContext  # noqa: E402
 from transformers import AutoProcessor  # noqa: E402
 
 
@@ -88,13 +89,15 @@ def sync_profile(bench, model, processor, fmt, args):
     with tempfile.TemporaryDirectory() as folder:
         frame = frame_on_disk(n, args.size, folder)
         cache = FeatureCache()
-        predict_views(model, frame, processor, fmt, cfg4, bench.hardware, feature_cache=cache)  # fills the cache
-        t, _ = bench.timed(lambda: predict_views(model, frame, processor, fmt, cfg4, bench.hardware, feature_cache=cache))
+        predict_views(FoldContext(processor, fmt, cfg4, bench.hardware, feature_cache=cache),
+                      model, frame)  # fills the cache
+        t, _ = bench.timed(lambda: predict_views(FoldContext(processor, fmt, cfg4, bench.hardware, feature_cache=cache),
+                                                 model, frame))
         print(f"[sync] cached fold, {n} rows: {t:.2f} s", flush=True)
         from torch.profiler import ProfilerActivity, profile
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bench.device == "cuda" else [])
         with profile(activities=activities, with_stack=True) as prof:
-            predict_views(model, frame, processor, fmt, cfg4, bench.hardware, feature_cache=cache)
+            predict_views(FoldContext(processor, fmt, cfg4, bench.hardware, feature_cache=cache), model, frame)
             bench.sync()
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=45), flush=True)
     # Calls that make the CPU wait for the GPU (their Python call sites are not recorded on CUDA builds here).
@@ -156,13 +159,15 @@ def pipeline_variants(bench, model, processor, fmt, args):
         for name, change in variants.items():
             cfg1 = dataclasses.replace(bench_cfg(bench, tta_option_views=1), **change)
             cfg4 = dataclasses.replace(bench_cfg(bench, tta_option_views=4), **change)
-            predict_views(model, frame.iloc[:args.batch], processor, fmt, cfg1, bench.hardware, desc="warm-up")
-            t1, _ = bench.timed(lambda: predict_views(model, frame, processor, fmt, cfg1, bench.hardware))
+            predict_views(FoldContext(processor, fmt, cfg1, bench.hardware),
+                          model, frame.iloc[:args.batch], desc="warm-up")
+            t1, _ = bench.timed(lambda: predict_views(FoldContext(processor, fmt, cfg1, bench.hardware), model, frame))
             cache = FeatureCache()
             folds = []
             for _ in range(3):
-                t, _ = bench.timed(lambda: predict_views(model, frame, processor, fmt, cfg4, bench.hardware,
-                                                         feature_cache=cache))
+                t, _ = bench.timed(lambda: predict_views(FoldContext(processor, fmt, cfg4, bench.hardware,
+                                                                     feature_cache=cache),
+                                                         model, frame))
                 folds.append(t)
             print(f"[pipeline] {name}: single pass {n / t1:.1f} rows/s ({t_seed / 32 * n / t1:.1f}x seed); ensemble "
                   f"{sum(folds):.1f} s (folds {', '.join(f'{t:.1f}' for t in folds)}) = {sum(folds) / t1:.2f}x", flush=True)

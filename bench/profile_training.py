@@ -24,7 +24,7 @@ from mcvqa.speed.feature_cache import make_feature_cache  # noqa: E402
 from mcvqa.core.collate import loader_encoding, make_loader  # noqa: E402
 from mcvqa.core.hardware import compute_autocast  # noqa: E402
 from mcvqa.core.modeling import tower_dtype  # noqa: E402
-from mcvqa.core.training import train_fold  # noqa: E402
+from mcvqa.core.training import FoldContext, train_fold  # noqa: E402
 
 
 def main():
@@ -58,7 +58,9 @@ def main():
             torch.cuda.reset_peak_memory_stats()
         shutil.rmtree(work / f"prof_{k}", ignore_errors=True)
         shutil.rmtree(work / "prof_torch", ignore_errors=True)
-        result = train_fold(model, part, val, processor, fmt, cfg, hardware, 0, work / f"prof_{k}", feature_cache=cache)
+        result = train_fold(FoldContext(processor, fmt, cfg, hardware, feature_cache=cache, fold=0,
+                                        fold_dir=work / f"prof_{k}"),
+                            model, part, val)
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
         print(f"[bench] variant {variant!r}: checkpointing {cfg.gradient_checkpointing}, micro {cfg.micro_batch_size} x "
               f"{cfg.grad_accum_steps}: {result['samples_trained'] / result['train_s']:.2f} samples/s "
@@ -69,8 +71,9 @@ def main():
                                                                    if torch.cuda.is_available() else [])
             with torch.profiler.profile(activities=activities) as prof:
                 started = time.perf_counter()
-                train_fold(model, part.iloc[:48], val.iloc[:4], processor, fmt, dataclasses.replace(cfg, evals_per_epoch=0),
-                           hardware, 1, work / "prof_torch", feature_cache=cache)
+                train_fold(FoldContext(processor, fmt, dataclasses.replace(cfg, evals_per_epoch=0), hardware,
+                                       feature_cache=cache, fold=1, fold_dir=work / "prof_torch"),
+                           model, part.iloc[:48], val.iloc[:4])
             print(f"[bench] profiled 48 samples in {time.perf_counter() - started:.1f} s")
             sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
             print(prof.key_averages().table(sort_by=sort, row_limit=22, max_name_column_width=60))

@@ -31,7 +31,7 @@ from .core.modeling import (describe_kernels, load_model_for_training, load_proc
                             model_family)
 from .core.prompts import make_prompt_format
 from .core.submission import read_sample_submission, write_submission
-from .core.training import train_fold
+from .core.training import FoldContext, train_fold
 from .demo.demo_data import generate_demo_dataset
 from .demo.demo_model import build_tiny_qwen_vl
 from .machinery.compat import check_versions
@@ -175,7 +175,8 @@ def start_run(cfg, hardware):
     if group.is_main():
         workers = max(1, parallel_workers(cfg, hardware, len(folds_to_run(cfg)), verbose=False))
         n_images = len(set(train["image_hash"]) | set(test["image_hash"]))
-        preflight(cfg, hardware, plan, len(train), len(test), n_images, len(folds_to_run(cfg)), workers)
+        preflight(cfg, hardware, plan, n_train=len(train), n_test=len(test), n_images=n_images,
+                  n_folds=len(folds_to_run(cfg)), workers=workers)
         save_config(cfg, out_dir)  # the run folder's first files, after every check
         save_code_signature(out_dir)
         (out_dir / "memory_plan.json").write_text(json.dumps(plan, indent=2) + "\n")
@@ -197,28 +198,50 @@ def run_feature_cache(cfg, model, hardware, shared):
     return cache
 
 
-def run_fold(fold, train, test, folds, processor, fmt, cfg, hardware, out_dir, shared_cache=None, clock=None):
+def run_fold(run, fold, shared_cache=None):
     """Train one fold (or resume / skip it) and write its out-of-fold and test probabilities.
 
-    `shared_cache`: the run's feature-cache holder (see run_feature_cache); None = this fold alone.
-    `clock`: the run's RunClock (budget.py); None = no time budget."""
-    fold_dir = out_dir / f"fold{fold}"
-    apply_memory_cap(hardware)  # (again in a fold worker: a new process)
-    train_part = train[folds != fold].reset_index(drop=True)
-    val_part = train[folds == fold].reset_index(drop=True)
-    zero_shot = cfg.epochs == 0
+    `run`: the run's parts (start_run); `shared_cache`: the run's feature-cache holder (see run_feature_cache);
+    None = this fold alone. The fold's stages share one FoldContext (core/training.py), made by load_fold_model."""
+    fold_dir = run.out_dir / f"fold{fold}"
+    apply_memory_cap(run.hardware)  # (again in a fold worker: a new process)
+    train_part = run.train[run.folds != fold].reset_index(drop=True)
+    val_part = run.train[run.folds == fold].reset_index(drop=True)
+    zero_shot = run.cfg.epochs == 0
     # Reuse only what belongs to the current rows (resume.py): stale predictions are made again.
-    manifest = fold_manifest(train_part, val_part, test, zero_shot, prediction_settings(cfg))
-    if process_group().from_main(lambda: prepare_fold(fold_dir, fold, manifest, test["id"])):
-        print(f"[fold {fold}] predictions exist and match the current rows, skipping")
+    manifest = fold_manifest(train_part, val_part, run.test, zero_shot, prediction_settings(run.cfg))
+    if fold_needs_no_work(run, fold, fold_dir, manifest):
         return
+    shared_cache = {} if shared_cache is None else shared_cache
+    model, ctx = load_fold_model(run, fold, fold_dir, train_part, shared_cache)
+    fit_fold(ctx, model, train_part, val_part, run.test)
+    predict_fold(ctx, model, val_part, run.test, shared_cache=shared_cache, zero_shot=zero_shot)
+    report_fold_end(ctx, run.out_dir)
+    del model
+    free_memory()
+
+
+def fold_needs_no_work(run, fold, fold_dir, manifest):
+    """True when the fold's predictions exist and match the current rows (resume.py), or when the time budget
+    leaves none for it (marked SKIPPED_FOR_TIME, and the submission comes from the other folds)."""
+    out_dir, clock = run.out_dir, run.clock
+    if process_group().from_main(lambda: prepare_fold(fold_dir, fold, manifest, run.test["id"])):
+        print(f"[fold {fold}] predictions exist and match the current rows, skipping")
+        return True
     if clock is not None and clock.out_of_time() and list(out_dir.glob("fold*/test_probs.csv")):
         print(f"[time] fold {fold} skipped ({clock.describe()}): no time left for it; the submission comes from the "
               "folds with predictions")
         if process_group().is_main():
             (fold_dir / SKIPPED_FOR_TIME).write_text(clock.describe() + "\n")
-        return
+        return True
     (fold_dir / SKIPPED_FOR_TIME).unlink(missing_ok=True)
+    return False
+
+
+def load_fold_model(run, fold, fold_dir, train_part, shared_cache):
+    """(the fold's model, its FoldContext): the model with its LoRA initialised from seed + fold, on this rank's
+    GPU, its vision tower sped up and its fast paths checked against the stock forward on `train_part`'s rows."""
+    cfg, hardware = run.cfg, run.hardware
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(cfg.seed + fold)  # same LoRA initialisation on every (re-)run of this fold
@@ -227,10 +250,18 @@ def run_fold(fold, train, test, folds, processor, fmt, cfg, hardware, out_dir, s
     if kernels:
         print(kernels)
     speed_up_vision_tower(model, cfg, hardware)
-    shared_cache = {} if shared_cache is None else shared_cache
     cache = run_feature_cache(cfg, model, hardware, shared_cache)
+    ctx = FoldContext(run.processor, run.fmt, cfg, hardware, feature_cache=cache, fold=fold, fold_dir=fold_dir,
+                      clock=run.clock)
     # The fast paths are checked against the stock forward on this transformers version before they are used.
-    cache, cfg = check_fast_paths(model, train_part, processor, fmt, cfg, hardware, cache)
+    cache, cfg = check_fast_paths(ctx, model, train_part)
+    return model, dataclasses.replace(ctx, feature_cache=cache, cfg=cfg)
+
+
+def fit_fold(ctx, model, train_part, val_part, test):
+    """The fold's adapter in `model`: the earlier run's (adapters_from), none (epochs=0: zero-shot), or trained
+    now (train_fold) and its best EMA weights loaded."""
+    cfg, fold, fold_dir = ctx.cfg, ctx.fold, ctx.fold_dir
     if cfg.adapters_from:
         # Inference only: the earlier run's adapter for this fold, copied here so this run folder stands alone.
         source = pathlib.Path(cfg.adapters_from) / f"fold{fold}" / "best_adapter.pt"  # (start_run checked it is there)
@@ -239,18 +270,21 @@ def run_fold(fold, train, test, folds, processor, fmt, cfg, hardware, out_dir, s
         if process_group().is_main():
             torch.save(state, fold_dir / "best_adapter.pt")
         print(f"[fold {fold}] adapters_from: predicting with {source}, no training")
-    elif zero_shot:
+    elif cfg.epochs == 0:
         # epochs=0: the base model answers (LoRA starts as the identity); every fold scores the same test set.
         print(f"[fold {fold}] epochs=0: zero-shot, the base model scores its out-of-fold rows and the test set")
     else:
         views = max(1, cfg.tta_option_views) * len(image_scales(cfg)) * (len(val_part) + len(test)) + \
             extra_views_per_row(cfg) * (max_gated_rows(cfg, len(val_part)) + max_gated_rows(cfg, len(test)))
-        train_fold(model, train_part, val_part, processor, fmt, cfg, hardware, fold, fold_dir, feature_cache=cache,
-                   clock=clock, reserve_views=views)
+        train_fold(ctx, model, train_part, val_part, reserve_views=views)
         load_trainable_state(model, process_group().from_main(lambda: torch.load(fold_dir / "best_adapter.pt", map_location="cpu")))
-    predict_fold(model, fold, val_part, test, processor, fmt, cfg, hardware, fold_dir, cache, shared_cache, zero_shot)
-    if cache is not None:
-        print(f"[cache] after fold {fold}: {cache.summary()}")
+
+
+def report_fold_end(ctx, out_dir):
+    """The fold's closing lines: its feature cache, the time so far and the pace, its peak GPU memory."""
+    cfg, fold, clock, hardware = ctx.cfg, ctx.fold, ctx.clock, ctx.hardware
+    if ctx.feature_cache is not None:
+        print(f"[cache] after fold {fold}: {ctx.feature_cache.summary()}")
     if clock is not None:
         done, total = len(list(out_dir.glob("fold*/test_probs.csv"))), len(folds_to_run(cfg))
         eta = clock.elapsed() / max(done, 1) * (total - done) / 3600  # (workers in parallel: an upper bound)
@@ -259,14 +293,13 @@ def run_fold(fold, train, test, folds, processor, fmt, cfg, hardware, out_dir, s
     if hardware.device == "cuda":
         print(f"[memory] fold {fold}: peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated, "
               f"{torch.cuda.max_memory_reserved() / 2**30:.2f} GiB reserved, of {hardware.gpu_memory_gib:g} GiB")
-    del model
-    free_memory()
 
 
-def predict_fold(model, fold, val_part, test, processor, fmt, cfg, hardware, fold_dir, cache, shared_cache, zero_shot):
+def predict_fold(ctx, model, val_part, test, *, shared_cache, zero_shot):
     """The fold's out-of-fold and test probabilities with TTA (and the uncertainty gate, gate.py), written to
-    fold_dir: `*_probs_view0.csv` (one view), with the gate `*_probs_ungated.csv` and `*_gate.json` (what it
+    ctx.fold_dir: `*_probs_view0.csv` (one view), with the gate `*_probs_ungated.csv` and `*_gate.json` (what it
     gated and cost), and `*_probs.csv` (what the ensemble takes)."""
+    fold, fold_dir, cfg = ctx.fold, ctx.fold_dir, ctx.cfg
     for name, frame in (("oof", val_part), ("test", test)):
         if zero_shot and name == "test" and "zero_shot_test" in shared_cache:
             views, probs, gated, report = shared_cache["zero_shot_test"]  # the same untrained model: the same outputs
@@ -275,13 +308,12 @@ def predict_fold(model, fold, val_part, test, processor, fmt, cfg, hardware, fol
             # The test pass is the same in every fold: its batches are kept for the next fold (feature cache on).
             tick = time.perf_counter()
             views = gather_views(process_group().map_shards(frame, lambda part: predict_views(
-                model, part, processor, fmt, cfg, hardware, desc=f"fold {fold} {name}", feature_cache=cache,
-                reuse_batches=name == "test")))
+                ctx, model, part, desc=f"fold {fold} {name}", reuse_batches=name == "test")))
             normal_s = time.perf_counter() - tick
             probs, gated, report = tta_probs(views, cfg.tta_average), None, None
             if gate_on(cfg):
-                gated, report = gated_probs(model, frame, probs, views, processor, fmt, cfg, hardware,
-                                            f"fold {fold} {name}", cache, process_group().map_shards)
+                gated, report = gated_probs(ctx, model, frame, probs, views, desc=f"fold {fold} {name}",
+                                            map_shards=process_group().map_shards)
                 report["normal_s"] = round(normal_s, 3)
         if zero_shot and name == "test":
             shared_cache["zero_shot_test"] = views, probs, gated, report
@@ -299,9 +331,7 @@ def run_all_folds(run):
     """Every fold trained (or resumed, or skipped when done) and its predictions written: one after another
     here (under DDP each across all ranks), or with 2+ GPUs one worker process per GPU (scale/parallel.py)."""
     shared_cache = {}  # the folds of this run share one image-feature cache
-    args = (run.train, run.test, run.folds, run.processor, run.fmt, run.cfg, run.hardware, run.out_dir, shared_cache,
-            run.clock)
-    run_folds(run_fold, {fold: (fold, *args) for fold in folds_to_run(run.cfg)}, run.cfg, run.hardware,
+    run_folds(run_fold, {fold: (run, fold, shared_cache) for fold in folds_to_run(run.cfg)}, run.cfg, run.hardware,
               run.out_dir / "workers")
     shared_cache.clear()  # the folds are done: free their image features (GPU memory too) and kept batches
 

@@ -69,7 +69,7 @@ def _report_runtime(seconds):
     return f"{h}h {rem // 60:02d}m {rem % 60:02d}s ({float(seconds):.0f} s)"
 
 
-def _report_experiment_md(name, date, run_dir, cfg, metrics, plots, analysis=None, blend=None):
+def _report_experiment_md(name, date, run_dir, cfg, metrics, plots, *, analysis=None, blend=None):
     """Markdown body of the per-experiment REPORT.md; blend: the blend_report.json the run has, if any."""
     blend_folder = "blend_of" in cfg  # (written by `python -m mcvqa blend`: no model, no training settings)
     model = (f"blend of {', '.join(_report_member_models(blend))}" if blend_folder and blend
@@ -205,7 +205,7 @@ def snapshot_experiment(run_dir, name, experiments_dir="experiments", report_pat
     plots = [exp_dir / "plots" / f"{n}.png" for n in _REPORT_PLOT_NAMES if (exp_dir / "plots" / f"{n}.png").exists()]
     (exp_dir / "REPORT.md").write_text(
         _report_experiment_md(exp_dir.name, today, run_dir, cfg, metrics, plots,
-                              read_json(exp_dir / "analysis" / "analysis.json"), blend), encoding="utf-8")
+                              analysis=read_json(exp_dir / "analysis" / "analysis.json"), blend=blend), encoding="utf-8")
     model, notes = _report_scoreboard_model_notes(cfg, metrics, blend)
     # Relative link, so the scoreboard still works when the repo is cloned elsewhere.
     link = pathlib.Path(os.path.relpath(exp_dir.resolve(), pathlib.Path(report_path).resolve().parent))

@@ -283,6 +283,7 @@ def test_qwen35_scores_option_orders_with_the_whole_prompt_in_bf16_only(tiny_cfg
     from mcvqa.core.modeling import load_model_for_training, load_processor
     from mcvqa.core.prompts import make_prompt_format
     from mcvqa.speed.feature_cache import FeatureCache
+    from mcvqa.core.training import FoldContext
     from mcvqa.speed.self_check import check_fast_paths
 
     cfg = tiny_cfg("qwen3_5", tta_option_views=4)
@@ -295,7 +296,9 @@ def test_qwen35_scores_option_orders_with_the_whole_prompt_in_bf16_only(tiny_cfg
                      "a": "빨간색", "b": "파란색", "c": "초록색", "d": "노란색"})
     frame = pd.DataFrame(rows)
     bf16 = dataclasses.replace(hardware, dtype="bfloat16")
-    cache, checked = check_fast_paths(model, frame, processor, make_prompt_format(processor, cfg), cfg, bf16, FeatureCache())
+    cache, checked = check_fast_paths(FoldContext(processor, make_prompt_format(processor, cfg), cfg, bf16,
+                                                  feature_cache=FeatureCache()),
+                                      model, frame)
     out = capsys.readouterr()
     assert checked.tta_shared_prefix is False and cache is not None and "WARNING" not in out.err
     assert "shared-prefix option orders off in bf16" in out.out

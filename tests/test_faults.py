@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import mcvqa.core.training as training
+from mcvqa.core.training import FoldContext
 from mcvqa.core.data import check_images, read_competition_csv
 from mcvqa.demo.demo_data import generate_demo_dataset
 from mcvqa.core.modeling import load_model_for_training, trainable_state
@@ -38,8 +39,9 @@ def _train(tiny_cfg, tiny_processor, tiny_fmt, hardware, demo_rows, out_dir, pre
     if prepare is not None:
         prepare(model)
     train_part, val_part = demo_rows
-    result = training.train_fold(model, train_part, val_part, tiny_processor("qwen2_5_vl"), tiny_fmt("qwen2_5_vl"),
-                                 cfg, hardware, 0, out_dir)
+    result = training.train_fold(FoldContext(tiny_processor("qwen2_5_vl"), tiny_fmt("qwen2_5_vl"), cfg, hardware,
+                                             fold=0, fold_dir=out_dir),
+                                 model, train_part, val_part)
     history = [row for row in json.loads(json.dumps(_history(out_dir))) if all_history or row["kind"] == "train"]
     return result, trainable_state(model), history
 

@@ -29,7 +29,7 @@ from mcvqa.core.modeling import unwrap_vlm, vision_tower
 from mcvqa.core.scoring import answer_loss, letter_logits
 from mcvqa.core.collate import micro_batches
 from mcvqa.core import training
-from mcvqa.core.training import train_fold
+from mcvqa.core.training import FoldContext, train_fold
 
 MIN_PIXELS, MAX_PIXELS = 28 * 28 * 4, 112 * 112
 
@@ -168,14 +168,15 @@ def test_each_image_encoded_once_across_views_and_folds(family, tiny_model, tiny
     monkeypatch.setattr(type(image_processor), "__call__",
                         lambda self, images=None, **kw: processed.append(len(images)) or original_call(self, images, **kw))
     try:
-        plain = predict_views(model, frame, processor, fmt, cfg, hardware)
+        plain = predict_views(FoldContext(processor, fmt, cfg, hardware), model, frame)
         assert counter["images"] == 12 and sum(processed) == 12  # without the cache: once per view
         counter["images"], processed[:] = 0, []
         cache = _cache(tiny_cfg, family, model, hardware)
-        cached = predict_views(model, frame, processor, fmt, cfg, hardware, feature_cache=cache)
+        cached = predict_views(FoldContext(processor, fmt, cfg, hardware, feature_cache=cache), model, frame)
         assert sum(processed) == 3  # the 4 option views of a row are one batch: its image processed once
         processed[:] = []
-        again = predict_views(model, frame, processor, fmt, cfg, hardware, feature_cache=cache)  # "next fold"
+        again = predict_views(FoldContext(processor, fmt, cfg, hardware, feature_cache=cache),
+                              model, frame)  # "next fold"
         assert sum(processed) == 0  # cached when the loader was made: no pixels at all
     finally:
         handle.remove()
@@ -209,7 +210,8 @@ def test_train_fold_with_cache_matches_without(tiny_cfg, tiny_processor, tiny_fm
         start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         cache = _cache(tiny_cfg, family, model, hardware) if use_cache else None
         out = tmp_path / f"fold_cache{use_cache}"
-        train_fold(model, frame, frame, processor, fmt, cfg, hardware, 0, out, feature_cache=cache)
+        train_fold(FoldContext(processor, fmt, cfg, hardware, feature_cache=cache, fold=0, fold_dir=out),
+                   model, frame, frame)
         history = pd.read_csv(out / "history.csv")
         state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         results.append((history, state, cache, grads))
@@ -418,7 +420,8 @@ def test_later_fold_reuses_the_kept_test_batches(tiny_model, tiny_cfg, tiny_proc
     cache = _cache(tiny_cfg, family, model, hardware)
 
     def run(data):
-        return predict_views(model, data, processor, fmt, cfg, hardware, feature_cache=cache, reuse_batches=True)
+        return predict_views(FoldContext(processor, fmt, cfg, hardware, feature_cache=cache),
+                             model, data, reuse_batches=True)
 
     first = run(frame)
     assert len(loaders) == 1 and len(cache.replay.kept) == 1
@@ -452,7 +455,7 @@ def test_kept_batches_are_plain_memory_and_features_are_compact(tiny_model, tiny
     cfg = tiny_cfg(family, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, tta_option_views=4, num_workers=2,
                    infer_batch_size=2)
     cache = _cache(tiny_cfg, family, model, hardware)
-    predict_views(model, frame, processor, fmt, cfg, hardware, feature_cache=cache, reuse_batches=True)
+    predict_views(FoldContext(processor, fmt, cfg, hardware, feature_cache=cache), model, frame, reuse_batches=True)
     (batches, _), = cache.replay.kept.values()
     tensors = [t for b in batches for t in b.values() if isinstance(t, torch.Tensor)]
     assert tensors and not any(t.is_shared() for t in tensors)
@@ -460,7 +463,7 @@ def test_kept_batches_are_plain_memory_and_features_are_compact(tiny_model, tiny
         assert features.embeds.untyped_storage().nbytes() == features.nbytes
     small = _cache(tiny_cfg, family, model, hardware, feature_cache_max_gib=cache.bytes / 2 / 2**30)
     capsys.readouterr()
-    predict_views(model, frame, processor, fmt, cfg, hardware, feature_cache=small, reuse_batches=True)
+    predict_views(FoldContext(processor, fmt, cfg, hardware, feature_cache=small), model, frame, reuse_batches=True)
     assert small.replay.kept == {} and "not kept" in capsys.readouterr().out
 
 

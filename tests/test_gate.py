@@ -16,6 +16,7 @@ from mcvqa.runkit.gate import (extra_views_per_row, gate_perms, gate_summary, ga
                              select_gated)
 from mcvqa.core.inference import average_views, predict_views, tta_probs
 from mcvqa.core.prompts import make_prompt_format
+from mcvqa.core.training import FoldContext
 from mcvqa.speed.feature_cache import make_feature_cache
 
 pytestmark = [pytest.mark.usefixtures("torch_single_thread"), pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -108,10 +109,10 @@ def test_gated_rows_get_all_their_views_and_the_other_rows_stay_bit_identical(or
     frame = pd.DataFrame(rows)
     cache = make_feature_cache(cfg, model, hardware)
     assert cache is not None  # the product's path: cached features, shared prefix
-    views = predict_views(model, frame, processor, fmt, cfg, hardware, feature_cache=cache)
+    views = predict_views(FoldContext(processor, fmt, cfg, hardware, feature_cache=cache), model, frame)
     probs = tta_probs(views)
-    gated, report = gated_probs(model, frame, probs, views, processor, fmt, cfg, hardware, "test", cache,
-                                lambda part, fn: [fn(part)])
+    gated, report = gated_probs(FoldContext(processor, fmt, cfg, hardware, feature_cache=cache),
+                                model, frame, probs, views, desc="test", map_shards=lambda part, fn: [fn(part)])
     chosen, _ = select_gated(probs, views, cfg)
     assert len(chosen) == 3 and report["gated"] == 3 and report["gated_ids"] == [f"q{i}" for i in chosen]
     others = np.setdiff1d(np.arange(6), chosen)
@@ -120,8 +121,8 @@ def test_gated_rows_get_all_their_views_and_the_other_rows_stay_bit_identical(or
     perms = gate_perms(cfg)
     reference = []
     for s in ([1.0] + ([scale] if scale else [])):
-        reference += list(predict_views(model, frame.iloc[chosen].reset_index(drop=True), processor, fmt, plain,
-                                        hardware, perms=perms, scales=[s]).values())
+        reference += list(predict_views(FoldContext(processor, fmt, plain, hardware),
+                                        model, frame.iloc[chosen].reset_index(drop=True), perms=perms, scales=[s]).values())
     assert len(reference) == (24 if orders == 24 else 8)
     np.testing.assert_allclose(gated[chosen], average_views(reference), atol=2e-6)
     # The extra views changed them, by well over the tolerance above (the tiny model's letters are near 0.25).

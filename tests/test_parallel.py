@@ -22,6 +22,7 @@ from PIL import Image
 from mcvqa.core.hardware import choose_hardware
 from mcvqa.core.inference import predict_views
 from mcvqa.core.modeling import trainable_state
+from mcvqa.core.training import FoldContext
 from mcvqa.notebook import module_sources
 from mcvqa.core.inference import gather_views
 from mcvqa.scale.parallel import (WorkerError, WorkerJob, WorkerOutput, WorkerSlot, parallel_workers, run_folds,
@@ -166,10 +167,11 @@ def test_sharded_predictions_equal_single_process(tmp_path, tiny_model, tiny_pro
     frame = pd.DataFrame(rows)
     cfg = tiny_cfg("qwen2_5_vl", tta_option_views=2, num_workers=0, infer_batch_size=4)
     model = tiny_model("qwen2_5_vl")
-    single = predict_views(model, frame, tiny_processor("qwen2_5_vl"), tiny_fmt("qwen2_5_vl"), cfg, hardware)
+    single = predict_views(FoldContext(tiny_processor("qwen2_5_vl"), tiny_fmt("qwen2_5_vl"), cfg, hardware),
+                           model, frame)
     torch.save(trainable_state(model), tmp_path / "adapter.pt")
-    sharded = predict_views_sharded(frame, cfg, hardware, tmp_path / "adapter.pt", worker_slots(hardware, 2),
-                                    tmp_path / "logs", desc="test")
+    sharded = predict_views_sharded(frame, cfg, hardware, tmp_path / "adapter.pt",
+                                    slots=worker_slots(hardware, 2), log_dir=tmp_path / "logs", desc="test")
     assert list(sharded) == list(single)
     for key in single:
         assert sharded[key].shape == (7, 4)

@@ -102,8 +102,8 @@ def test_too_little_disk_for_the_adapters_and_features_is_refused(tmp_path, monk
 def test_the_time_budget_is_checked_against_a_first_estimate(capsys):
     hardware = choose_hardware([T4, T4], flash_attn_installed=False)
     cfg = resolve_config("kaggle_t4x2", ["epochs=2"], env={}, verbose=False)
-    args = (cfg, hardware, PLAN_3B, 3887, 3887, 7774, 3, 2)
-    (low, high), (predict_low, _) = preflight.estimate_hours(*args)
+    sizes = dict(n_train=3887, n_test=3887, n_images=7774, n_folds=3, workers=2)
+    (low, high), (predict_low, _) = preflight.estimate_hours(cfg, hardware, PLAN_3B, **sizes)
     # By hand: 2 N T FLOPs per forward; per fold 2 epochs x (2,591 training samples x 2 forwards + 2 evals x 1,296
     # rows) and (1,296 + 3,887) rows x (1 + 3 x 40 / 416) views; 3 folds on 2 workers: 2 waves; 12-25 % of 65
     # TFLOP/s; the tower (fp32 on a T4: 65 / 8 TFLOP/s) 2 x its weights x 1,024 patches for each of 7,774 images.
@@ -113,19 +113,19 @@ def test_the_time_budget_is_checked_against_a_first_estimate(capsys):
     assert low == pytest.approx((2 * fold * forward / 65e12 + tower / (65e12 / 8)) / 0.25 / 3600)
     assert high == pytest.approx(low * 0.25 / 0.12)
     assert 1 < low < high < 11.5  # 3B on 2x T4 fits the Kaggle profile's budget
-    preflight.check_time_budget(*args)
+    preflight.check_time_budget(cfg, hardware, PLAN_3B, **sizes)
     assert "[time] first estimate" in capsys.readouterr().out
     short = resolve_config("kaggle_t4x2", ["epochs=2", f"time_budget_hours={low / 2:.2f}"], env={}, verbose=False)
-    preflight.check_time_budget(short, *args[1:])
+    preflight.check_time_budget(short, hardware, PLAN_3B, **sizes)
     assert "warning: even the low estimate" in capsys.readouterr().out
     hopeless = resolve_config("kaggle_t4x2", [f"time_budget_hours={predict_low / 2:.3f}"], env={}, verbose=False)
     with pytest.raises(ConfigError, match="cannot hold even one fold's predictions"):
-        preflight.check_time_budget(hopeless, *args[1:])
-    assert preflight.estimate_hours(cfg, choose_hardware([]), *args[2:]) is None  # no GPU: no estimate
+        preflight.check_time_budget(hopeless, hardware, PLAN_3B, **sizes)
+    assert preflight.estimate_hours(cfg, choose_hardware([]), PLAN_3B, **sizes) is None  # no GPU: no estimate
     # An A100 is not an A10 (whose name it contains): 312 against 125 TFLOP/s.
     a100 = choose_hardware([{"name": "NVIDIA A100-SXM4-40GB", "capability": (8, 0), "memory_gib": 40.0}] * 2,
                            flash_attn_installed=False)
-    (low_a100, _), _ = preflight.estimate_hours(cfg, a100, *args[2:])
+    (low_a100, _), _ = preflight.estimate_hours(cfg, a100, PLAN_3B, **sizes)
     assert low_a100 == pytest.approx((2 * fold * forward + tower) / 312e12 / 0.25 / 3600)
 
 

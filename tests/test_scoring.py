@@ -21,6 +21,7 @@ from mcvqa.machinery.compat import model_input_names
 from mcvqa.core.modeling import unwrap_vlm, vision_tower
 from mcvqa.families.registry import family_of
 from mcvqa.core.scoring import MODEL_INPUT_KEYS, answer_loss, letter_logits
+from mcvqa.core.training import FoldContext
 
 MIN_PIXELS, MAX_PIXELS = 28 * 28 * 4, 112 * 112
 
@@ -199,7 +200,7 @@ def test_cyclic_views_map_back_to_original_options(family, setup, tiny_model, ti
     frame = pd.DataFrame([{"id": "q0", "image_path": str(tmp_path / "img.png"), "question": "그림 속 도형은?",
                            "a": options[0], "b": options[1], "c": options[2], "d": options[3], "answer": "c"}])
     cfg = tiny_cfg(family, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, tta_option_views=4, num_workers=0)
-    views = predict_views(model, frame, processor, fmt, cfg, hardware, desc="test")
+    views = predict_views(FoldContext(processor, fmt, cfg, hardware), model, frame, desc="test")
     assert sorted(views) == [(1.0, k) for k in range(4)]
     image = Image.open(tmp_path / "img.png").convert("RGB")
     for shift in range(4):
@@ -314,8 +315,10 @@ def test_predict_views_with_shared_prefix_equals_view_by_view(family, setup, tin
     monkeypatch.setattr(shared_prefix, "shared_prefix_letter_logits",
                         lambda *a, **k: _count(used, real(*a, **k)))
     cache = FeatureCache()
-    shared = predict_views(model, frame, processor, fmt, tiny_cfg(family, **base), hardware, feature_cache=cache)
-    plain = predict_views(model, frame, processor, fmt, tiny_cfg(family, tta_shared_prefix=False, **base), hardware)
+    shared = predict_views(FoldContext(processor, fmt, tiny_cfg(family, **base), hardware, feature_cache=cache),
+                           model, frame)
+    plain = predict_views(FoldContext(processor, fmt, tiny_cfg(family, tta_shared_prefix=False, **base), hardware),
+                          model, frame)
     assert sorted(shared) == sorted(plain) == [(1.0, k) for k in range(4)]
     for key in plain:
         np.testing.assert_allclose(shared[key], plain[key], atol=1e-5)
@@ -353,7 +356,7 @@ def test_predict_views_halves_the_batch_on_cuda_oom_with_the_same_predictions(
     frame = _test_frame(tmp_path)
     cfg = tiny_cfg(family, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, tta_option_views=4, num_workers=0,
                    infer_batch_size=3 if shared_prefix else 8, tta_shared_prefix=shared_prefix)
-    reference = predict_views(model, frame, processor, fmt, cfg, hardware, feature_cache=FeatureCache())
+    reference = predict_views(FoldContext(processor, fmt, cfg, hardware, feature_cache=FeatureCache()), model, frame)
     name = "shared_prefix_letter_logits" if shared_prefix else "letter_logits"
     module = shared_prefix_module if shared_prefix else inference  # where the pass looks the scorer up
     real, sizes = getattr(module, name), []
@@ -371,7 +374,7 @@ def test_predict_views_halves_the_batch_on_cuda_oom_with_the_same_predictions(
         return real(model, batch, *args, **kwargs)
 
     monkeypatch.setattr(module, name, oom_above)
-    got = predict_views(model, frame, processor, fmt, cfg, hardware, feature_cache=FeatureCache())
+    got = predict_views(FoldContext(processor, fmt, cfg, hardware, feature_cache=FeatureCache()), model, frame)
     # Shared prefix: 3 rows (12 views) -> 1 row at once; view by view: 8 -> 4 -> 2 views (halved twice).
     halvings = 1 if shared_prefix else 2
     assert capsys.readouterr().out.count("[predict] CUDA out of memory") == halvings
@@ -391,7 +394,7 @@ def test_predict_views_halves_the_batch_on_cuda_oom_with_the_same_predictions(
 
     monkeypatch.setattr(module, name, broken)
     with pytest.raises(RuntimeError, match="not a memory problem"):
-        predict_views(model, frame, processor, fmt, cfg, hardware, feature_cache=FeatureCache())
+        predict_views(FoldContext(processor, fmt, cfg, hardware, feature_cache=FeatureCache()), model, frame)
 
 
 # ------------------------------------------------- run-time self-checks of the fast paths (compat.py)
@@ -433,8 +436,11 @@ def test_shared_prefix_that_breaks_falls_back_to_exact_views_with_a_warning(
     model = tiny_model(family, True)
     frame = _test_frame(tmp_path)
     base = dict(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, tta_option_views=4, num_workers=0, infer_batch_size=2)
-    exact = predict_views(model, frame, processor, fmt, tiny_cfg(family, tta_shared_prefix=False, **base), hardware)
-    healthy = predict_views(model, frame, processor, fmt, tiny_cfg(family, **base), hardware, feature_cache=FeatureCache())
+    exact = predict_views(FoldContext(processor, fmt, tiny_cfg(family, tta_shared_prefix=False, **base), hardware),
+                          model, frame)
+    healthy = predict_views(FoldContext(processor, fmt, tiny_cfg(family, **base), hardware,
+                                        feature_cache=FeatureCache()),
+                            model, frame)
     out = capsys.readouterr()
     assert "WARNING" not in out.err and "shared prefix checked on the first batch (max |Δ logit|" in out.out
     _break_cache_keyword(monkeypatch)
@@ -446,7 +452,8 @@ def test_shared_prefix_that_breaks_falls_back_to_exact_views_with_a_warning(
         broken = shared_or_error(model, batch, fmt.letter_ids, "cpu", 2)  # Gemma's masks notice the missing cache
         assert isinstance(broken, Exception) or \
             (broken - letter_logits(model, batch, fmt.letter_ids, "cpu", None)).abs().max() > 1e-2
-    got = predict_views(model, frame, processor, fmt, tiny_cfg(family, **base), hardware, feature_cache=FeatureCache())
+    got = predict_views(FoldContext(processor, fmt, tiny_cfg(family, **base), hardware, feature_cache=FeatureCache()),
+                        model, frame)
     out = capsys.readouterr()
     assert out.err.count("WARNING: test x1: the shared-prefix option-order scoring " +
                          ("fails" if family == "gemma4" else "disagrees")) == 1
@@ -466,19 +473,20 @@ def test_check_fast_paths_switches_off_what_disagrees_with_the_stock_forward(
     frame = _test_frame(tmp_path)
     cfg = tiny_cfg(family, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, tta_option_views=4)
     cache = FeatureCache()
-    assert check_fast_paths(model, frame, processor, fmt, cfg, hardware, cache) == (cache, cfg)  # healthy: kept
+    assert check_fast_paths(FoldContext(processor, fmt, cfg, hardware, feature_cache=cache),
+                            model, frame) == (cache, cfg)  # healthy: kept
     out = capsys.readouterr()
     assert "WARNING" not in out.err and "[check] the cached-feature forward = the stock forward" in out.out
     assert "the shared-prefix option-order scoring = scoring each view on its own" in out.out
 
     _break_cache_keyword(monkeypatch)  # the 5.18-5.23 failure
-    got_cache, got_cfg = check_fast_paths(model, frame, processor, fmt, cfg, hardware, cache)
+    got_cache, got_cfg = check_fast_paths(FoldContext(processor, fmt, cfg, hardware, feature_cache=cache), model, frame)
     assert got_cache is cache and got_cfg.tta_shared_prefix is False
     assert ("WARNING: the shared-prefix option-order scoring failed" if family == "gemma4" else
             "WARNING: the shared-prefix option-order scoring gives other letter logits") in capsys.readouterr().err
     monkeypatch.undo()
 
     _lose_cached_features(monkeypatch, model)
-    got_cache, got_cfg = check_fast_paths(model, frame, processor, fmt, cfg, hardware, cache)
+    got_cache, got_cfg = check_fast_paths(FoldContext(processor, fmt, cfg, hardware, feature_cache=cache), model, frame)
     assert got_cache is None and got_cfg.tta_shared_prefix is False
     assert "WARNING: the cached-feature forward gives other letter logits than the stock forward" in capsys.readouterr().err

@@ -180,7 +180,7 @@ def micro_batches(batch, size):
     return [slice_rows(batch, start, min(start + size, n)) for start in range(0, n, size)]
 
 
-def make_loader(frame, views, processor, fmt, cfg, batch_size, max_pixels=None, workers=None, encoding=None,
+def make_loader(frame, views, processor, fmt, cfg, batch_size, *, max_pixels=None, workers=None, encoding=None,
                 pixel_dtype=None, split="test", seed=()):
     """DataLoader of collated views in the given order. `encoding`: the collator's optional encoding
     strategy (the image-feature cache's: no pixels for images it holds). split ("train" | "test") and seed (e.g.

@@ -53,7 +53,7 @@ def image_scales(cfg):
 
 
 @torch.no_grad()
-def predict_letter_logits(model, loader, fmt, hardware, desc="predict", feature_cache=None, scorer=None, stats=None):
+def predict_letter_logits(model, loader, fmt, hardware, *, desc="predict", feature_cache=None, scorer=None, stats=None):
     """Letter logits per view, in the loader's order: (logits [N, 4] in display order, rows, perms).
 
     With a feature_cache (and a loader made with its encoding), each image is encoded at most once.
@@ -106,15 +106,16 @@ def predict_letter_logits(model, loader, fmt, hardware, desc="predict", feature_
     return out
 
 
-def predict_views(model, frame, processor, fmt, cfg, hardware, desc="test", feature_cache=None, reuse_batches=False,
-                  perms=None, scales=None, batch_rows=None):
+def predict_views(ctx, model, frame, *, desc="test", reuse_batches=False, perms=None, scales=None, batch_rows=None):
     """Probabilities of every row under every view: {(scale, shift): [N, 4] in original order}.
 
+    `ctx`: the fold's FoldContext (core/training.py): processor, prompt format, cfg, hardware, feature cache.
     The views: the option orders `perms` (None: the config's cyclic shifts; `shift` indexes them) at the
-    pixel `scales` (None: the config's). With a feature_cache, the option views of an image share one
+    pixel `scales` (None: the config's). With a feature cache, the option views of an image share one
     vision-tower pass (and later folds reuse it); a pixel scale is a different image to the tower, so it
     has its own features. With `reuse_batches` too, the collated batches are kept for the next fold's
     identical pass (the test set). `batch_rows`: rows per shared-prefix batch (None: infer_batch_size)."""
+    processor, fmt, cfg, hardware, feature_cache = ctx.processor, ctx.fmt, ctx.cfg, ctx.hardware, ctx.feature_cache
     perms = cyclic_perms(cfg.tta_option_views) if perms is None else list(perms)
     n, k = len(frame), len(perms)
     # Option orders of one row share system, image and question: batched together (row-major) they run
@@ -129,7 +130,8 @@ def predict_views(model, frame, processor, fmt, cfg, hardware, desc="test", feat
     for scale in scales or image_scales(cfg):
         max_pixels, pixel_dtype = pixel_cap(processor, cfg, scale), tower_dtype(model)
         if reuse_batches and feature_cache is not None:  # the test set: batches kept by the first fold, if any
-            batches = feature_cache.pass_batches(frame, order, processor, fmt, cfg, batch_size, max_pixels, pixel_dtype)
+            batches = feature_cache.pass_batches(frame, order, processor, fmt, cfg, batch_size=batch_size,
+                                                 max_pixels=max_pixels, pixel_dtype=pixel_dtype)
         else:
             batches = make_loader(frame, order, processor, fmt, cfg, batch_size, max_pixels=max_pixels,
                                   encoding=loader_encoding(feature_cache, dedupe_images=True), pixel_dtype=pixel_dtype)

@@ -180,6 +180,20 @@ def choose_quantization(cfg, family, model, config, hardware):
                    f"more than the {hardware.gpu_memory_gib:g} GiB: NF4 (QLoRA)")
 
 
+def _fit_micro_batch(cfg, per_sample, free, say):
+    """(micro-batch, accumulation steps): with fit_micro_batch, the largest micro-batch whose activations
+    (`per_sample` GiB each) fit the `free` GiB, the accumulation raised to keep the effective batch."""
+    micro, accum = cfg.micro_batch_size, cfg.grad_accum_steps
+    if cfg.fit_micro_batch:
+        fitted = _largest_fitting(micro, lambda m: m * per_sample <= free)
+        if fitted < micro:
+            accum = math.ceil(micro * cfg.grad_accum_steps / fitted)
+            say(f"[memory]   micro-batch {micro} -> {fitted} (x {accum} accumulation, same effective batch of "
+                f"{micro * cfg.grad_accum_steps}): {micro} x {per_sample:.2f} GiB would exceed {free:.1f} GiB")
+            micro = fitted
+    return micro, accum
+
+
 def plan_memory(cfg, hardware, verbose=True):
     """cfg with quantization (auto resolved), gradient_checkpointing on/off, and micro_batch_size /
     grad_accum_steps / infer_batch_size fitted to the GPU's memory (hardware.gpu_memory_gib, a cap included).
@@ -222,14 +236,7 @@ def plan_memory(cfg, hardware, verbose=True):
         say(f"[memory]   gradient checkpointing {checkpointing}: micro-batch {micro} needs ~{micro * without:.1f} GiB "
             f"without it, {'within' if checkpointing == 'off' else 'over'} the {free:.1f} GiB left")
     per_sample = with_ckpt if checkpointing == "on" else without
-    accum = cfg.grad_accum_steps
-    if cfg.fit_micro_batch:
-        fitted = _largest_fitting(micro, lambda m: m * per_sample <= free)
-        if fitted < micro:
-            accum = math.ceil(micro * cfg.grad_accum_steps / fitted)
-            say(f"[memory]   micro-batch {micro} -> {fitted} (x {accum} accumulation, same effective batch of "
-                f"{micro * cfg.grad_accum_steps}): {micro} x {per_sample:.2f} GiB would exceed {free:.1f} GiB")
-            micro = fitted
+    micro, accum = _fit_micro_batch(cfg, per_sample, free, say)
     infer = cfg.infer_batch_size
     if cfg.fit_micro_batch:
         views = cfg.tta_option_views if cfg.tta_shared_prefix else 1

@@ -39,6 +39,22 @@ from .modeling import load_trainable_state, model_device, tower_dtype, trainable
 from .scoring import answer_loss
 
 
+@dataclasses.dataclass
+class FoldContext:
+    """What the stages of one fold share (torchtune's recipe style): made once per fold by pipeline.run_fold and
+    handed to training, evaluation, prediction and the uncertainty gate instead of the same arguments each time.
+    A fold worker (scale/) is sent the run's parts and builds its own, as run_fold does in one process."""
+
+    processor: object
+    fmt: object  # the prompt format (core/prompts.py): template settings and the answer letters' token ids
+    cfg: object
+    hardware: object
+    feature_cache: object = None  # speed/feature_cache.py; None = off
+    fold: int = 0
+    fold_dir: pathlib.Path = None  # where the fold's checkpoint, best adapter and predictions go
+    clock: object = None  # the run's RunClock (runkit/budget.py); None = no time budget
+
+
 class LoraEma:
     """EMA of the trainable weights only. Hand-written because torch's AveragedModel deep-copies the
     whole (4-bit, multi-GB) model; here the shadow is just the LoRA tensors, in fp32."""
@@ -120,6 +136,7 @@ class FoldTraining:
     checkpoint: pathlib.Path
     steps_per_epoch: int
     batch_size: int  # samples per optimizer step (all processes)
+    last_save: float = 0.0  # time.time() of the last checkpoint (or of the fold's start in this process)
 
 
 def start_fold(model, cfg, hardware, n_rows, fold_dir):
@@ -166,7 +183,7 @@ def epoch_views(cfg, fold, epoch, n_rows):
     return [views[i] for i in order]
 
 
-def accumulate(run, batch, weight, size, fmt, cfg, hardware):
+def accumulate(ctx, run, batch, weight, size):
     """Forward+backward of a step's samples in micro-batches of `size`; gradients add up in the LoRA
     weights. Returns the weighted (loss, 4-way letter log-loss) (NaN when the loss is not finite: the step
     is skipped). The letter log-loss is what evaluation reports, so the two curves can share an axis; with
@@ -174,8 +191,8 @@ def accumulate(run, batch, weight, size, fmt, cfg, hardware):
     device, pixel_dtype = model_device(run.model), tower_dtype(run.model)
     n, total, letters = batch["input_ids"].shape[0], 0.0, 0.0
     for part in micro_batches(batch, size):
-        with compute_autocast(hardware):
-            loss, logits4 = answer_loss(run.model, part, fmt.letter_ids, device, pixel_dtype, cfg.loss_over)
+        with compute_autocast(ctx.hardware):
+            loss, logits4 = answer_loss(run.model, part, ctx.fmt.letter_ids, device, pixel_dtype, ctx.cfg.loss_over)
         if not torch.isfinite(loss):
             return float("nan"), float("nan")
         share = weight * part["input_ids"].shape[0] / n
@@ -185,7 +202,7 @@ def accumulate(run, batch, weight, size, fmt, cfg, hardware):
     return total, letters
 
 
-def forward_backward(run, batch, fmt, cfg, hardware, feature_cache):
+def forward_backward(ctx, run, batch):
     """One optimizer step's forward+backward; ((loss, letter log-loss) over all processes, this process's tokens).
 
     The loader yields one step's samples; the process group keeps this process's slice (all of them in
@@ -199,16 +216,16 @@ def forward_backward(run, batch, fmt, cfg, hardware, feature_cache):
     share = batch["input_ids"].shape[0]
     losses = (0.0, 0.0)
     if share:
-        if feature_cache is not None:
-            with compute_autocast(hardware):  # misses are encoded with the same precision as the uncached forward
-                batch = feature_cache.attach(run.model, batch)
+        if ctx.feature_cache is not None:
+            with compute_autocast(ctx.hardware):  # misses are encoded with the same precision as the uncached forward
+                batch = ctx.feature_cache.attach(run.model, batch)
 
         def say(size, smaller):
             print(f"[train] CUDA out of memory at micro-batch {size}: continuing with {smaller} "
                   f"(gradient accumulation keeps the effective batch; this step starts again)")
 
         tried = min(run.state.chunk, share)
-        losses, fitted = halve_on_oom(lambda size: accumulate(run, batch, share / n_step, size, fmt, cfg, hardware),
+        losses, fitted = halve_on_oom(lambda size: accumulate(ctx, run, batch, share / n_step, size),
                                       tried, on_retry=lambda: run.optimizer.zero_grad(set_to_none=True), say=say)
         run.state.chunk = fitted if fitted < tried else run.state.chunk
     return group.all_reduce_grads(run.params, losses), int(batch["attention_mask"].sum())
@@ -248,73 +265,95 @@ def eval_steps(steps_per_epoch, evals_per_epoch):
     return {math.ceil(k * steps_per_epoch / evals) for k in range(1, evals + 1)}
 
 
-def train_fold(model, train_frame, val_frame, processor, fmt, cfg, hardware, fold, fold_dir, feature_cache=None,
-               clock=None, reserve_views=0):
+# %% The loop
+def train_fold(ctx, model, train_frame, val_frame, *, reserve_views=0):
     """Train one fold (resuming if a checkpoint exists); returns its result (also in DONE.json).
 
-    The best EMA adapter is saved as `best_adapter.pt`; `DONE.json` marks the fold finished.
-    feature_cache (speed/feature_cache.py; None = off) reuses the frozen tower's image features. clock
-    (runkit/budget.py): training stops early, after an evaluation, when the time left would not cover
-    `reserve_views` scored views."""
-    fold_dir, group = pathlib.Path(fold_dir), process_group()
+    `ctx`: the fold's FoldContext (its fold, fold_dir, feature cache and clock). The best EMA adapter is saved as
+    `best_adapter.pt`; `DONE.json` marks the fold finished. ctx.feature_cache (speed/feature_cache.py; None = off)
+    reuses the frozen tower's image features. ctx.clock (runkit/budget.py): training stops early, after an
+    evaluation, when the time left would not cover `reserve_views` scored views."""
+    fold, fold_dir, group = ctx.fold, pathlib.Path(ctx.fold_dir), process_group()
     fold_dir.mkdir(parents=True, exist_ok=True)
     finished = group.from_main(lambda: json.loads((fold_dir / "DONE.json").read_text())
                                if (fold_dir / "DONE.json").exists() else None)  # rank 0's disk decides
     if finished is not None:
         print(f"[train] fold {fold}: already finished, skipping ({fold_dir / 'DONE.json'})")
         return finished
-    run = start_fold(model, cfg, hardware, len(train_frame), fold_dir)
+    run = start_fold(model, ctx.cfg, ctx.hardware, len(train_frame), fold_dir)
     state = run.state
     if state.step:
         print(f"[train] fold {fold}: resumed at epoch {state.epoch}, step {state.step}")
-    evals_at = eval_steps(run.steps_per_epoch, cfg.evals_per_epoch)
-    last_save = time.time()
-    while state.epoch < cfg.epochs and not state.stopped_early:
-        views = epoch_views(cfg, fold, state.epoch, len(train_frame))
-        loader = make_loader(train_frame, views[state.next_sample:], processor, fmt, cfg, run.batch_size,
-                             encoding=loader_encoding(feature_cache), pixel_dtype=tower_dtype(model), split="train",
-                             seed=(fold, state.epoch))
-        model.train()
-        bar = tqdm(loader, desc=f"fold {fold} epoch {state.epoch + 1}/{cfg.epochs}", leave=False)
-        tick = time.perf_counter()
-        for batch in bar:
-            n_step = batch["input_ids"].shape[0]
-            (loss, letter_loss), tokens = forward_backward(run, batch, fmt, cfg, hardware, feature_cache)
-            state.next_sample += n_step
-            state.step += 1
-            lr = optimizer_step(run, loss, cfg, fold)
-            state.history.append({"fold": fold, "step": state.step, "epoch": state.epoch, "kind": "train",
-                                  "loss": loss, "letter_loss": letter_loss, "lr": lr, "accuracy": None})
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-            state.samples_trained += n_step
-            state.tokens_trained += tokens
-            state.train_s += time.perf_counter() - tick
-            out_of_time = clock is not None and clock.out_of_time_for(reserve_views,
-                                                                      state.train_s / state.samples_trained)
-            if out_of_time or math.ceil(state.next_sample / run.batch_size) in evals_at:
-                tick = time.perf_counter()
-                evaluate_and_keep_best(run, val_frame, processor, fmt, cfg, hardware, fold, fold_dir, feature_cache)
-                state.eval_s += time.perf_counter() - tick
-                if out_of_time:
-                    print(f"[time] fold {fold}: training stops at step {state.step} ({clock.describe()}): the time "
-                          "left is needed for this fold's predictions and the submission (best adapter kept)")
-                    state.stopped_early = state.stopped_for_time = True
-                    break
-                if cfg.early_stopping_patience and state.evals_without_gain >= cfg.early_stopping_patience:
-                    print(f"[train] fold {fold}: no val-accuracy gain in {cfg.early_stopping_patience} evals, stopping")
-                    state.stopped_early = True
-                    break
-                model.train()
-            if state.step % cfg.checkpoint_every_steps == 0 or time.time() - last_save > 60 * cfg.checkpoint_every_minutes:
-                save_checkpoint(run)
-                last_save = time.time()
-            tick = time.perf_counter()
-        else:
-            state.epoch += 1
-            state.next_sample = 0
+    evals_at = eval_steps(run.steps_per_epoch, ctx.cfg.evals_per_epoch)
+    run.last_save = time.time()
+    while state.epoch < ctx.cfg.epochs and not state.stopped_early:
+        train_epoch(ctx, run, train_frame, val_frame, evals_at, reserve_views=reserve_views)
     return finish_fold(run, fold, fold_dir)
 
 
+def train_epoch(ctx, run, train_frame, val_frame, evals_at, *, reserve_views=0):
+    """The rest of the current epoch from the checkpoint's position: its steps, its evaluations (`evals_at`,
+    eval_steps) and checkpoints; ends at the epoch's end or at an early stop (state.stopped_early)."""
+    cfg, fold, state, model = ctx.cfg, ctx.fold, run.state, run.model
+    views = epoch_views(cfg, fold, state.epoch, len(train_frame))
+    loader = make_loader(train_frame, views[state.next_sample:], ctx.processor, ctx.fmt, cfg, run.batch_size,
+                         encoding=loader_encoding(ctx.feature_cache), pixel_dtype=tower_dtype(model), split="train",
+                         seed=(fold, state.epoch))
+    model.train()
+    bar = tqdm(loader, desc=f"fold {fold} epoch {state.epoch + 1}/{cfg.epochs}", leave=False)
+    tick = time.perf_counter()
+    for batch in bar:
+        train_step(ctx, run, batch, bar)
+        state.train_s += time.perf_counter() - tick
+        out_of_time = ctx.clock is not None and ctx.clock.out_of_time_for(reserve_views,
+                                                                          state.train_s / state.samples_trained)
+        if out_of_time or math.ceil(state.next_sample / run.batch_size) in evals_at:
+            tick = time.perf_counter()
+            evaluate_and_keep_best(ctx, run, val_frame)
+            state.eval_s += time.perf_counter() - tick
+            if stops_early(ctx, state, out_of_time):
+                break
+            model.train()
+        if state.step % cfg.checkpoint_every_steps == 0 or time.time() - run.last_save > 60 * cfg.checkpoint_every_minutes:
+            save_checkpoint(run)
+            run.last_save = time.time()
+        tick = time.perf_counter()
+    else:
+        state.epoch += 1
+        state.next_sample = 0
+
+
+def train_step(ctx, run, batch, bar):
+    """One optimizer step on a loader batch, written into the fold's state and history."""
+    state = run.state
+    n_step = batch["input_ids"].shape[0]
+    (loss, letter_loss), tokens = forward_backward(ctx, run, batch)
+    state.next_sample += n_step
+    state.step += 1
+    lr = optimizer_step(run, loss, ctx.cfg, ctx.fold)
+    state.history.append({"fold": ctx.fold, "step": state.step, "epoch": state.epoch, "kind": "train",
+                          "loss": loss, "letter_loss": letter_loss, "lr": lr, "accuracy": None})
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+    state.samples_trained += n_step
+    state.tokens_trained += tokens
+
+
+def stops_early(ctx, state, out_of_time):
+    """After an evaluation: whether training stops here, for the time budget or for early stopping (said why)."""
+    fold, cfg = ctx.fold, ctx.cfg
+    if out_of_time:
+        print(f"[time] fold {fold}: training stops at step {state.step} ({ctx.clock.describe()}): the time "
+              "left is needed for this fold's predictions and the submission (best adapter kept)")
+        state.stopped_early = state.stopped_for_time = True
+        return True
+    if cfg.early_stopping_patience and state.evals_without_gain >= cfg.early_stopping_patience:
+        print(f"[train] fold {fold}: no val-accuracy gain in {cfg.early_stopping_patience} evals, stopping")
+        state.stopped_early = True
+        return True
+    return False
+
+
+# %% The fold's end: validation and the best adapter
 def finish_fold(run, fold, fold_dir):
     """The fold's result: printed, written as DONE.json with its history; the checkpoint is no longer needed."""
     state = run.state
@@ -333,14 +372,16 @@ def finish_fold(run, fold, fold_dir):
     return result
 
 
-def evaluate(model, frame, processor, fmt, cfg, hardware, feature_cache=None):
+def evaluate(ctx, model, frame):
     """Validation accuracy and 4-way log-loss from direct-logit scoring (identity option order).
 
     Under DDP every rank scores its own row shard and all get every shard's logits back."""
     def logits_in_row_order(part):
-        loader = make_loader(part, identity_views(len(part)), processor, fmt, cfg, cfg.infer_batch_size,
-                             encoding=loader_encoding(feature_cache, dedupe_images=True), pixel_dtype=tower_dtype(model))
-        logits, rows, _ = predict_letter_logits(model, loader, fmt, hardware, desc="eval", feature_cache=feature_cache)
+        loader = make_loader(part, identity_views(len(part)), ctx.processor, ctx.fmt, ctx.cfg, ctx.cfg.infer_batch_size,
+                             encoding=loader_encoding(ctx.feature_cache, dedupe_images=True),
+                             pixel_dtype=tower_dtype(model))
+        logits, rows, _ = predict_letter_logits(model, loader, ctx.fmt, ctx.hardware, desc="eval",
+                                                feature_cache=ctx.feature_cache)
         return logits[np.argsort(rows, kind="stable")]
 
     logits = np.concatenate(process_group().map_shards(frame, logits_in_row_order))
@@ -350,14 +391,14 @@ def evaluate(model, frame, processor, fmt, cfg, hardware, feature_cache=None):
     return float((logits.argmax(1) == target).mean()), loss
 
 
-def evaluate_and_keep_best(run, val_frame, processor, fmt, cfg, hardware, fold, fold_dir, feature_cache=None):
+def evaluate_and_keep_best(ctx, run, val_frame):
     """Score the validation rows with the EMA weights; save them as best_adapter.pt when they are the best yet."""
-    state, model = run.state, run.model
+    state, model, fold = run.state, run.model, ctx.fold
     with run.ema.applied(model) if run.ema is not None else contextlib.nullcontext():
-        accuracy, loss = evaluate(model, val_frame, processor, fmt, cfg, hardware, feature_cache)
+        accuracy, loss = evaluate(ctx, model, val_frame)
         improved = accuracy > state.best_acc  # the same on every rank: evaluate gathers all shards
         if improved and process_group().is_main():
-            _save(trainable_state(model), pathlib.Path(fold_dir) / "best_adapter.pt")
+            _save(trainable_state(model), pathlib.Path(ctx.fold_dir) / "best_adapter.pt")
     state.history.append({"fold": fold, "step": state.step, "epoch": state.epoch, "kind": "eval",
                           "loss": loss, "letter_loss": loss, "lr": None, "accuracy": accuracy})
     state.best_acc = max(state.best_acc, accuracy)

@@ -352,7 +352,7 @@ def _warmup_collate(examples, pad_id, image_token_id):
             **{k: torch.cat([e["images"][k] for e in examples]) for k in examples[0]["images"]}}
 
 
-def warm_up_tiny_base(model, processor, examples, epochs=6, lr=2e-3, batch_size=32, seed=0):
+def warm_up_tiny_base(model, processor, examples, *, epochs=6, lr=2e-3, batch_size=32, seed=0):
     """Full-parameter fp32 training of the tiny base on (image, question, answer words) triples.
 
     This is the tiny model's "pre-training": it learns to see (name the colour, shape, count or
@@ -381,7 +381,7 @@ def warm_up_tiny_base(model, processor, examples, epochs=6, lr=2e-3, batch_size=
     return model.eval()
 
 
-def build_tiny_qwen_vl(out_dir, texts, family="qwen2_5_vl", seed=0, max_pixels=112 * 112, hidden_size=64,
+def build_tiny_qwen_vl(out_dir, texts, *, family="qwen2_5_vl", seed=0, max_pixels=112 * 112, hidden_size=64,
                        warmup_examples=(), warmup_epochs=6, variant="e2b"):
     """Build and save a tiny Qwen-VL (or Gemma 4) checkpoint folder (config, weights, tokenizer, processor).
 

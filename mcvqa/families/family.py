@@ -157,7 +157,7 @@ class ModelFamily:
                      for i in range(len(features[0].deepstack))]
         return embeds, {"visual_pos_masks": image_tokens, "deepstack_visual_embeds": deepstack}
 
-    def decoder_forward(self, vlm, input_ids, attention_mask, positions, features, device, cache=None, type_ids=None):
+    def decoder_forward(self, vlm, input_ids, attention_mask, positions, features, device, *, cache=None, type_ids=None):
         """The language model on input_ids with cached image features (compat.py says why not the model's own
         forward): what `vlm.model(...)` computes after its vision tower, on every version."""
         embeds, extra = self.embed_with_features(vlm, input_ids.to(device), features, device)

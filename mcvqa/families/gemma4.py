@@ -141,7 +141,7 @@ class Gemma4(ModelFamily):
                     f"'transformers>={self.features_since},<6'")
         return None
 
-    def decoder_forward(self, vlm, input_ids, attention_mask, positions, features, device, cache=None, type_ids=None):
+    def decoder_forward(self, vlm, input_ids, attention_mask, positions, features, device, *, cache=None, type_ids=None):
         """The model's own forward with the cached features as its encoder outputs: per-layer embeddings from the
         ids, the image block's bidirectional mask (26B/31B: `type_ids`, None for text-only suffixes)."""
         from transformers.modeling_outputs import BaseModelOutputWithPooling

@@ -73,11 +73,13 @@ def select_gated(probs, views, cfg):
     return np.sort(least_certain[score[least_certain] < cfg.gate_threshold]), score
 
 
-def gated_probs(model, frame, probs, views, processor, fmt, cfg, hardware, desc, feature_cache, map_shards):
+def gated_probs(ctx, model, frame, probs, views, *, desc, map_shards):
     """(probs with the gated rows re-averaged over all their views, a report of what it cost).
 
-    `views`: the normal pass's {(scale, shift): [N, 4]} (core/inference.predict_views); `map_shards`: the
-    process group's (under DDP each rank predicts a shard of the gated rows)."""
+    `ctx`: the fold's FoldContext (core/training.py); `views`: the normal pass's {(scale, shift): [N, 4]}
+    (core/inference.predict_views); `map_shards`: the process group's (under DDP each rank predicts a shard of
+    the gated rows)."""
+    cfg = ctx.cfg
     rows, score = select_gated(probs, views, cfg)
     normal_views = len(views) * len(frame)
     report = {"rows": len(frame), "gated": len(rows), "gate_by": cfg.gate_by, "extra_views": 0, "extra_s": 0.0,
@@ -105,8 +107,7 @@ def gated_probs(model, frame, probs, views, processor, fmt, cfg, hardware, desc,
     started = time.perf_counter()
     for scale, missing in todo:
         new_views = gather_views(map_shards(subset, lambda part: predict_views(
-            model, part, processor, fmt, cfg, hardware, desc=f"{desc} gated", feature_cache=feature_cache,
-            perms=missing, scales=[scale], batch_rows=batch_rows)))
+            ctx, model, part, desc=f"{desc} gated", perms=missing, scales=[scale], batch_rows=batch_rows)))
         have.update({(scale, missing[shift]): view for (_, shift), view in new_views.items()})
     out = probs.copy()
     out[rows] = average_views(list(have.values()), cfg.tta_average)

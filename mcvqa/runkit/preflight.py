@@ -87,7 +87,7 @@ def check_kernels(cfg):
                           "Fix: attn_implementation=auto (SDPA), or pip install flash-attn on an sm80+ GPU")
 
 
-def estimate_hours(cfg, hardware, plan, n_train, n_test, n_images, n_folds, workers):
+def estimate_hours(cfg, hardware, plan, *, n_train, n_test, n_images, n_folds, workers):
     """(low, high) hours of the whole run and (low, high) of one fold's predictions, from FLOPs at EFFICIENCY of
     the card's peak; None when the card is unknown or not a GPU. The language model costs 2 x its matmul weights
     per token forward; training a sample 2 forwards (the frozen base needs no weight gradients), 3 with gradient
@@ -116,9 +116,10 @@ def estimate_hours(cfg, hardware, plan, n_train, n_test, n_images, n_folds, work
     return tuple(run), tuple(predict)
 
 
-def check_time_budget(cfg, hardware, plan, n_train, n_test, n_images, n_folds, workers):
+def check_time_budget(cfg, hardware, plan, *, n_train, n_test, n_images, n_folds, workers):
     """Refuse a budget that cannot hold one fold's predictions; say when the whole run would not fit."""
-    estimate = estimate_hours(cfg, hardware, plan, n_train, n_test, n_images, n_folds, workers)
+    estimate = estimate_hours(cfg, hardware, plan, n_train=n_train, n_test=n_test, n_images=n_images, n_folds=n_folds,
+                              workers=workers)
     if estimate is None:
         return None
     (low, high), (predict_low, predict_high) = estimate
@@ -142,9 +143,10 @@ def check_time_budget(cfg, hardware, plan, n_train, n_test, n_images, n_folds, w
     return estimate
 
 
-def preflight(cfg, hardware, plan, n_train, n_test, n_images, n_folds, workers):
+def preflight(cfg, hardware, plan, *, n_train, n_test, n_images, n_folds, workers):
     """Every check of what the run needs at its end that its stages do not make themselves (see the top).
     n_folds: the folds this run trains; workers: how many of them run at once (1: one after the other)."""
     check_kernels(cfg)
     check_output(cfg, plan, n_images, workers)
-    check_time_budget(cfg, hardware, plan, n_train, n_test, n_images, n_folds, workers)
+    check_time_budget(cfg, hardware, plan, n_train=n_train, n_test=n_test, n_images=n_images, n_folds=n_folds,
+                      workers=workers)

@@ -234,6 +234,54 @@ def _stop(proc):
             continue
 
 
+class _WorkerLines:
+    """The workers' display lines: queued by their output threads (_pump), echoed by the main thread, and the
+    last WORKER_TAIL_LINES of each slot kept for a failure's message."""
+
+    def __init__(self, echo):
+        self.echo, self.queue, self.tails = echo, queue.Queue(), {}  # tails: slot label -> its last lines
+
+    def show(self, line):
+        self.echo(line)
+        label = line[1:line.index("]")]
+        self.tails.setdefault(label, []).append(line)
+        del self.tails[label][:-WORKER_TAIL_LINES]
+
+    def show_queued(self, wait_s=0.0):
+        try:
+            self.show(self.queue.get(timeout=wait_s) if wait_s else self.queue.get_nowait())
+            while True:
+                self.show(self.queue.get_nowait())
+        except queue.Empty:
+            pass
+
+
+def _start_worker(job, slot, payload, log_path, pickler, lines):
+    """A fresh worker process for `job` on `slot`, its job pickled to `payload`; returns (process, output thread)."""
+    with open(payload, "wb") as f:
+        pickler.dump((job.fn, tuple(job.args), f"{payload}.result"), f)
+    proc = subprocess.Popen([sys.executable, "-c", WORKER_MAIN, str(payload)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_worker_env(slot),
+                            start_new_session=True)
+    pump = threading.Thread(target=_pump, daemon=True,
+                            args=(proc.stdout, WorkerOutput(slot.label), lines.queue,
+                                  open(log_path, "w", encoding="utf-8", newline="")))
+    pump.start()
+    return proc, pump
+
+
+def _failure(job, slot, proc, payload, log_dir, lines):
+    """What a failed job's error says: its slot, exit code, last output lines, log, and how to re-run it alone
+    (its payload is kept in log_dir for that)."""
+    tail = [line[len(slot.label) + 3:] for line in lines.tails.get(slot.label, [])] or ["(no output)"]
+    kept = log_dir / f"{_safe_name(job.label)}.pkl"  # the job, to re-run alone while debugging
+    shutil.copyfile(payload, kept)
+    rerun = f"python -m mcvqa worker {kept}" if _in_package() else f"run_worker_payload({str(kept)!r})"
+    return (f"{job.label} failed on {slot.label} (worker exit code {proc.returncode}); "
+            f"its last output lines:\n    " + "\n    ".join(tail)
+            + f"\n  full log: {log_dir / (_safe_name(job.label) + '.log')}; re-run it alone: {rerun}")
+
+
 def run_in_workers(jobs, slots, log_dir, echo=print):
     """Run each job in a fresh worker process, at most one per slot at a time, in job order as slots
     free up. Output lines are echoed prefixed with the slot ("[gpu 1] ..."). Returns the jobs' results
@@ -245,51 +293,27 @@ def run_in_workers(jobs, slots, log_dir, echo=print):
     log_dir = pathlib.Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     scratch = pathlib.Path(tempfile.mkdtemp(prefix="mcvqa_workers_"))
-    lines = queue.Queue()
+    lines = _WorkerLines(echo)
     pending = list(enumerate(jobs))
     free = list(slots)
     running = {}  # proc -> (index, job, slot, output pump thread, payload path)
-    tails = {}  # slot label -> last output lines of the job running there
     results, failures = [None] * len(jobs), []
-
-    def show(line):
-        echo(line)
-        label = line[1:line.index("]")]
-        tails.setdefault(label, []).append(line)
-        del tails[label][:-WORKER_TAIL_LINES]
-
-    def show_queued(wait_s=0.0):
-        try:
-            show(lines.get(timeout=wait_s) if wait_s else lines.get_nowait())
-            while True:
-                show(lines.get_nowait())
-        except queue.Empty:
-            pass
-
     try:
         while running or (pending and not failures):
             while pending and free and not failures:
                 index, job = pending.pop(0)
                 slot = free.pop(0)
                 payload = scratch / f"{index:03d}_{_safe_name(job.label)}.pkl"
-                with open(payload, "wb") as f:
-                    pickler.dump((job.fn, tuple(job.args), f"{payload}.result"), f)
                 log_path = log_dir / f"{_safe_name(job.label)}.log"
-                proc = subprocess.Popen([sys.executable, "-c", WORKER_MAIN, str(payload)], stdin=subprocess.DEVNULL,
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_worker_env(slot),
-                                        start_new_session=True)
-                pump = threading.Thread(target=_pump, daemon=True,
-                                        args=(proc.stdout, WorkerOutput(slot.label), lines,
-                                              open(log_path, "w", encoding="utf-8", newline="")))
-                pump.start()
+                proc, pump = _start_worker(job, slot, payload, log_path, pickler, lines)
                 running[proc] = (index, job, slot, pump, payload)
-                tails[slot.label] = []
+                lines.tails[slot.label] = []
                 echo(f"[parallel] {job.label} started on {slot.label} (log: {log_path})")
-            show_queued(wait_s=0.2)
+            lines.show_queued(wait_s=0.2)
             for proc in [p for p in running if p.poll() is not None]:
                 index, job, slot, pump, payload = running.pop(proc)
                 pump.join()
-                show_queued()
+                lines.show_queued()
                 free.append(slot)
                 result_path = pathlib.Path(f"{payload}.result")
                 if proc.returncode == 0 and result_path.exists():
@@ -297,13 +321,7 @@ def run_in_workers(jobs, slots, log_dir, echo=print):
                         results[index] = pickle.load(f)
                     echo(f"[parallel] {job.label} finished on {slot.label}")
                     continue
-                tail = [line[len(slot.label) + 3:] for line in tails.get(slot.label, [])] or ["(no output)"]
-                kept = log_dir / f"{_safe_name(job.label)}.pkl"  # the job, to re-run alone while debugging
-                shutil.copyfile(payload, kept)
-                rerun = f"python -m mcvqa worker {kept}" if _in_package() else f"run_worker_payload({str(kept)!r})"
-                failures.append(f"{job.label} failed on {slot.label} (worker exit code {proc.returncode}); "
-                                f"its last output lines:\n    " + "\n    ".join(tail)
-                                + f"\n  full log: {log_dir / (_safe_name(job.label) + '.log')}; re-run it alone: {rerun}")
+                failures.append(_failure(job, slot, proc, payload, log_dir, lines))
                 echo(f"[parallel] {job.label} FAILED on {slot.label} (exit code {proc.returncode}); no new jobs "
                      f"start" + (f", waiting for {len(running)} running job(s) to finish" if running else ""))
     except BaseException:

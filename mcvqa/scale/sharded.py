@@ -9,6 +9,7 @@ import torch
 from ..core.inference import gather_views, predict_views
 from ..core.modeling import load_model_for_training, load_processor, load_trainable_state
 from ..core.prompts import make_prompt_format
+from ..core.training import FoldContext
 from ..machinery.process import contiguous_shards
 from .parallel import WorkerJob, run_in_workers
 
@@ -26,10 +27,10 @@ def predict_shard(frame, cfg, hardware, adapter_path=None, desc="test"):
         load_trainable_state(model, torch.load(adapter_path))
     processor = load_processor(cfg)
     fmt = make_prompt_format(processor, cfg)
-    return predict_views(model, frame, processor, fmt, cfg, hardware, desc=desc)
+    return predict_views(FoldContext(processor, fmt, cfg, hardware), model, frame, desc=desc)
 
 
-def predict_views_sharded(frame, cfg, hardware, adapter_path, slots, log_dir, desc="test"):
+def predict_views_sharded(frame, cfg, hardware, adapter_path, *, slots, log_dir, desc="test"):
     """`predict_views` over contiguous row shards, one worker per slot (GPU), gathered in the original
     row order: the same {(scale, shift): [N, 4]} as one process computes."""
     bounds = shard_bounds(len(frame), len(slots))

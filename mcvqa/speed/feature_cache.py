@@ -242,10 +242,10 @@ class FeatureCache:
         out["image_features"] = [found[k] for k in keys]
         return out
 
-    def pass_batches(self, frame, order, processor, fmt, cfg, batch_size, max_pixels, pixel_dtype):
+    def pass_batches(self, frame, order, processor, fmt, cfg, *, batch_size, max_pixels, pixel_dtype):
         """A prediction pass's batches, replayed from an earlier fold when it made the very same pass (replay.py)."""
-        return pass_batches(self.replay, frame, order, processor, fmt, cfg, batch_size, max_pixels,
-                            self.encoding(dedupe_images=True), pixel_dtype)
+        return pass_batches(self.replay, frame, order, processor, fmt, cfg, batch_size=batch_size, max_pixels=max_pixels,
+                            encoding=self.encoding(dedupe_images=True), pixel_dtype=pixel_dtype)
 
     def view_scorer(self, n_views, hardware, desc="predict"):
         """The scorer of a pass whose rows bring n_views option orders each: one shared prefix per row."""

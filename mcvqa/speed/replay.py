@@ -79,7 +79,7 @@ class PassReplay:
         self.kept.clear()
 
 
-def pass_batches(replay, frame, order, processor, fmt, cfg, batch_size, max_pixels, encoding, pixel_dtype):
+def pass_batches(replay, frame, order, processor, fmt, cfg, *, batch_size, max_pixels, encoding, pixel_dtype):
     """A pass's batches: the ones an earlier fold kept for this very pass, else the data loader's (kept
     once it is through, for the next fold)."""
     signature = pass_signature(frame, order, fmt, cfg, batch_size, max_pixels)

@@ -22,12 +22,13 @@ from .shared_prefix import shared_or_error, shared_prefix_problem
 
 
 @torch.no_grad()
-def check_fast_paths(model, frame, processor, fmt, cfg, hardware, feature_cache, n_rows=2):
-    """Score a few of `frame`'s rows three ways before a fold relies on the fast paths: the stock forward
-    (pixels through the vision tower), the cached-feature forward, and the shared-prefix option orders.
-    The last two reach transformers below its public API (compat.py); a release that changes what they
-    rely on gives wrong numbers, not errors. Returns (feature_cache or None, cfg): a path that disagrees
+def check_fast_paths(ctx, model, frame, *, n_rows=2):
+    """Score a few of `frame`'s rows three ways before a fold (`ctx`, its FoldContext) relies on the fast paths:
+    the stock forward (pixels through the vision tower), the cached-feature forward, and the shared-prefix option
+    orders. The last two reach transformers below its public API (compat.py); a release that changes what they
+    rely on gives wrong numbers, not errors. Returns (ctx.feature_cache or None, ctx.cfg): a path that disagrees
     is switched off for the fold, with a warning that says what it costs and the fix."""
+    processor, fmt, cfg, hardware, feature_cache = ctx.processor, ctx.fmt, ctx.cfg, ctx.hardware, ctx.feature_cache
     if feature_cache is None or len(frame) == 0:
         return feature_cache, cfg
     k = min(4, max(2, cfg.tta_option_views))

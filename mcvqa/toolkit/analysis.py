@@ -358,7 +358,7 @@ def _writable_out(run_dir, out_dir):
     return out
 
 
-def analyze_run(run_dir, data_dir=None, out_dir=None, top_n=TOP_N, suspect_label_max=SUSPECT_LABEL_MAX,
+def analyze_run(run_dir, data_dir=None, out_dir=None, *, top_n=TOP_N, suspect_label_max=SUSPECT_LABEL_MAX,
                 suspect_other_min=SUSPECT_OTHER_MIN, confidence_edges=CONFIDENCE_EDGES):
     """Write the error analysis of a finished run (see the module docstring); returns analysis.json's dict."""
     table = oof_table(run_dir, data_dir)

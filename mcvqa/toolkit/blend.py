@@ -329,23 +329,9 @@ def blend_runs(run_dirs, out_dir, per_type=False, data_dir=None, min_type_rows=M
     labels = letter_indices(ref.oof["answer"])
     oof_probs = np.stack([m.oof[PROB_COLUMNS].to_numpy() for m in members])
     test_probs = np.stack([m.test[PROB_COLUMNS].to_numpy() for m in members])
-    notes = []
-    fold_notes = compare_folds(members)
-    for fold_note in fold_notes:
-        notes.append(f"folds differ: {fold_note['member']} has {fold_note['ids_in_another_fold']} of "
-                     f"{fold_note['of']} train ids in another fold than {ref.name} ({fold_note['source']}). Each "
-                     "member's probabilities are still out-of-fold for that member, but its models were trained on "
-                     f"other rows, and the honest estimate uses {ref.name}'s folds only: read the blend's CV "
-                     "with some caution. Runs with the same n_folds and seed share their folds")
-    if ref.folds is None:
-        notes.append(f"{ref.path / 'folds.csv'} not found: the members' folds were compared on the oof fold column")
+    notes, fold_notes = _fold_notes(members)
     data_path, data_source = _data_dir(members, data_dir)
-    train_types = test_types = None
-    if per_type:
-        train_types = np.array([question_type(q) for q in _questions(data_path, data_source, "train",
-                                                                     ref.oof["id"].tolist())])
-        test_types = np.array([question_type(q) for q in _questions(data_path, data_source, "test",
-                                                                    ref.test["id"].tolist())])
+    train_types, test_types = _question_types(data_path, data_source, ref) if per_type else (None, None)
     model = fit_blend(oof_probs, labels, train_types, min_type_rows)
     in_sample = apply_blend(oof_probs, model, train_types)
     splits, split_note = honest_splits(ref.oof["fold"])
@@ -355,11 +341,7 @@ def blend_runs(run_dirs, out_dir, per_type=False, data_dir=None, min_type_rows=M
                                                 if (train_types == k).any()}
     on_global = [k for k in type_rows if k not in model["per_type"]]
     report = {
-        "members": [{"run": m.name, "path": str(m.path), "cv_accuracy": accuracy(p, labels),
-                     "log_loss": log_loss(p, labels), "profile": m.metrics.get("profile", m.config.get("profile")),
-                     "model": m.config.get("model_name_or_path"), "demo_family": m.config.get("demo_family")
-                     if m.config.get("demo") else None}
-                    for m, p in zip(members, oof_probs)],
+        "members": _member_rows(members, oof_probs, labels, train_types, type_rows),
         "n_oof": len(labels), "n_test": len(ref.test),
         "disagreement": [{"a": names[i], "b": names[j], "disagreement": disagreement(oof_probs[i], oof_probs[j])}
                          for i in range(len(members)) for j in range(i + 1, len(members))],
@@ -373,10 +355,6 @@ def blend_runs(run_dirs, out_dir, per_type=False, data_dir=None, min_type_rows=M
         "folds_agree": not fold_notes, "folds_differ": fold_notes,
         "data_dir": None if data_path is None else str(data_path), "notes": notes,
     }
-    if train_types is not None:  # which member is good at which type: what the per-type weights follow
-        for member, probs in zip(report["members"], oof_probs):
-            member["accuracy_by_type"] = {k: accuracy(probs[train_types == k], labels[train_types == k])
-                                          for k in type_rows}
     holdout = _holdout_labels(data_path, ref.test["id"])
     if holdout is not None:  # (the demo ships test_answers.csv: the hold-out check of the blend)
         report["holdout_accuracy"] = {**{m.name: accuracy(p, holdout) for m, p in zip(members, test_probs)},
@@ -394,14 +372,61 @@ def blend_runs(run_dirs, out_dir, per_type=False, data_dir=None, min_type_rows=M
                                                 out_dir / "submission.csv", sample))
     if ref.folds is not None:
         shutil.copyfile(ref.path / "folds.csv", out_dir / "folds.csv")
+    _write_blend_reports(out_dir, report, names,
+                         [accuracy(honest[splits == s], labels[splits == s]) for s in np.unique(splits)])
+    return report
+
+
+def _fold_notes(members):
+    """(the report's notes on the members' folds, compare_folds' list of the members whose folds differ)."""
+    ref, notes = members[0], []
+    fold_notes = compare_folds(members)
+    for fold_note in fold_notes:
+        notes.append(f"folds differ: {fold_note['member']} has {fold_note['ids_in_another_fold']} of "
+                     f"{fold_note['of']} train ids in another fold than {ref.name} ({fold_note['source']}). Each "
+                     "member's probabilities are still out-of-fold for that member, but its models were trained on "
+                     f"other rows, and the honest estimate uses {ref.name}'s folds only: read the blend's CV "
+                     "with some caution. Runs with the same n_folds and seed share their folds")
+    if ref.folds is None:
+        notes.append(f"{ref.path / 'folds.csv'} not found: the members' folds were compared on the oof fold column")
+    return notes, fold_notes
+
+
+def _question_types(data_path, data_source, ref):
+    """(question type of each out-of-fold row, of each test row), in the reference member's order (per_type)."""
+    train_types = np.array([question_type(q) for q in _questions(data_path, data_source, "train",
+                                                                 ref.oof["id"].tolist())])
+    test_types = np.array([question_type(q) for q in _questions(data_path, data_source, "test",
+                                                                ref.test["id"].tolist())])
+    return train_types, test_types
+
+
+def _member_rows(members, oof_probs, labels, train_types, type_rows):
+    """The report's row of each member: its run, CV accuracy and log-loss, profile and model (and with per_type,
+    its accuracy by question type)."""
+    rows = [{"run": m.name, "path": str(m.path), "cv_accuracy": accuracy(p, labels),
+             "log_loss": log_loss(p, labels), "profile": m.metrics.get("profile", m.config.get("profile")),
+             "model": m.config.get("model_name_or_path"), "demo_family": m.config.get("demo_family")
+             if m.config.get("demo") else None}
+            for m, p in zip(members, oof_probs)]
+    if train_types is not None:  # which member is good at which type: what the per-type weights follow
+        for member, probs in zip(rows, oof_probs):
+            member["accuracy_by_type"] = {k: accuracy(probs[train_types == k], labels[train_types == k])
+                                          for k in type_rows}
+    return rows
+
+
+def _write_blend_reports(out_dir, report, names, fold_accuracy):
+    """The blend folder's config.json, metrics.json (`fold_accuracy`: the honest blend's per split),
+    blend_report.json/.md (printed too) and plots."""
     (out_dir / "config.json").write_text(json.dumps(
-        {"profile": "blend", "blend_of": names, "data_dir": report["data_dir"], "per_type": bool(per_type),
-         "min_type_rows": min_type_rows}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        {"profile": "blend", "blend_of": names, "data_dir": report["data_dir"], "per_type": report["per_type"],
+         "min_type_rows": report["min_type_rows"]}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (out_dir / "metrics.json").write_text(json.dumps(
         {"profile": "blend", "cv_accuracy": report["blend"]["out_of_fold"]["accuracy"],
          "cv_log_loss": report["blend"]["out_of_fold"]["log_loss"],
          "cv_accuracy_in_sample": report["blend"]["in_sample"]["accuracy"],
-         "fold_accuracy": [accuracy(honest[splits == s], labels[splits == s]) for s in np.unique(splits)],
+         "fold_accuracy": fold_accuracy,
          "blend_weights": report["weights"]}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (out_dir / "blend_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n",
                                                encoding="utf-8")
@@ -411,4 +436,3 @@ def blend_runs(run_dirs, out_dir, per_type=False, data_dir=None, min_type_rows=M
     plots = make_run_plots(out_dir)  # the blend's own predictions: letter balance, confusion, reliability
     print(f"[blend] wrote {out_dir}: submission.csv, test_probs_ensemble.csv, oof_probs.csv, blend_report.json/.md, "
           f"plots/ ({', '.join(plots)})")
-    return report
