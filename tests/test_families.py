@@ -7,6 +7,7 @@ import pathlib
 
 import pytest
 import torch
+from packaging.version import Version
 from transformers import AutoModelForImageTextToText, Qwen3_5Config
 
 from mcvqa.core.config import resolve_config
@@ -14,6 +15,7 @@ from mcvqa.core.hardware import choose_hardware
 from mcvqa.runkit.locate import check_family_release, find_model_dir
 from mcvqa.core.memory import choose_quantization, kv_cache_gib_per_row, lora_parameters, plan_memory
 from mcvqa.core.modeling import lora_targets, model_family
+from mcvqa.machinery.compat import transformers_version
 from mcvqa.machinery.packages import SetupError
 from mcvqa.families.qwen3_5 import QWEN3_5
 from mcvqa.families.qwen_vl import QWEN_VL
@@ -275,6 +277,12 @@ def test_qwen35_scores_option_orders_with_the_whole_prompt_in_bf16_only(tiny_cfg
     assert "off in bf16" in shared_prefix_problem(QWEN3_5, "bfloat16")
     assert shared_prefix_problem(QWEN3_5, "float16") is None and shared_prefix_problem(QWEN3_5, "float32") is None
     assert shared_prefix_problem(QWEN_VL, "bfloat16") is None
+    from mcvqa.families.gemma4 import GEMMA4
+
+    if transformers_version() >= Version(GEMMA4.shared_prefix_since):  # Gemma 4: off in 16 bits (runs 41-42)
+        assert "off in float16" in shared_prefix_problem(GEMMA4, "float16")
+        assert "runs 41-42" in shared_prefix_problem(GEMMA4, "bfloat16")
+        assert shared_prefix_problem(GEMMA4, "float32") is None  # the CPU: exact (tests/test_gemma4.py)
     if not HAS_QWEN3_5:
         return
     import pandas as pd

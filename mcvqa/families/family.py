@@ -40,6 +40,8 @@ class ModelFamily:
     shared_prefix_before = ""  # what goes wrong on releases before that
     # Why the shared prefix is not used in bf16 ("": it is): a split computation can round further apart there.
     shared_prefix_not_bf16 = ""
+    # Why it is not used in fp16 nor bf16 ("": it is), where only fp32 (the CPU) was seen exact.
+    shared_prefix_not_16bit = ""
     features_since = "5.0"  # the first release whose forward takes cached image features (feature cache)
     prefix_padding = "right"  # how prefixes of different lengths are padded in one shared-prefix pass
     kernels = ()  # (module, pip package, what it speeds up): optional CUDA kernels this family's layers use

@@ -41,6 +41,9 @@ def shared_prefix_problem(family, dtype=None):
                 f"{family.shared_prefix_since} ({family.shared_prefix_before}), so each option order runs the whole "
                 f"prompt (exact, ~2-3x the language-model work). Fix: pip install -U "
                 f"'transformers>={family.shared_prefix_since},<6'")
+    if dtype in ("float16", "bfloat16") and family.shared_prefix_not_16bit:
+        return (f"{family.name}: shared-prefix option orders off in {dtype} ({family.shared_prefix_not_16bit}): each "
+                "option order runs the whole prompt (exact, ~2-3x the language-model work of the test pass)")
     if dtype == "bfloat16" and family.shared_prefix_not_bf16:
         return (f"{family.name}: shared-prefix option orders off in bf16 ({family.shared_prefix_not_bf16}): each option "
                 "order runs the whole prompt (exact, ~2-3x the language-model work of the test pass)")
