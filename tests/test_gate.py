@@ -167,3 +167,38 @@ def test_the_gate_plot_shows_the_before_and_after_it_is_given(tmp_path):
     import matplotlib.pyplot as plt
 
     plt.close(fig)  # (test_reporting checks that no figure is left open)
+
+
+def test_the_base_model_is_one_more_view_of_the_gated_rows(tiny_model, tiny_cfg, hardware, tmp_path):
+    """gate_base_model: the gated rows' probabilities are the average of their normal views and the base model's
+    (adapter off) views of the same option orders, each computed independently here (no cache, no shared prefix);
+    the adapter is on again afterwards."""
+    family = "qwen2_5_vl"
+    model = tiny_model(family, False)
+    cfg = tiny_cfg(family, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, tta_option_views=4, num_workers=0,
+                   infer_batch_size=2, gate_fraction=0.5, gate_option_orders=4, gate_base_model=True)
+    from mcvqa.core.modeling import load_processor
+
+    processor = load_processor(cfg)
+    fmt = make_prompt_format(processor, cfg)
+    rows = []
+    for i in range(4):
+        Image.new("RGB", (120, 100), (60 * i, 180 - 40 * i, 90)).save(tmp_path / f"{i}.png")
+        rows.append({"id": f"q{i}", "image_path": str(tmp_path / f"{i}.png"), "question": "무슨 색입니까?",
+                     "a": "빨간색", "b": "파란색", "c": "초록색", "d": "노란색", "answer": "a"})
+    frame = pd.DataFrame(rows)
+    ctx = FoldContext(processor, fmt, cfg, hardware, feature_cache=make_feature_cache(cfg, model, hardware))
+    views = predict_views(ctx, model, frame)
+    probs = tta_probs(views)
+    gated, report = gated_probs(ctx, model, frame, probs, views, desc="test", map_shards=lambda part, fn: [fn(part)])
+    chosen, _ = select_gated(probs, views, cfg)
+    assert len(chosen) == 2 and report["extra_views"] == 2 * 4 == 2 * extra_views_per_row(cfg)
+    plain = FoldContext(processor, fmt, dataclasses.replace(cfg, cache_image_features=False, tta_shared_prefix=False),
+                        hardware)
+    subset = frame.iloc[chosen].reset_index(drop=True)
+    adapted = list(predict_views(plain, model, subset).values())
+    with model.disable_adapter():
+        base = list(predict_views(plain, model, subset).values())
+    np.testing.assert_allclose(gated[chosen], average_views(adapted + base), atol=2e-6)
+    assert np.abs(np.array(base) - np.array(adapted)).max() > 1e-4  # another opinion, 50x the tolerance above
+    np.testing.assert_allclose(tta_probs(predict_views(plain, model, subset)), average_views(adapted), atol=1e-7)

@@ -79,6 +79,7 @@ class Config:
     gate_threshold: float = 1.0  # only rows whose score is below it are gated (1.0: the fraction alone decides)
     gate_option_orders: int = 24  # option orders of a gated row: 24 = all permutations, 1-4 = cyclic shifts
     gate_image_scale: float = 0.0  # gated rows also get views at this x max_pixels (e.g. 1.5; 0 = none)
+    gate_base_model: bool = False  # gated rows also get the base model's views (adapter off), one per normal option order (the 16-1 winner's)
     gate_apply: str = "auto"  # auto: the submission takes the gated probabilities only if they raised the out-of-fold accuracy on the gated rows | always
     ensemble_weights: str = "equal"  # equal | oof_acc: fold weights
     temperature_scaling: bool = False  # fit one temperature on out-of-fold logits
@@ -167,11 +168,11 @@ class Config:
             raise ConfigError("config: gate_by=agreement needs 2+ views in the normal pass (one view always agrees "
                               "with itself: nothing would be gated). Fix: tta_option_views=4, or gate_by=margin")
         adds_orders = self.gate_option_orders == 24 or self.gate_option_orders > self.tta_option_views
-        if self.gate_fraction > 0 and not adds_orders and self.gate_image_scale in (0, 1):
+        if self.gate_fraction > 0 and not adds_orders and self.gate_image_scale in (0, 1) and not self.gate_base_model:
             raise ConfigError(f"config: gate_fraction={self.gate_fraction:g} gives the gated rows no view beyond the "
                               f"normal pass's (gate_option_orders={self.gate_option_orders} <= tta_option_views="
-                              f"{self.tta_option_views}, no gate_image_scale). Fix: gate_option_orders=24 or "
-                              "gate_image_scale=1.5")
+                              f"{self.tta_option_views}, no gate_image_scale, no gate_base_model). Fix: gate_option_orders=24 "
+                              "or gate_image_scale=1.5 or gate_base_model=true")
 
 
 # Profiles: small override sets per environment, like nanoGPT's config files.

@@ -10,8 +10,12 @@ broken by margin). So the extra cost is bounded by gate_fraction x rows x extra 
 before the pass. The out-of-fold rows go through the same gate, so the report shows the accuracy on the
 gated rows before and after; with `gate_apply=auto` the submission uses the gated probabilities only when
 they raised it (collect_results). The 1st places of sister competitions did this by hand (+0.2-0.6 pp).
+With `gate_base_model` the gated rows also get the base model's views (the adapter switched off, one per normal
+option order), as the 16-1 winner did: a second opinion that has not fitted the training labels.
 The extra passes reuse the cached image features and the shared prefix, like the normal pass.
 """
+
+import contextlib
 
 import itertools
 import math
@@ -44,9 +48,18 @@ def gate_scales(cfg):
 
 
 def extra_views_per_row(cfg):
-    """Views a gated row gets beyond the normal pass's."""
+    """Views a gated row gets beyond the normal pass's (the base model's included)."""
     normal = max(1, cfg.tta_option_views) * len(image_scales(cfg))
-    return len(gate_perms(cfg)) * len(gate_scales(cfg)) - normal
+    return len(gate_perms(cfg)) * len(gate_scales(cfg)) - normal + base_views_per_row(cfg)
+
+
+def base_views_per_row(cfg):
+    return max(1, cfg.tta_option_views) if cfg.gate_base_model else 0
+
+
+def adapter_off(model):
+    """The base model for the duration: peft's disable_adapter (no adapter, e.g. zero-shot: nothing to switch)."""
+    return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
 
 
 def max_gated_rows(cfg, n_rows):
@@ -93,22 +106,28 @@ def gated_probs(ctx, model, frame, probs, views, *, desc, map_shards):
     perms = gate_perms(cfg)
     todo = [(scale, [p for p in perms if (scale, p) not in have]) for scale in gate_scales(cfg)]
     todo = [(scale, missing) for scale, missing in todo if missing]
-    if not todo:  # (config.py refuses most such settings up front)
+    if not todo and not cfg.gate_base_model:  # (config.py refuses most such settings up front)
         print(f"[gate] {desc}: the gate's views are all in the normal pass already: nothing to add")
         return probs, report
-    extra = len(rows) * sum(len(missing) for _, missing in todo)
+    extra = len(rows) * (sum(len(missing) for _, missing in todo) + base_views_per_row(cfg))
     print(f"[gate] {desc}: the {len(rows)} least certain of {len(frame)} rows (gate_fraction={cfg.gate_fraction:g}, "
           f"{cfg.gate_by} < {report['score_below']:.3g}) get {extra // len(rows)} more views each "
-          f"({len(perms)} option orders x scales {gate_scales(cfg)}): {extra} extra views, "
+          f"({len(perms)} option orders x scales {gate_scales(cfg)}"
+          f"{', the base model' if cfg.gate_base_model else ''}): {extra} extra views, "
           f"{extra / normal_views:.2f}x the normal pass's {normal_views}")
     subset = frame.iloc[rows].reset_index(drop=True)
     # As many samples per batch as the normal pass's (its batches fit): fewer rows, more views each.
-    batch_rows = max(1, cfg.infer_batch_size * max(1, cfg.tta_option_views) // max(len(m) for _, m in todo))
+    batch_rows = max(1, cfg.infer_batch_size * max(1, cfg.tta_option_views) // max([len(m) for _, m in todo] + [1]))
     started = time.perf_counter()
     for scale, missing in todo:
         new_views = gather_views(map_shards(subset, lambda part: predict_views(
             ctx, model, part, desc=f"{desc} gated", perms=missing, scales=[scale], batch_rows=batch_rows)))
         have.update({(scale, missing[shift]): view for (_, shift), view in new_views.items()})
+    if cfg.gate_base_model:
+        with adapter_off(model):
+            base_views = gather_views(map_shards(subset, lambda part: predict_views(
+                ctx, model, part, desc=f"{desc} gated, base model", perms=shifts, scales=[1.0], batch_rows=batch_rows)))
+        have.update({("base", key): view for key, view in base_views.items()})
     out = probs.copy()
     out[rows] = average_views(list(have.values()), cfg.tta_average)
     changed = int((out[rows].argmax(1) != probs[rows].argmax(1)).sum())

@@ -36,7 +36,7 @@ PREDICTION_FILES = ("oof_probs.csv", "oof_probs_view0.csv", "test_probs.csv", "t
                     "oof_probs_ungated.csv", "test_probs_ungated.csv", "oof_gate.json", "test_gate.json")
 # Settings that decide a fold's predicted probabilities, beyond its adapter (a change re-predicts, no retraining).
 PREDICTION_SETTINGS = ("tta_option_views", "tta_image_scales", "tta_average", "gate_fraction", "gate_by",
-                       "gate_threshold", "gate_option_orders", "gate_image_scale")
+                       "gate_threshold", "gate_option_orders", "gate_image_scale", "gate_base_model")
 
 
 def _digest(values):
