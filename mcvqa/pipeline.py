@@ -22,7 +22,7 @@ import torch
 
 from .core.config import PROFILES, Config, check_adapter_source, check_resume, save_config
 from .core.data import (PROB_COLUMNS, add_image_hashes, check_images, letter_indices, letters_from_probs, load_image,
-                        make_folds, probs_frame, read_competition_csv)
+                        make_folds, probs_frame, read_competition_csv, with_reversed_copies)
 from .core.ensemble import apply_temperature, ensemble_folds, fit_temperature, fold_weights
 from .core.hardware import apply_memory_cap
 from .core.inference import gather_views, image_scales, predict_views, tta_probs
@@ -46,7 +46,7 @@ from .scale.parallel import parallel_workers, run_folds
 from .speed.fast_vision import speed_up_vision_tower
 from .speed.feature_cache import make_feature_cache
 from .speed.self_check import check_fast_paths
-from .toolkit.analysis import analyze_run
+from .toolkit.analysis import analyze_run, hard_row_ids
 from .toolkit.run_blend import blend_into_submission, check_blend_members
 
 SKIPPED_FOR_TIME = "SKIPPED_FOR_TIME"  # marks a fold the time budget left out (collect_results ensembles the others)
@@ -140,6 +140,7 @@ class Run:
     fmt: object
     sample_submission: object  # path of sample_submission.csv, or None
     bad_rows: list
+    hard_ids: frozenset = frozenset()  # hard_rows_from's hard rows: they train twice, once in reversed option order
 
 
 def start_run(cfg, hardware):
@@ -170,6 +171,11 @@ def start_run(cfg, hardware):
     if cfg.adapters_from:
         # The same prompts, images and folds as that run, and an adapter for every fold to predict.
         check_adapter_source(cfg, folds_frame, folds_to_run(cfg))
+    hard = frozenset(hard_row_ids(cfg.hard_rows_from, cfg.hard_row_margin) & set(train["id"].astype(str))) \
+        if cfg.hard_rows_from else frozenset()
+    if cfg.hard_rows_from:
+        print(f"[train] {len(hard)} training rows that hard_rows_from={cfg.hard_rows_from} got wrong or nearly (top-2 "
+              f"margin < {cfg.hard_row_margin:g}) train twice, the copy in reversed option order")
     if cfg.blend_with and group.is_main():
         check_blend_members(cfg, test)
     if group.is_main():
@@ -182,7 +188,7 @@ def start_run(cfg, hardware):
         (out_dir / "memory_plan.json").write_text(json.dumps(plan, indent=2) + "\n")
         folds_frame.to_csv(out_dir / "folds.csv", index=False)
     print(f"[folds] {cfg.n_folds} folds of {np.bincount(folds).tolist()} rows (stratified by answer, grouped by image)")
-    return Run(cfg, hardware, out_dir, clock, train, test, folds, processor, fmt, sample_submission, bad_rows)
+    return Run(cfg, hardware, out_dir, clock, train, test, folds, processor, fmt, sample_submission, bad_rows, hard)
 
 
 # %% Each fold: load the model, train, predict the out-of-fold and test rows with TTA
@@ -205,7 +211,7 @@ def run_fold(run, fold, shared_cache=None):
     None = this fold alone. The fold's stages share one FoldContext (core/training.py), made by load_fold_model."""
     fold_dir = run.out_dir / f"fold{fold}"
     apply_memory_cap(run.hardware)  # (again in a fold worker: a new process)
-    train_part = run.train[run.folds != fold].reset_index(drop=True)
+    train_part = with_reversed_copies(run.train[run.folds != fold].reset_index(drop=True), run.hard_ids)
     val_part = run.train[run.folds == fold].reset_index(drop=True)
     zero_shot = run.cfg.epochs == 0
     # Reuse only what belongs to the current rows (resume.py): stale predictions are made again.

@@ -282,3 +282,19 @@ def test_without_a_hangul_font_no_hangul_reaches_the_png_and_the_page_says_how_t
     _assert_legible(saved_figures["wrong_gallery.png"])
     for page in ("gallery.html", "analysis.html"):
         assert "apt-get install -y fonts-nanum" in (run / "analysis" / page).read_text(), page
+
+
+def test_hard_rows_are_the_wrong_and_the_nearly_wrong(tmp_path):
+    import pandas as pd
+    import pytest
+
+    from mcvqa.toolkit.analysis import AnalysisError, hard_row_ids
+
+    pd.DataFrame({"id": ["1", "2", "3", "4"], "p_a": [0.9, 0.1, 0.45, 0.7], "p_b": [0.05, 0.8, 0.4, 0.1],
+                  "p_c": [0.03, 0.05, 0.1, 0.1], "p_d": [0.02, 0.05, 0.05, 0.1],
+                  "answer": ["a", "a", "a", "a"]}).to_csv(tmp_path / "oof_probs.csv", index=False)
+    # 1: right and sure; 2: wrong; 3: right by a margin of 0.05; 4: right by 0.6
+    assert hard_row_ids(tmp_path, 0.2) == {"2", "3"}
+    assert hard_row_ids(tmp_path, 0.01) == {"2"}
+    with pytest.raises(AnalysisError, match=r"hard_rows_from=.*: no oof_probs.csv there"):
+        hard_row_ids(tmp_path / "nothing", 0.2)

@@ -451,3 +451,19 @@ def test_every_bundle_folder_is_ignored_by_git():
     for folder in ("kaggle_bundle/", "kaggle_bundle_py311/", "kaggle_bundle-3.10/"):
         checked = subprocess.run(["git", "check-ignore", "-q", "--no-index", folder + "x.whl"], cwd=root)
         assert checked.returncode == 0, folder
+
+
+def test_reversed_copies_move_the_answer_with_its_option():
+    """hard_rows_from's copies: options d, c, b, a and the answer letter that still names the same option text."""
+    import pandas as pd
+
+    from mcvqa.core.data import with_reversed_copies
+
+    frame = pd.DataFrame([{"id": "1", "question": "q", "a": "빨강", "b": "파랑", "c": "초록", "d": "노랑", "answer": "b"},
+                          {"id": "2", "question": "q", "a": "원", "b": "별", "c": "네모", "d": "세모", "answer": "d"}])
+    out = with_reversed_copies(frame, {"2", "unknown"})
+    assert list(out["id"]) == ["1", "2", "2#reversed"]
+    copy = out.iloc[2]
+    assert [copy[c] for c in "abcd"] == ["세모", "네모", "별", "원"] and copy["answer"] == "a"
+    assert copy[copy["answer"]] == frame.iloc[1][frame.iloc[1]["answer"]]  # the same option text is right
+    assert with_reversed_copies(frame, set()) is frame

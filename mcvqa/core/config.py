@@ -42,6 +42,11 @@ class Config:
     adapters_from: str = ""  # an earlier run folder (read-only is fine): predict with its folds' adapters, no training
     blend_with: str = ""  # finished run folders, comma-separated (read-only is fine): the submission becomes this run blended with them (toolkit/blend.py)
     blend_per_type: bool = False  # blend weights per question type (types with enough out-of-fold rows)
+    # An earlier run folder (read-only is fine): the training rows its out-of-fold pass got wrong, or nearly (top-2
+    # probability margin below hard_row_margin), train twice here, the copy with the options in reversed order
+    # (the 0.972 Gemma 4 single model's); validation and out-of-fold rows stay single.
+    hard_rows_from: str = ""
+    hard_row_margin: float = 0.2
     # --- what you tune: model, training, test-time augmentation -----------------------------------
     max_pixels: int = 448 * 448  # ~256 image tokens; winners gained +4.75 pp from higher resolution
     min_pixels: int = 256 * 28 * 28  # Qwen's processor upsizes smaller images to this many pixels

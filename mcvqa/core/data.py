@@ -313,6 +313,23 @@ def letters_from_probs(probs):
     return [OPTION_LETTERS[i] for i in np.asarray(probs).argmax(1)]
 
 
+
+REVERSED_LETTERS = dict(zip(OPTION_LETTERS, reversed(OPTION_LETTERS)))  # a <-> d, b <-> c
+
+
+def with_reversed_copies(frame, ids):
+    """`frame` plus, for each row whose id is in `ids`, a copy with its options in reversed order (d, c, b, a)
+    and its answer moved with them; the copy's id ends in "#reversed". Hard rows seen twice, in two orders."""
+    hard = frame[frame["id"].astype(str).isin(set(ids))]
+    if hard.empty:
+        return frame
+    copies = hard.copy()
+    for letter in OPTION_LETTERS:
+        copies[letter] = hard[REVERSED_LETTERS[letter]].to_numpy()
+    copies["answer"] = hard["answer"].map(REVERSED_LETTERS)
+    copies["id"] = hard["id"].astype(str) + "#reversed"
+    return pd.concat([frame, copies], ignore_index=True)
+
 # %% Your image transform (edit this cell in a fork)
 def custom_image_transform(image, rng):
     """Your own image transform, used with `image_transform=custom` (on training batches, or every pass with

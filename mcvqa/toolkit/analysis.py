@@ -118,6 +118,19 @@ def confidence_bins(confidence, correct, edges=CONFIDENCE_EDGES):
     return rows
 
 
+def hard_row_ids(run_dir, margin):
+    """Ids of an earlier run's out-of-fold rows it got wrong, or nearly (top-2 probability margin below `margin`)."""
+    oof_path = pathlib.Path(run_dir) / "oof_probs.csv"
+    if not oof_path.exists():
+        raise AnalysisError(f"hard_rows_from={run_dir}: no oof_probs.csv there. Fix: the output_dir of a finished "
+                            "`python -m mcvqa run` on the same train.csv")
+    oof = pd.read_csv(oof_path, dtype={"id": str})
+    probs = oof[list(PROB_COLUMNS)].to_numpy()
+    top2 = np.sort(probs, axis=1)[:, -2:]
+    wrong = np.asarray(letters_from_probs(probs)) != oof["answer"].to_numpy()
+    return set(oof["id"][wrong | (top2[:, 1] - top2[:, 0] < margin)])
+
+
 def oof_table(run_dir, data_dir=None):
     """The run's out-of-fold rows joined with train.csv: id, probs, fold, answer, pred, confidence, correct,
     question, a-d, image_path, type."""
