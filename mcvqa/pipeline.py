@@ -35,9 +35,11 @@ from .core.training import FoldContext, train_fold
 from .demo.demo_data import generate_demo_dataset
 from .demo.demo_model import build_tiny_qwen_vl
 from .machinery.compat import check_versions
+from .machinery.files import atomic_write
 from .machinery.process import process_group
 from .runkit.budget import RunClock
-from .runkit.gate import describe_gate, extra_views_per_row, gate_choice, gate_on, gated_probs, max_gated_rows
+from .runkit.gate import (adapter_off, describe_gate, extra_views_per_row, gate_choice, gate_on, gated_probs,
+                          max_gated_rows)
 from .runkit.locate import resolve_inputs
 from .runkit.preflight import preflight
 from .runkit.reporting import make_run_plots
@@ -282,8 +284,27 @@ def fit_fold(ctx, model, train_part, val_part, test):
     else:
         views = max(1, cfg.tta_option_views) * len(image_scales(cfg)) * (len(val_part) + len(test)) + \
             extra_views_per_row(cfg) * (max_gated_rows(cfg, len(val_part)) + max_gated_rows(cfg, len(test)))
+        if cfg.zero_shot_label_check:
+            zero_shot_scores(ctx, model, val_part)
         train_fold(ctx, model, train_part, val_part, reserve_views=views)
         load_trainable_state(model, process_group().from_main(lambda: torch.load(fold_dir / "best_adapter.pt", map_location="cpu")))
+
+
+ZERO_SHOT_OOF = "zero_shot_oof_probs.csv"
+
+
+def zero_shot_scores(ctx, model, val_part):
+    """The base model's probabilities (adapter off, one view) of the fold's out-of-fold rows, before it trains:
+    every training row is out of fold once, so the run ends with a zero-shot opinion on each (toolkit/analysis.py
+    adds the rows whose label is outside its top 2 to the suspect labels). Once per fold; a resumed fold keeps it."""
+    path = pathlib.Path(ctx.fold_dir) / ZERO_SHOT_OOF
+    if path.exists():
+        return
+    with adapter_off(model):
+        views = gather_views(process_group().map_shards(val_part, lambda part: predict_views(
+            ctx, model, part, desc=f"fold {ctx.fold} zero-shot label check", perms=[(0, 1, 2, 3)], scales=[1.0])))
+    if process_group().is_main():
+        atomic_write(path, lambda temp: probs_frame(val_part["id"], views[(1.0, 0)]).to_csv(temp, index=False))
 
 
 def report_fold_end(ctx, out_dir):

@@ -118,6 +118,24 @@ def test_suspect_labels_are_the_confidently_disputed_rows(planted_run):
     assert stricter["suspect_ids"] == ["R03"]
 
 
+def test_the_base_models_label_check_adds_rows_whose_label_is_outside_its_top_2(planted_run):
+    """zero_shot_label_check: the folds' zero-shot probabilities; a label ranked 3rd or 4th by the base model makes the
+    row a suspect even where the trained model agrees with the label; 2nd does not."""
+    zero_shot = {"R00": (0.1, 0.5, 0.3, 0.1),  # label a 3rd (two above it): suspect
+                 "R05": (0.4, 0.3, 0.2, 0.1),  # label b 2nd: not
+                 "R10": (0.4, 0.3, 0.2, 0.1)}  # label d 4th: suspect
+    for fold in range(2):
+        (planted_run / f"fold{fold}").mkdir()
+        ids = [i for k, i in enumerate(zero_shot) if k % 2 == fold]
+        pd.DataFrame([{"id": i, **dict(zip(("p_a", "p_b", "p_c", "p_d"), zero_shot[i]))} for i in ids]).to_csv(
+            planted_run / f"fold{fold}" / "zero_shot_oof_probs.csv", index=False)
+    analyze_run(planted_run)
+    suspects = pd.read_csv(planted_run / "analysis" / "suspect_labels.csv", dtype={"id": str})
+    assert sorted(suspects["id"]) == ["R00", "R03", "R06", "R09", "R10"]
+    assert suspects.set_index("id")["base_model_disputes"].to_dict() == {
+        "R00": True, "R03": False, "R06": False, "R09": False, "R10": True}
+
+
 def test_read_only_run_writes_elsewhere_through_the_cli(planted_run, tmp_path, capsys, monkeypatch):
     files = sorted(p.name for p in planted_run.iterdir())
     assert main(["analyze", str(planted_run), "--out", str(tmp_path / "elsewhere"), "--top", "2"]) == 0

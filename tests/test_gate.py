@@ -202,3 +202,29 @@ def test_the_base_model_is_one_more_view_of_the_gated_rows(tiny_model, tiny_cfg,
     np.testing.assert_allclose(gated[chosen], average_views(adapted + base), atol=2e-6)
     assert np.abs(np.array(base) - np.array(adapted)).max() > 1e-4  # another opinion, 50x the tolerance above
     np.testing.assert_allclose(tta_probs(predict_views(plain, model, subset)), average_views(adapted), atol=1e-7)
+
+
+def test_the_zero_shot_label_check_scores_with_the_adapter_off(tiny_model, tiny_cfg, hardware, tmp_path):
+    """zero_shot_label_check: the fold's out-of-fold rows scored by the base model (one view), written once."""
+    from mcvqa.core.modeling import load_processor
+    from mcvqa.pipeline import ZERO_SHOT_OOF, zero_shot_scores
+
+    family = "qwen2_5_vl"
+    model = tiny_model(family, False)
+    cfg = tiny_cfg(family, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, num_workers=0, infer_batch_size=2)
+    processor = load_processor(cfg)
+    ctx = FoldContext(processor, make_prompt_format(processor, cfg), cfg, hardware, fold_dir=tmp_path)
+    rows = []
+    for i in range(3):
+        Image.new("RGB", (120, 100), (70 * i, 90, 180 - 50 * i)).save(tmp_path / f"{i}.png")
+        rows.append({"id": f"z{i}", "image_path": str(tmp_path / f"{i}.png"), "question": "무슨 색입니까?",
+                     "a": "빨간색", "b": "파란색", "c": "초록색", "d": "노란색", "answer": "a"})
+    frame = pd.DataFrame(rows)
+    zero_shot_scores(ctx, model, frame)
+    written = pd.read_csv(tmp_path / ZERO_SHOT_OOF)
+    with model.disable_adapter():
+        base = predict_views(ctx, model, frame, perms=[(0, 1, 2, 3)], scales=[1.0])[(1.0, 0)]
+    adapted = predict_views(ctx, model, frame, perms=[(0, 1, 2, 3)], scales=[1.0])[(1.0, 0)]
+    assert written["id"].tolist() == ["z0", "z1", "z2"]
+    np.testing.assert_allclose(written[["p_a", "p_b", "p_c", "p_d"]].to_numpy(), base, atol=1e-6)
+    assert np.abs(base - adapted).max() > 1e-4  # the adapter was really off

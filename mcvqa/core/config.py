@@ -85,6 +85,9 @@ class Config:
     gate_option_orders: int = 24  # option orders of a gated row: 24 = all permutations, 1-4 = cyclic shifts
     gate_image_scale: float = 0.0  # gated rows also get views at this x max_pixels (e.g. 1.5; 0 = none)
     gate_base_model: bool = False  # gated rows also get the base model's views (adapter off), one per normal option order (the 16-1 winner's)
+    # Before a fold trains, the base model scores its out-of-fold rows (one view, ~1/3 of a training pass over them):
+    # rows whose label is outside its top 2 join suspect_labels.csv (the 16-1 winner's label check)
+    zero_shot_label_check: bool = False
     gate_apply: str = "auto"  # auto: the submission takes the gated probabilities only if they raised the out-of-fold accuracy on the gated rows | always
     ensemble_weights: str = "equal"  # equal | oof_acc: fold weights
     temperature_scaling: bool = False  # fit one temperature on out-of-fold logits

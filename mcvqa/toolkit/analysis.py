@@ -176,8 +176,22 @@ def confident_wrong(table, top_n=TOP_N):
     return wrong.sort_values(["confidence", "id"], ascending=[False, True], kind="stable").head(top_n)
 
 
-def suspect_labels(table, label_max=SUSPECT_LABEL_MAX, other_min=SUSPECT_OTHER_MIN):
-    """Rows whose label gets below label_max while another option gets above other_min (most disputed first)."""
+def zero_shot_disputes(run_dir, table):
+    """Per table row: whether the base model (the folds' zero_shot_oof_probs.csv, zero_shot_label_check) ranks two
+    or more options above the label, i.e. the label is outside its top 2; None when the run has no such files."""
+    files = sorted(pathlib.Path(run_dir).glob("fold*/zero_shot_oof_probs.csv"))
+    if not files:
+        return None
+    base = pd.concat([pd.read_csv(f, dtype={"id": str}) for f in files]).drop_duplicates("id").set_index("id")
+    probs = base.reindex(table["id"].astype(str))[PROB_COLUMNS].to_numpy(dtype=float)
+    label = letter_indices(table["answer"])
+    above = (probs > probs[np.arange(len(table)), label][:, None]).sum(1)
+    return (above >= 2) & ~np.isnan(probs).any(1)
+
+
+def suspect_labels(table, label_max=SUSPECT_LABEL_MAX, other_min=SUSPECT_OTHER_MIN, base_disputes=None):
+    """Rows whose label gets below label_max while another option gets above other_min, and (base_disputes,
+    zero_shot_disputes) the rows whose label the base model ranks outside its top 2 (most disputed first)."""
     probs = table[PROB_COLUMNS].to_numpy(dtype=float)
     label = letter_indices(table["answer"])
     p_label = probs[np.arange(len(table)), label]
@@ -186,7 +200,10 @@ def suspect_labels(table, label_max=SUSPECT_LABEL_MAX, other_min=SUSPECT_OTHER_M
     rival = others.argmax(1)
     p_rival = others.max(1)
     keep = (p_label < label_max) & (p_rival > other_min)
+    base = np.zeros(len(table), bool) if base_disputes is None else np.asarray(base_disputes, bool)
+    keep = keep | base
     suspects = pd.DataFrame({"id": table["id"], "answer": table["answer"], "p_answer": p_label,
+                             "base_model_disputes": base,
                              "model_says": [OPTION_LETTERS[i] for i in rival], "p_model": p_rival,
                              "fold": table["fold"] if "fold" in table else None,
                              "type": table["type"], "question": table["question"],
@@ -377,7 +394,7 @@ def analyze_run(run_dir, data_dir=None, out_dir=None, *, top_n=TOP_N, suspect_la
     table = oof_table(run_dir, data_dir)
     out = _writable_out(run_dir, out_dir)
     gallery = confident_wrong(table, top_n)
-    suspects = suspect_labels(table, suspect_label_max, suspect_other_min)
+    suspects = suspect_labels(table, suspect_label_max, suspect_other_min, zero_shot_disputes(run_dir, table))
     font = hangul_font()
     report = {
         "run_dir": str(run_dir), "n_rows": len(table), "accuracy": float(table["correct"].mean()),
