@@ -12,6 +12,7 @@ to the speed, scale, demo and toolkit wings.
 """
 
 import dataclasses
+import gc
 import json
 import pathlib
 import time
@@ -20,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .core.config import PROFILES, Config, check_adapter_source, check_resume, save_config
+from .core.config import PROFILES, Config, ConfigError, check_adapter_source, check_resume, save_config
 from .core.data import (PROB_COLUMNS, add_image_hashes, check_images, letter_indices, letters_from_probs, load_image,
                         make_folds, probs_frame, read_competition_csv, with_reversed_copies)
 from .core.ensemble import apply_temperature, ensemble_folds, fit_temperature, fold_weights
@@ -114,6 +115,19 @@ def load_competition(cfg):
     return train, test, (sample if sample.exists() else None), bad_train + bad_test
 
 
+def load_first_stage(cfg):
+    """first_stage_data's train.csv and images, read and checked like the competition's (test.csv not needed)."""
+    data_dir = pathlib.Path(cfg.first_stage_data)
+    if not (data_dir / "train.csv").is_file():
+        raise ConfigError(f"config: first_stage_data={data_dir}: no train.csv there. Fix: a folder in the "
+                          "competition's layout (train.csv with id, path or image, question, a-d, answer; its images)")
+    frame = read_competition_csv(data_dir / "train.csv", "train")
+    frame, _ = check_images(frame, data_dir / "train.csv", cfg.on_bad_image, cfg.max_pixels, cfg.bomb_limit_pixels)
+    print(f"[first stage] {len(frame)} rows from {data_dir}: one adapter trains on them before the folds, which start "
+          "from it")
+    return add_image_hashes(frame)
+
+
 def test_labels(cfg, test):
     """Hold-out answers when known (the demo ships them; a labelled test.csv works too)."""
     path = pathlib.Path(cfg.data_dir) / "test_answers.csv"
@@ -143,6 +157,7 @@ class Run:
     sample_submission: object  # path of sample_submission.csv, or None
     bad_rows: list
     hard_ids: frozenset = frozenset()  # hard_rows_from's hard rows: they train twice, once in reversed option order
+    first_stage: object = None  # first_stage_data's checked training rows (a DataFrame), or None
 
 
 def start_run(cfg, hardware):
@@ -178,6 +193,7 @@ def start_run(cfg, hardware):
     if cfg.hard_rows_from:
         print(f"[train] {len(hard)} training rows that hard_rows_from={cfg.hard_rows_from} got wrong or nearly (top-2 "
               f"margin < {cfg.hard_row_margin:g}) train twice, the copy in reversed option order")
+    first_stage = load_first_stage(cfg) if cfg.first_stage_data else None  # checked before anything is written
     if cfg.blend_with and group.is_main():
         check_blend_members(cfg, test)
     if group.is_main():
@@ -190,7 +206,7 @@ def start_run(cfg, hardware):
         (out_dir / "memory_plan.json").write_text(json.dumps(plan, indent=2) + "\n")
         folds_frame.to_csv(out_dir / "folds.csv", index=False)
     print(f"[folds] {cfg.n_folds} folds of {np.bincount(folds).tolist()} rows (stratified by answer, grouped by image)")
-    return Run(cfg, hardware, out_dir, clock, train, test, folds, processor, fmt, sample_submission, bad_rows, hard)
+    return Run(cfg, hardware, out_dir, clock, train, test, folds, processor, fmt, sample_submission, bad_rows, hard, first_stage)
 
 
 # %% Each fold: load the model, train, predict the out-of-fold and test rows with TTA
@@ -286,6 +302,8 @@ def fit_fold(ctx, model, train_part, val_part, test):
             extra_views_per_row(cfg) * (max_gated_rows(cfg, len(val_part)) + max_gated_rows(cfg, len(test)))
         if cfg.zero_shot_label_check:
             zero_shot_scores(ctx, model, val_part)
+        if cfg.first_stage_data:
+            start_from_first_stage(ctx, model)
         train_fold(ctx, model, train_part, val_part, reserve_views=views)
         load_trainable_state(model, process_group().from_main(lambda: torch.load(fold_dir / "best_adapter.pt", map_location="cpu")))
 
@@ -354,10 +372,42 @@ def predict_fold(ctx, model, val_part, test, *, shared_cache, zero_shot):
         probs_frame(frame["id"], probs if gated is None else gated).to_csv(fold_dir / f"{name}_probs.csv", index=False)
 
 
+FIRST_STAGE = "first_stage"
+
+
+def train_first_stage(run, shared_cache):
+    """first_stage_data: one adapter trained on the extra rows (a tenth of them for its validation), resumable like a
+    fold in <output_dir>/first_stage; the folds start from its best adapter (start_from_first_stage)."""
+    stage_dir = run.out_dir / FIRST_STAGE
+    if (stage_dir / "DONE.json").exists():
+        print(f"[first stage] already trained ({stage_dir / 'best_adapter.pt'})")
+        return
+    frame = run.first_stage.sample(frac=1.0, random_state=run.cfg.seed).reset_index(drop=True)
+    n_val = max(1, len(frame) // 10)
+    stage = dataclasses.replace(run, cfg=dataclasses.replace(run.cfg, epochs=run.cfg.first_stage_epochs))
+    index = run.cfg.n_folds  # past the folds: its own LoRA initialisation and shuffles (seeds must be >= 0)
+    print(f"[first stage] training on {len(frame) - n_val} rows, validating on {n_val} (its lines say fold {index})")
+    model, ctx = load_fold_model(stage, index, stage_dir, frame, shared_cache)
+    train_fold(ctx, model, frame.iloc[n_val:].reset_index(drop=True), frame.iloc[:n_val].reset_index(drop=True))
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def start_from_first_stage(ctx, model):
+    """The fold's LoRA weights set to the first stage's best adapter (a resumed fold's checkpoint then wins)."""
+    source = pathlib.Path(ctx.fold_dir).parent / FIRST_STAGE / "best_adapter.pt"
+    load_trainable_state(model, torch.load(source, map_location="cpu"))
+    print(f"[fold {ctx.fold}] starting from the first stage's adapter ({source})")
+
+
 def run_all_folds(run):
     """Every fold trained (or resumed, or skipped when done) and its predictions written: one after another
     here (under DDP each across all ranks), or with 2+ GPUs one worker process per GPU (scale/parallel.py)."""
     shared_cache = {}  # the folds of this run share one image-feature cache
+    if run.first_stage is not None:
+        train_first_stage(run, shared_cache)
     run_folds(run_fold, {fold: (run, fold, shared_cache) for fold in folds_to_run(run.cfg)}, run.cfg, run.hardware,
               run.out_dir / "workers")
     shared_cache.clear()  # the folds are done: free their image features (GPU memory too) and kept batches

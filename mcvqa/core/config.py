@@ -47,6 +47,11 @@ class Config:
     # (the 0.972 Gemma 4 single model's); validation and out-of-fold rows stay single.
     hard_rows_from: str = ""
     hard_row_margin: float = 0.2
+    # A second competition-format folder (train.csv + images, e.g. external Korean VQA turned into four options): one
+    # adapter trains on it first (first_stage_epochs; a tenth of it validates), and every fold starts from it (the
+    # 0.972 Gemma 4 single model's first stage). Resumable like a fold: <output_dir>/first_stage.
+    first_stage_data: str = ""
+    first_stage_epochs: int = 1
     # --- what you tune: model, training, test-time augmentation -----------------------------------
     max_pixels: int = 448 * 448  # ~256 image tokens; winners gained +4.75 pp from higher resolution
     min_pixels: int = 256 * 28 * 28  # Qwen's processor upsizes smaller images to this many pixels
@@ -390,7 +395,8 @@ def _print_sources(cfg, profile_values, from_env, from_overrides):
 # Settings that decide what a fold's model sees: every fold of one run must share them.
 PROMPT_AND_IMAGE_SETTINGS = ("model_name_or_path", "system_prompt", "instruction", "instruction_first",
                              "max_question_tokens", "max_option_tokens", "min_pixels", "max_pixels", "max_soft_tokens",
-                             "prompt_repeat", "image_transform", "image_transform_on")
+                             "prompt_repeat", "image_transform", "image_transform_on", "first_stage_data",
+                             "first_stage_epochs")
 # Their values in runs saved before the setting existed.
 EARLIER_DEFAULTS = {"instruction_first": False}
 
