@@ -9,8 +9,11 @@ predictions favour is bias. Asserted:
   same run, and their accuracy not lower);
 - shuffled training reduces it (the single-view bias after shuffled training below the bias after training on
   the stored orders).
-Seen failing, each with its feature switched off (RECIPE_TEST_OFF=tta: tta_option_views=1 in the recipe run;
-RECIPE_TEST_OFF=shuffle: shuffle_options=false in the recipe run): see the report of issue 26.
+Measured (2026-12-06, 2 CPU cores): bias 0.550 single view -> 0.137 with 4 orders, hold-out accuracy 0.225 ->
+0.3125; single-view bias 0.550 after shuffled training, 0.744 after training on the stored orders.
+Seen failing, each with its feature switched off: RECIPE_TEST_OFF=tta (tta_option_views=1 in the recipe run): the
+TTA test, bias 0.550 -> 0.550; RECIPE_TEST_OFF=shuffle (shuffle_options=false in the recipe run): the shuffle
+test, 0.744 vs 0.744.
 """
 
 import os
