@@ -107,6 +107,6 @@ def test_reader_data_layout_prior_and_options(tmp_path):
     rates = train["answer"].value_counts(normalize=True)
     assert rates["a"] > rates["b"] > rates["d"] and abs(rates["a"] - 0.40) < 0.07
     held = pd.read_csv(out / "test_answers.csv")["answer"].value_counts(normalize=True)
-    assert held.max() - held.min() < 0.12
+    assert (held - 0.25).abs().max() < 0.1  # 200 rows: sampling noise ~0.03 a letter
     assert generate_reader_dataset(tmp_path, n_train=400, n_test=200, image_size=56, seed=1,
                                    test_letter_prior=(1, 1, 1, 1)) == out  # cached: the marker matches
