@@ -1,0 +1,137 @@
+"""## Recipe ablation bench on the reader stand-in (issue 26)
+
+    python bench/bench_recipe.py --seeds 0,1,2 [--variants recipe,no_shuffle,...] [--out runs/bench_recipe]
+
+Fine-tunes the reader stand-in (data/reader_model/qwen2_5_vl, built by bench/build_reader.py) through the product's
+CLI, `python -m mcvqa run --profile demo ...`, once per (variant, seed): the recipe (the demo profile's training
+settings, options shuffled in training, 4 option orders at test time) and the recipe with one part switched. TTA
+variants re-predict the recipe run's adapters (`adapters_from`, no training): 1, 2, 4 cyclic orders and all 24
+(the gate on every row). Writes `<out>/results.csv` (one row per run) and `<out>/table.md`: hold-out accuracy, CV
+accuracy and the hold-out letter bias (reader_data.letter_bias), also for the first fold's single view (the
+stored option order), mean and spread (sample standard deviation) over the seeds. The seed moves the fold split, LoRA initialisation and option shuffles; the data stay fixed.
+"""
+import argparse
+import datetime
+import json
+import pathlib
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+from mcvqa.core.data import PROB_COLUMNS  # noqa: E402
+from mcvqa.demo.reader_data import generate_reader_dataset, letter_bias  # noqa: E402
+
+# Each variant: (what changes against the recipe, how it runs: "train" a fold, or "tta" re-predicting the recipe run).
+VARIANTS = {
+    "recipe": ({}, "train"),
+    "no_shuffle": ({"shuffle_options": "false"}, "train"),
+    "tta_1": ({"tta_option_views": 1}, "tta"),
+    "tta_2": ({"tta_option_views": 2}, "tta"),
+    "tta_24": ({"tta_option_views": 1, "gate_fraction": 1.0, "gate_option_orders": 24, "gate_apply": "always"}, "tta"),
+    "gate_10pct": ({"gate_fraction": 0.1, "gate_option_orders": 24}, "tta"),
+    "ema_off": ({"ema_decay": 0.0}, "train"),
+    "loss_vocab": ({"loss_over": "vocab"}, "train"),
+    "lora_r4": ({"lora_r": 4, "lora_alpha": 8}, "train"),
+    "lora_r64": ({"lora_r": 64, "lora_alpha": 128}, "train"),
+    "image_84px": ({"min_pixels": 84 * 84, "max_pixels": 84 * 84}, "train"),  # 9 image tokens instead of 16
+}
+
+
+def recipe_settings(args, seed, out_dir):
+    """The recipe run's CLI settings: the demo profile's training, the reader's images, the recipe's option tricks."""
+    return {"demo": "false", "data_dir": args.data, "model_name_or_path": args.model, "output_dir": out_dir,
+            "min_pixels": args.image_size ** 2, "max_pixels": args.image_size ** 2, "n_folds": args.folds,
+            "folds": args.fold_list, "epochs": args.epochs, "seed": seed, "shuffle_options": "true",
+            "tta_option_views": 4}
+
+
+def run_cli(settings, log):
+    """One `python -m mcvqa run --profile demo` (a fresh process, as a user runs it); returns its seconds."""
+    command = [sys.executable, "-m", "mcvqa", "run", "--profile", "demo", *[f"{k}={v}" for k, v in settings.items()]]
+    started = time.time()
+    with open(log, "w") as handle:
+        subprocess.run(command, check=True, stdout=handle, stderr=subprocess.STDOUT)
+    return time.time() - started
+
+
+def _holdout_scores(probs_csv, data_dir):
+    """(accuracy, letter bias) of one probabilities file on the hold-out answers."""
+    probs = pd.read_csv(probs_csv)
+    answers = probs["id"].map(pd.read_csv(pathlib.Path(data_dir) / "test_answers.csv").set_index("id")["answer"])
+    p = probs[PROB_COLUMNS].to_numpy()
+    return float((p.argmax(1) == answers.map("abcd".index).to_numpy()).mean()), letter_bias(p, answers.to_numpy())
+
+
+def score_run(run_dir, data_dir):
+    """Hold-out accuracy and letter bias of the submission's probabilities and of the first fold's single view (the
+    stored option order: what shuffled training changes before TTA hides it); CV accuracy from metrics.json."""
+    acc, bias = _holdout_scores(run_dir / "test_probs_ensemble.csv", data_dir)
+    acc1, bias1 = _holdout_scores(sorted(run_dir.glob("fold*/test_probs_view0.csv"))[0], data_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return {"holdout_acc": acc, "cv_acc": metrics["cv_accuracy"], "holdout_bias": bias,
+            "holdout_acc_1view": acc1, "holdout_bias_1view": bias1}
+
+
+def run_variant(name, seed, args, out):
+    changes, kind = VARIANTS[name]
+    run_dir = out / f"{name}_s{seed}"
+    settings = recipe_settings(args, seed, run_dir)
+    if kind == "tta":  # the recipe run's adapters, predicted again with other test-time views
+        settings["adapters_from"] = out / f"recipe_s{seed}"
+    settings.update(changes)
+    timing = run_dir / "bench_seconds.txt"  # kept beside the run: a later invocation re-scores it, time included
+    if not (run_dir / "metrics.json").exists():
+        seconds = run_cli(settings, out / f"{name}_s{seed}.log")
+        timing.write_text(f"{seconds:.1f}")
+    seconds = float(timing.read_text()) if timing.exists() else float("nan")
+    return {"variant": name, "seed": seed, "seconds": round(seconds, 1), **score_run(run_dir, args.data)}
+
+
+def markdown_table(results, args):
+    """One row per variant: mean ± sd over seeds of hold-out accuracy, CV accuracy and hold-out bias."""
+    lines = ["| variant | seeds | hold-out acc | CV acc | hold-out letter bias | single view: acc | single view: bias "
+             "| s / run |", "|---|---|---|---|---|---|---|---|"]
+    for name, group in results.groupby("variant", sort=False):
+        cells = [f"{group[c].mean():.3f} ± {group[c].std(ddof=1) if len(group) > 1 else 0:.3f}"
+                 for c in ("holdout_acc", "cv_acc", "holdout_bias", "holdout_acc_1view", "holdout_bias_1view")]
+        lines.append(f"| {name} | {len(group)} | {' | '.join(cells)} | {group['seconds'].mean():.0f} |")
+    header = (f"Reader stand-in `{args.model}`, data `{args.data}`, fold(s) {args.fold_list} of {args.folds}, "
+              f"{args.epochs} epoch(s), the demo profile's training settings otherwise; "
+              f"{platform.processor() or platform.machine()} CPU; "
+              f"{datetime.date.today()}; command: `python bench/bench_recipe.py {' '.join(sys.argv[1:])}`")
+    return header + "\n\n" + "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="data/reader_model/qwen2_5_vl")
+    parser.add_argument("--data", default="runs/reader_data", help="a reader competition (built if absent)")
+    parser.add_argument("--out", default="runs/bench_recipe")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--image-size", type=int, default=112)
+    parser.add_argument("--folds", type=int, default=2)
+    parser.add_argument("--fold-list", default="0")
+    parser.add_argument("--epochs", type=int, default=2)
+    args = parser.parse_args(argv)
+    generate_reader_dataset(args.data, image_size=args.image_size)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for name in args.variants.split(","):
+            rows.append(run_variant(name, seed, args, out))
+            print(json.dumps(rows[-1]), flush=True)
+            pd.DataFrame(rows).to_csv(out / "results.csv", index=False)
+    table = markdown_table(pd.DataFrame(rows), args)
+    (out / "table.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
