@@ -33,7 +33,7 @@ from .core.modeling import (describe_kernels, load_model_for_training, load_proc
 from .core.prompts import make_prompt_format
 from .core.submission import read_sample_submission, write_submission
 from .core.training import FoldContext, train_fold
-from .demo.demo_data import generate_demo_dataset
+from .demo.demo_data import DEMO_MARKER, generate_demo_dataset
 from .demo.demo_model import build_tiny_qwen_vl
 from .machinery.compat import check_versions
 from .machinery.files import atomic_write
@@ -69,10 +69,25 @@ def tiny_model_dir(cfg):
     return pathlib.Path("data/tiny_models") / "_".join([cfg.demo_family, *differs])
 
 
+def check_demo_targets(data_dir, model_dir):
+    """demo=true writes the demo's data into data_dir and a tiny model into model_dir: refused where they hold
+    something else (a train.csv without the demo's marker, a model without TINY_MODEL.json), before any write."""
+    data_dir, model_dir = pathlib.Path(data_dir), pathlib.Path(model_dir)
+    if (data_dir / "train.csv").exists() and not (data_dir / DEMO_MARKER).exists():
+        raise ConfigError(f"config: demo=true writes the demo's data into data_dir={data_dir}, which holds another "
+                          f"dataset (its train.csv is not the demo's). Fix: demo=false to run on it (after --profile "
+                          "demo too), or another data_dir")
+    if (model_dir / "config.json").exists() and not (model_dir / "TINY_MODEL.json").exists():
+        raise ConfigError(f"config: demo=true builds a tiny model into model_name_or_path={model_dir}, which holds "
+                          "another model. Fix: demo=false to fine-tune it (after --profile demo too), or leave "
+                          "model_name_or_path empty")
+
+
 def prepare_demo(cfg):
     """Build the embedded demo data and tiny model (both cached; seconds on a re-run)."""
-    data_dir = generate_demo_dataset(cfg.data_dir, image_size=cfg.demo_image_size)
     model_dir = cfg.model_name_or_path or tiny_model_dir(cfg)
+    check_demo_targets(cfg.data_dir, model_dir)
+    data_dir = generate_demo_dataset(cfg.data_dir, image_size=cfg.demo_image_size)
     texts = []
     for name in ("train.csv", "test.csv"):
         frame = pd.read_csv(data_dir / name)

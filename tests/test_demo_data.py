@@ -182,3 +182,26 @@ def test_count_rows_match_image(demo):
     for qtype, answer, arr in _labelled_rows(demo):
         if qtype == "count":
             assert _blob_count(_foreground(arr)) == DEMO_COUNTS.index(answer) + 1
+
+
+def test_demo_true_never_writes_over_a_users_data_or_model(tmp_path):
+    """--profile demo with a data_dir or model_name_or_path that holds something else: one message, nothing written
+    (the demo's data and tiny model were written over them before)."""
+    import pytest
+
+    from mcvqa.core.config import ConfigError, resolve_config
+    from mcvqa.pipeline import prepare_demo
+
+    data, model = tmp_path / "data", tmp_path / "model"
+    data.mkdir()
+    model.mkdir()
+    (data / "train.csv").write_text("id,path,question,a,b,c,d,answer\nq1,x.png,q,1,2,3,4,a\n")
+    (model / "config.json").write_text("{}")
+    cfg = resolve_config("demo", [f"data_dir={data}", f"model_name_or_path={model}"], env={}, verbose=False)
+    with pytest.raises(ConfigError, match=r"demo=true writes the demo's data into data_dir=.*Fix: demo=false"):
+        prepare_demo(cfg)
+    (data / "train.csv").rename(data / "mine.csv")
+    with pytest.raises(ConfigError, match=r"demo=true builds a tiny model into model_name_or_path=.*Fix: demo=false"):
+        prepare_demo(cfg)
+    assert sorted(p.name for p in data.iterdir()) == ["mine.csv"] and sorted(p.name for p in model.iterdir()) == [
+        "config.json"]

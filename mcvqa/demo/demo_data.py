@@ -47,7 +47,7 @@ _DEMO_VOCAB = {
     "count": DEMO_COUNTS,
     "position": DEMO_POSITIONS,
 }
-_DEMO_MARKER = "DEMO_DATASET.json"
+DEMO_MARKER = "DEMO_DATASET.json"
 _DEMO_VERSION = 3  # bump when the drawing changes so old folders are regenerated
 
 
@@ -157,7 +157,7 @@ def generate_demo_dataset(out_dir, n_train=300, n_test=100, image_size=112, seed
     out = pathlib.Path(out_dir)
     args = {"n_train": int(n_train), "n_test": int(n_test), "image_size": int(image_size),
             "seed": int(seed), "version": _DEMO_VERSION}
-    marker = out / _DEMO_MARKER
+    marker = out / DEMO_MARKER
     if _demo_marker_matches(marker, args):
         return out
     if image_size < 64:
