@@ -27,6 +27,7 @@ from mcvqa.core.data import PROB_COLUMNS  # noqa: E402
 from mcvqa.demo.reader_data import generate_reader_dataset, letter_bias  # noqa: E402
 
 # Each variant: (what changes against the recipe, how it runs: "train" a fold, or "tta" re-predicting the recipe run).
+RECIPE_RUN = "<the seed's recipe run>"  # placeholder: run_variant puts the folder in
 VARIANTS = {
     "recipe": ({}, "train"),
     "no_shuffle": ({"shuffle_options": "false"}, "train"),
@@ -39,6 +40,11 @@ VARIANTS = {
     "lora_r4": ({"lora_r": 4, "lora_alpha": 8}, "train"),
     "lora_r64": ({"lora_r": 64, "lora_alpha": 128}, "train"),
     "image_84px": ({"min_pixels": 84 * 84, "max_pixels": 84 * 84}, "train"),  # 9 image tokens instead of 16
+    # The winners' tricks (issue 26 part 3), each on top of the recipe:
+    "prompt_repeat": ({"prompt_repeat": "true"}, "train"),
+    "image_light": ({"image_transform": "light"}, "train"),
+    "hard_rows": ({"hard_rows_from": RECIPE_RUN}, "train"),  # the seed's recipe run (all folds): its hard rows
+    "gate_base_model": ({"gate_fraction": 0.1, "gate_option_orders": 4, "gate_base_model": "true"}, "tta"),
 }
 
 
@@ -83,6 +89,12 @@ def run_variant(name, seed, args, out):
     settings = recipe_settings(args, seed, run_dir)
     if kind == "tta":  # the recipe run's adapters, predicted again with other test-time views
         settings["adapters_from"] = out / f"recipe_s{seed}"
+    if RECIPE_RUN in changes.values():
+        # hard_rows_from needs an earlier run whose out-of-fold pass covered every training row: all folds.
+        earlier = out / f"recipe_allfolds_s{seed}"
+        if not (earlier / "metrics.json").exists():
+            run_cli({**recipe_settings(args, seed, earlier), "folds": "all"}, out / f"recipe_allfolds_s{seed}.log")
+        changes = {k: earlier if v == RECIPE_RUN else v for k, v in changes.items()}
     settings.update(changes)
     timing = run_dir / "bench_seconds.txt"  # kept beside the run: a later invocation re-scores it, time included
     if not (run_dir / "metrics.json").exists():

@@ -244,7 +244,11 @@ def run_fold(run, fold, shared_cache=None):
     None = this fold alone. The fold's stages share one FoldContext (core/training.py), made by load_fold_model."""
     fold_dir = run.out_dir / f"fold{fold}"
     apply_memory_cap(run.hardware)  # (again in a fold worker: a new process)
-    train_part = with_reversed_copies(run.train[run.folds != fold].reset_index(drop=True), run.hard_ids)
+    train_part = run.train[run.folds != fold].reset_index(drop=True)
+    if run.hard_ids:
+        plain, train_part = len(train_part), with_reversed_copies(train_part, run.hard_ids)
+        print(f"[train] fold {fold}: {len(train_part) - plain} reversed-order copies of hard rows (hard_rows_from) "
+              f"among its {len(train_part)} training rows")
     val_part = run.train[run.folds == fold].reset_index(drop=True)
     zero_shot = run.cfg.epochs == 0
     # Reuse only what belongs to the current rows (resume.py): stale predictions are made again.
