@@ -404,9 +404,13 @@ def notebook_is_fresh(path=None, package_dir=None, modules=None):
 TRAINING_CALL = "run_all_folds(run)"
 
 
+def _folded(cell):
+    return cell.cell_type == "code" and cell.metadata.get("jupyter", {}).get("source_hidden", False)
+
+
 def _rendered_lines(cell):
     """Lines a cell takes on screen, with the gap to the next: a folded code cell shows one line (its ellipsis)."""
-    if cell.cell_type == "code" and cell.metadata.get("jupyter", {}).get("source_hidden"):
+    if _folded(cell):
         return 2
     return len(cell.source.splitlines()) + 1
 
@@ -421,7 +425,7 @@ def reading_measure(nb=None):
     nb = nb or build_notebook()
     training = next(i for i, c in enumerate(nb.cells) if c.cell_type == "code" and TRAINING_CALL in c.source)
     above = nb.cells[:training]
-    folded = [c for c in above if c.metadata.get("jupyter", {}).get("source_hidden")]
+    folded = [c for c in above if _folded(c)]
     return {"cells": len(nb.cells), "code_lines": _code_lines(nb.cells), "code_lines_above_training": _code_lines(above),
             "shown_code_lines_above_training": _code_lines(above) - _code_lines(folded),
             "screens_to_training": round(sum(_rendered_lines(c) for c in above) / SCREEN_LINES, 1)}

@@ -145,6 +145,19 @@ def _demo_make_split(out, split, n, s, rng):
     return pd.DataFrame(rows, columns=["id", "path", "question", "a", "b", "c", "d", "answer"]), meta
 
 
+def write_competition_folder(out, train, test, meta_rows, meta_name, marker, args):
+    """A synthetic competition in the real layout: train.csv, test.csv (no answers), sample_submission.csv, the
+    hold-out's test_answers.csv, the rows' question types in `meta_name`, and the marker with `args` last (its
+    presence means everything above finished). Returns `out`."""
+    _demo_write_csv(train, out / "train.csv")
+    _demo_write_csv(test.drop(columns="answer"), out / "test.csv")
+    _demo_write_csv(test[["id"]].assign(answer="a"), out / "sample_submission.csv")
+    _demo_write_csv(test[["id", "answer"]], out / "test_answers.csv")
+    _demo_write_csv(pd.DataFrame(meta_rows, columns=["id", "split", "qtype"]), out / meta_name)
+    atomic_write(marker, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(args, sort_keys=True), encoding="utf-8"))
+    return out
+
+
 def _demo_marker_matches(marker, args):
     try:
         return json.loads(marker.read_text(encoding="utf-8")) == args
@@ -168,11 +181,4 @@ def generate_demo_dataset(out_dir, n_train=300, n_test=100, image_size=112, seed
     rng_train, rng_test = (np.random.default_rng(s) for s in np.random.SeedSequence(int(seed)).spawn(2))
     train, train_meta = _demo_make_split(out, "train", args["n_train"], args["image_size"], rng_train)
     test, test_meta = _demo_make_split(out, "test", args["n_test"], args["image_size"], rng_test)
-    _demo_write_csv(train, out / "train.csv")
-    _demo_write_csv(test.drop(columns="answer"), out / "test.csv")
-    _demo_write_csv(test[["id"]].assign(answer="a"), out / "sample_submission.csv")
-    _demo_write_csv(test[["id", "answer"]], out / "test_answers.csv")
-    _demo_write_csv(pd.DataFrame(train_meta + test_meta, columns=["id", "split", "qtype"]), out / "demo_meta.csv")
-    # Written last: its presence means everything above finished.
-    atomic_write(marker, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(args, sort_keys=True), encoding="utf-8"))
-    return out
+    return write_competition_folder(out, train, test, train_meta + test_meta, "demo_meta.csv", marker, args)

@@ -21,7 +21,6 @@ Question types (every answer value is a short word the tiny tokenizer keeps whol
 Same layout as the demo: `train.csv`, `test.csv` (id, path, question, a-d [, answer]), `sample_submission.csv`,
 PNG images, the labelled hold-out `test_answers.csv`, and `reader_meta.csv` (question type per row).
 """
-import json
 import pathlib
 
 import numpy as np
@@ -29,8 +28,8 @@ import pandas as pd
 from PIL import Image, ImageDraw
 
 from ..core.data import OPTION_LETTERS
-from ..machinery.files import atomic_write
-from .demo_data import DEMO_POSITIONS, _demo_draw_shape, _demo_marker_matches, _demo_save_png, _demo_write_csv
+from .demo_data import (DEMO_POSITIONS, _demo_draw_shape, _demo_marker_matches, _demo_save_png,
+                        write_competition_folder)
 
 READER_QUESTION_TYPES = ("colour", "shape", "count", "position", "category")
 # Six far-apart colours: three can be absent from an image of up to three objects.
@@ -168,14 +167,7 @@ def generate_reader_dataset(out_dir, n_train=400, n_test=200, image_size=112, se
     rng_train, rng_test = (np.random.default_rng(s) for s in np.random.SeedSequence([int(seed), 26]).spawn(2))
     train, train_meta = _reader_make_split(out, "train", args["n_train"], args["image_size"], rng_train, letter_prior)
     test, test_meta = _reader_make_split(out, "test", args["n_test"], args["image_size"], rng_test, test_letter_prior)
-    _demo_write_csv(train, out / "train.csv")
-    _demo_write_csv(test.drop(columns="answer"), out / "test.csv")
-    _demo_write_csv(test[["id"]].assign(answer="a"), out / "sample_submission.csv")
-    _demo_write_csv(test[["id", "answer"]], out / "test_answers.csv")
-    _demo_write_csv(pd.DataFrame(train_meta + test_meta, columns=["id", "split", "qtype"]), out / "reader_meta.csv")
-    # Written last: its presence means everything above finished.
-    atomic_write(marker, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(args, sort_keys=True), encoding="utf-8"))
-    return out
+    return write_competition_folder(out, train, test, train_meta + test_meta, "reader_meta.csv", marker, args)
 
 
 def letter_rates(letters):

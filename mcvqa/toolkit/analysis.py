@@ -40,6 +40,7 @@ from matplotlib.textpath import text_to_path
 from ..core.data import OPTION_LETTERS, PROB_COLUMNS, letter_indices, letters_from_probs, read_competition_csv
 from ..machinery.errors import UserError
 from ..machinery.files import read_json
+from ..runkit.gate import margin
 from .question_types import QUESTION_TYPES, question_type
 
 TOP_N = 24
@@ -118,17 +119,17 @@ def confidence_bins(confidence, correct, edges=CONFIDENCE_EDGES):
     return rows
 
 
-def hard_row_ids(run_dir, margin):
-    """Ids of an earlier run's out-of-fold rows it got wrong, or nearly (top-2 probability margin below `margin`)."""
+def hard_row_ids(run_dir, max_margin):
+    """Ids of an earlier run's out-of-fold rows it got wrong, or nearly (top-2 probability margin below
+    `max_margin`)."""
     oof_path = pathlib.Path(run_dir) / "oof_probs.csv"
     if not oof_path.exists():
         raise AnalysisError(f"hard_rows_from={run_dir}: no oof_probs.csv there. Fix: the output_dir of a finished "
                             "`python -m mcvqa run` on the same train.csv")
     oof = pd.read_csv(oof_path, dtype={"id": str})
     probs = oof[list(PROB_COLUMNS)].to_numpy()
-    top2 = np.sort(probs, axis=1)[:, -2:]
     wrong = np.asarray(letters_from_probs(probs)) != oof["answer"].to_numpy()
-    return set(oof["id"][wrong | (top2[:, 1] - top2[:, 0] < margin)])
+    return set(oof["id"][wrong | (margin(probs) < max_margin)])
 
 
 def oof_table(run_dir, data_dir=None):
