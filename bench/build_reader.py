@@ -1,6 +1,7 @@
 """## Build the reader stand-in: a tiny Qwen-VL that reads its options (issue 26)
 
     python bench/build_reader.py --out data/reader_model/qwen2_5_vl [--steps 600] [--family qwen2_5_vl]
+    python bench/build_reader.py --device cuda --seconds 520 ...   # how the committed folders were built
 
 Writes the model folder (loadable by `from_pretrained`, so by `model_name_or_path=`), an evaluation competition
 `runs/reader_data` (train / test / hold-out answers, letter prior 40/25/20/15) and prints how the model reads it:
@@ -27,6 +28,9 @@ def main(argv=None):
     parser.add_argument("--data", default="runs/reader_data", help="the competition the fine-tune uses (built if absent)")
     parser.add_argument("--pretrain-data", default="runs/reader_pretrain_data", help="the pre-training rows (built)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core CPU)")
+    parser.add_argument("--device", default="cpu", help="cuda: how the committed folder was built")
+    parser.add_argument("--seconds", type=float, default=None,
+                        help="wall-clock budget of the build: the letter stage runs what fits, up to --steps")
     for field in dataclasses.fields(ReaderSpec):
         if field.name != "letter_prior":
             parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default)
@@ -35,7 +39,8 @@ def main(argv=None):
     spec = ReaderSpec(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ReaderSpec) if f.name != "letter_prior"})
     data = generate_reader_dataset(args.data, image_size=spec.image_size)
     started = time.time()
-    out = build_reader_model(args.out, spec, eval_data_dir=data, pretrain_data_dir=args.pretrain_data)
+    out = build_reader_model(args.out, spec, eval_data_dir=data, pretrain_data_dir=args.pretrain_data,
+                             device=args.device, seconds=args.seconds)
     report = json.loads((out / "READER_MODEL.json").read_text())
     print(json.dumps(report.get("reading"), indent=1))
     size = sum(p.stat().st_size for p in out.iterdir()) / 2**20

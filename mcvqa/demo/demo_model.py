@@ -352,7 +352,7 @@ def _warmup_collate(examples, pad_id, image_token_id):
             **{k: torch.cat([e["images"][k] for e in examples]) for k in examples[0]["images"]}}
 
 
-def warm_up_tiny_base(model, processor, examples, *, epochs=6, lr=2e-3, batch_size=32, seed=0):
+def warm_up_tiny_base(model, processor, examples, *, epochs=6, lr=2e-3, batch_size=32, seed=0, device="cpu"):
     """Full-parameter fp32 training of the tiny base on (image, question, answer words) triples.
 
     This is the tiny model's "pre-training": it learns to see (name the colour, shape, count or
@@ -370,7 +370,7 @@ def warm_up_tiny_base(model, processor, examples, *, epochs=6, lr=2e-3, batch_si
         order = torch.randperm(len(encoded), generator=generator).tolist()
         for start in range(0, len(order), batch_size):
             batch = _warmup_collate([encoded[i] for i in order[start:start + batch_size]], pad_id, processor.image_token_id)
-            loss = model(**{k: batch[k] for k in model_input_names(model.model, tuple(batch))}).loss
+            loss = model(**{k: batch[k].to(device) for k in model_input_names(model.model, tuple(batch))}).loss
             loss.backward()
             optimizer.step()
             scheduler.step()

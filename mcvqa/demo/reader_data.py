@@ -4,7 +4,7 @@ The demo data (demo_data.py) keeps every question type's options in one fixed or
 learns "image -> letter" and never reads the options; on it, option shuffling and option-order TTA can only
 hurt. This generator draws the competition the recipe is made for: several objects per image (1-4 shapes,
 each with its own colour, in distinct quadrants), five Korean question types, the four options drawn from the
-type's answer space in a random order per question, and a letter prior that is not uniform (by default
+type's answer space in a random order per question, short Korean words drawn in the image, and a letter prior that is not uniform (by default
 40/25/20/15 % for a/b/c/d, as real multiple-choice sets lean to some letters). A model that ignores the
 options can score at most the prior's 40 %; one that reads them can score far more, and a model trained on
 the stored orders learns the prior as a letter-position bias, which is what option-order TTA and shuffled
@@ -16,7 +16,10 @@ Question types (every answer value is a short word the tiny tokenizer keeps whol
 - `count`: how many shapes (the four counts in a random order);
 - `position`: where is the shape of a named colour (the four quadrants in a random order);
 - `category`: which option is a colour (or a shape) name, the others words of other kinds: answered by reading
-  the options alone, the lookup the other types need too (without it the tiny model stayed at the prior).
+  the options alone, the lookup the other types need too (without it the tiny model stayed at the prior);
+- `word`: which word is written in the picture (one Korean word drawn large across the top or bottom half, up to
+  two shapes in the other half; the words are pasted from a committed glyph atlas, `reader_words.png`, drawn once
+  from NanumGothic Bold by bench/build_reader_words.py, so no Hangul font is needed to generate the data).
 
 Same layout as the demo: `train.csv`, `test.csv` (id, path, question, a-d [, answer]), `sample_submission.csv`,
 PNG images, the labelled hold-out `test_answers.csv`, and `reader_meta.csv` (question type per row).
@@ -31,7 +34,7 @@ from ..core.data import OPTION_LETTERS
 from .demo_data import (DEMO_POSITIONS, _demo_draw_shape, _demo_marker_matches, _demo_save_png,
                         write_competition_folder)
 
-READER_QUESTION_TYPES = ("colour", "shape", "count", "position", "category")
+READER_QUESTION_TYPES = ("colour", "shape", "count", "position", "category", "word")
 # Six far-apart colours: three can be absent from an image of up to three objects.
 READER_COLOURS = {
     "빨간색": (220, 30, 30), "파란색": (30, 70, 220), "초록색": (30, 160, 50),
@@ -39,6 +42,10 @@ READER_COLOURS = {
 }
 READER_SHAPES = ("원", "사각형", "삼각형", "별", "십자가", "마름모")
 READER_COUNTS = ("1개", "2개", "3개", "4개")
+# Words of different lengths and outlines (1-3 syllables): told apart by their drawing, not by one glyph.
+READER_WORDS = ("사과", "고양이", "바다", "자동차", "꽃", "우산")
+READER_WORDS_ATLAS = pathlib.Path(__file__).with_name("reader_words.png")  # one grey mask per word, stacked
+READER_WORD_CELL = (96, 40)  # (width, height) of one word's mask in the atlas
 READER_POSITIONS = DEMO_POSITIONS  # index -> quadrant (column = index % 2, row = index // 2)
 READER_QUESTIONS = {
     "colour": "다음 중 그림에 있는 색은 무엇입니까?",
@@ -46,13 +53,14 @@ READER_QUESTIONS = {
     "count": "그림에 도형이 몇 개 있습니까?",
     "position": "{colour} 도형은 그림의 어느 부분에 있습니까?",
     "category": "다음 중 {kind} 이름은 무엇입니까?",
+    "word": "그림에 쓰인 단어는 무엇입니까?",
 }
 # The category question's kinds: its answer is a word of that kind, its distractors words of the other kinds.
 _READER_KINDS = {"색": tuple(READER_COLOURS), "도형": READER_SHAPES}
 # The answer position's prior (a, b, c, d): real sets are not uniform, and the bias it plants is measurable.
 DEFAULT_LETTER_PRIOR = (0.40, 0.25, 0.20, 0.15)
 _READER_MARKER = "READER_DATASET.json"
-_READER_VERSION = 1  # bump when the drawing or the questions change so old folders are regenerated
+_READER_VERSION = 2  # bump when the drawing or the questions change so old folders are regenerated
 
 
 def _reader_objects(rng, k, colours=None, shapes=None):
@@ -94,7 +102,41 @@ def _reader_question(qtype, rng):
         question = READER_QUESTIONS[qtype].format(kind=kind)
         return question, _reader_objects(rng, int(rng.integers(1, 5))), str(rng.choice(_READER_KINDS[kind])), \
             list(rng.choice(others, size=3, replace=False))
+    if qtype == "word":
+        # The word fills the top or bottom half (quadrants 0-1 or 2-3), up to two shapes sit in the other half:
+        # objects carry the word as their shape, in the half's left quadrant, and _reader_render draws it.
+        words = list(rng.permutation(READER_WORDS))
+        half = int(rng.integers(2))
+        shapes = [(int(q), str(c), str(s)) for q, c, s in zip(rng.permutation([2 - 2 * half, 3 - 2 * half]),
+                                                           rng.choice(list(READER_COLOURS), size=2),
+                                                           rng.choice(READER_SHAPES, size=2))]
+        objects = [(2 * half, str(rng.choice(list(READER_COLOURS))), words[0])] + shapes[:int(rng.integers(3))]
+        return READER_QUESTIONS[qtype], objects, words[0], words[1:4]
     raise ValueError(f"unknown question type {qtype!r}")
+
+
+_WORD_MASKS = {}
+
+
+def _reader_word_mask(word):
+    """The word's grey-level mask (L image, READER_WORD_CELL) from the committed atlas, read once."""
+    if not _WORD_MASKS:
+        width, height = READER_WORD_CELL
+        with Image.open(READER_WORDS_ATLAS) as atlas:
+            for row, name in enumerate(READER_WORDS):
+                _WORD_MASKS[name] = atlas.convert("L").crop((0, row * height, width, (row + 1) * height))
+    return _WORD_MASKS[word]
+
+
+def _reader_draw_word(img, word, half, colour, rng):
+    """Paste the word in `colour` across the top (half 0) or bottom (1) half, 80-90 % of the image wide."""
+    s = img.size[0]
+    width = int(rng.uniform(0.8, 0.9) * s)
+    height = max(1, round(width * READER_WORD_CELL[1] / READER_WORD_CELL[0]))
+    mask = _reader_word_mask(word).resize((width, height), Image.BILINEAR)
+    x = int((s - width) / 2 + rng.uniform(-0.03, 0.03) * s)
+    y = int((half + 0.5) * s / 2 - height / 2 + rng.uniform(-0.03, 0.03) * s)
+    img.paste(Image.new("RGB", mask.size, READER_COLOURS[colour]), (x, y), mask)
 
 
 def _reader_render(objects, rng, s):
@@ -102,6 +144,9 @@ def _reader_render(objects, rng, s):
     img = Image.new("RGB", (s, s), tuple(int(v) for v in rng.integers(228, 256, size=3)))
     draw = ImageDraw.Draw(img)
     for quadrant, colour, shape in objects:
+        if shape in READER_WORDS:  # a word: drawn across its half (the `word` question type)
+            _reader_draw_word(img, shape, quadrant // 2, colour, rng)
+            continue
         col, row = quadrant % 2, quadrant // 2
         cx, cy = (np.array([col, row]) * 0.5 + 0.25 + rng.uniform(-0.03, 0.03, size=2)) * s
         _demo_draw_shape(draw, shape, cx, cy, rng.uniform(0.32, 0.42) * s, READER_COLOURS[colour])
@@ -135,7 +180,8 @@ def _reader_make_split(out, split, n, s, rng, prior):
 
 def reader_texts():
     """Every word the questions and options use: the stand-in's tokenizer is trained on them (plus the data)."""
-    words = list(READER_COLOURS) + list(READER_SHAPES) + list(READER_COUNTS) + list(READER_POSITIONS)
+    words = list(READER_COLOURS) + list(READER_SHAPES) + list(READER_COUNTS) + list(READER_POSITIONS) + \
+        list(READER_WORDS)
     questions = [READER_QUESTIONS[t].format(colour=c, kind=k) for t in READER_QUESTION_TYPES for c in READER_COLOURS
                  for k in _READER_KINDS]
     return words + questions
@@ -181,3 +227,10 @@ def letter_bias(probs, answers):
     the true answers' shares (0: the model picks each letter as often as it is right; 0.15: it over-picks one
     letter by 15 points). Measured on the same rows, it compares TTA and single-view predictions fairly."""
     return float(0.5 * np.abs(letter_rates(np.asarray(probs).argmax(1)) - letter_rates(answers)).sum())
+
+
+def letter_lean(probs, answers):
+    """The soft letter-position bias: the total-variation distance between the mean predicted probability of each
+    letter and the true answers' shares. Unlike letter_bias it still moves when one letter wins every argmax (a
+    weak reader's single view): it shows training that flattens the lean before it flips any pick."""
+    return float(0.5 * np.abs(np.asarray(probs, dtype=float).mean(0) - letter_rates(answers)).sum())

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Build reader stand-ins on one lent GPU (issue 26): each build times its letter steps and runs what fits in
+# SECONDS_BUDGET. Used through the device tool: run(command="bash bench/gpu_build_readers.sh q25_h128").
+# One build at a time is fastest: four at once on one H100 ran 380 ms a step each (the tiny models are
+# launch-bound, and separate processes time-slice the GPU), so each fitted only ~250 letter steps in 470 s.
+# Writes each model folder and its log under $OUT (default runs/gpu_readers).
+set -u
+OUT=${OUT:-runs/gpu_readers}
+SECONDS_BUDGET=${SECONDS_BUDGET:-480}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/card.txt" 2>&1
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" >> "$OUT/card.txt"
+# The evaluation competition first (the builds read it concurrently).
+python3 -c "from mcvqa.demo.reader_data import generate_reader_dataset as g; g('runs/reader_data')"
+build() {  # name, then build_reader.py arguments
+    local name=$1; shift
+    python3 bench/build_reader.py --device cuda --seconds "$SECONDS_BUDGET" --threads 4 --data runs/reader_data \
+        --pretrain-data "runs/pretrain_$name" --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1
+    echo "$name rc $?" >> "$OUT/card.txt"
+    # One file per model: the device tool brings back only a few files per call.
+    tar -cf "$OUT/$name.tar" -C "$OUT" "$name" && rm -rf "${OUT:?}/$name"
+}
+COMMON="--pretrain-rows 16000 --batch-size 64 --steps 40000 --warmup-epochs 1"
+for name in "${@:-q25_h128}"; do
+    case $name in
+        q25_h128) build q25_h128 --family qwen2_5_vl --hidden-size 128 --learning-rate 0.002 $COMMON ;;
+        q25_h256) build q25_h256 --family qwen2_5_vl --hidden-size 256 --learning-rate 0.001 $COMMON ;;
+        q35_h128) build q35_h128 --family qwen3_5 --hidden-size 128 --learning-rate 0.002 $COMMON ;;
+        q35_h256) build q35_h256 --family qwen3_5 --hidden-size 256 --learning-rate 0.001 $COMMON ;;
+        # Continues q25_h128 (carried in runs/gpu_init): options in random orders first, the prior at the end.
+        q25_cont) build q25_cont --family qwen2_5_vl --hidden-size 128 --learning-rate 0.002 --pretrain-rows 12000 \
+            --batch-size 64 --steps 40000 --uniform-fraction 0.75 --init-from runs/gpu_init/q25_h128 ;;
+        *) echo "unknown build $name" >&2; exit 2 ;;
+    esac
+done
+cat "$OUT/card.txt"
+for f in "$OUT"/*.log; do echo "== $f"; tr '\r' '\n' < "$f" | grep -v "it/s\|Warn\|warn" | grep -v "^ *$" | tail -40; done
