@@ -32,7 +32,9 @@ def main(argv=None):
     parser.add_argument("--seconds", type=float, default=None,
                         help="wall-clock budget of the build: the letter stage runs what fits, up to --steps")
     for field in dataclasses.fields(ReaderSpec):
-        if field.name != "letter_prior":
+        if field.name == "question_types":  # comma-separated
+            parser.add_argument("--question-types", type=lambda text: tuple(text.split(",")), default=field.default)
+        elif field.name != "letter_prior":
             parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -144,6 +144,21 @@ def test_reader_data_layout_prior_and_options(tmp_path):
     assert all(m.sum() > 100 for m in masks) and len({m.tobytes() for m in masks}) == len(READER_WORDS)
 
 
+def test_reader_lookup_rows_name_their_answer(tmp_path):
+    """The pre-training-only `lookup` type: the question names the answer's value and no other option's; an unknown
+    type is refused with the known ones named."""
+    out = generate_reader_dataset(tmp_path, n_train=60, n_test=4, image_size=56, seed=3,
+                                  question_types=("colour", "lookup"))
+    train = pd.read_csv(out / "train.csv")
+    lookup = train[train["question"].str.endswith("인 것은 무엇입니까?")]
+    assert len(lookup) == 30
+    for row in lookup.itertuples():
+        named = row.question.removeprefix("다음 중 ").removesuffix("인 것은 무엇입니까?")
+        assert getattr(row, row.answer) == named and [getattr(row, x) for x in "abcd"].count(named) == 1
+    with pytest.raises(ValueError, match="unknown question types"):
+        generate_reader_dataset(tmp_path / "bad", question_types=("colour", "colours"))
+
+
 def test_reader_builder_continues_a_folder(tmp_path):
     """`init_from` continues an earlier build (its tokenizer and weights; the run-45 experiment): with a zero
     learning rate the continued folder's weights equal the earlier one's, and a fresh build's do not."""

@@ -54,7 +54,11 @@ READER_QUESTIONS = {
     "position": "{colour} 도형은 그림의 어느 부분에 있습니까?",
     "category": "다음 중 {kind} 이름은 무엇입니까?",
     "word": "그림에 쓰인 단어는 무엇입니까?",
+    "lookup": "다음 중 {value}인 것은 무엇입니까?",
 }
+# Pre-training only (ReaderSpec.question_types), not in the competition: "which option is <the named value>", a
+# string match that teaches the letter lookup alone (the curriculum run 46 tries).
+READER_LOOKUP_TYPE = "lookup"
 # The category question's kinds: its answer is a word of that kind, its distractors words of the other kinds.
 _READER_KINDS = {"색": tuple(READER_COLOURS), "도형": READER_SHAPES}
 # The answer position's prior (a, b, c, d): real sets are not uniform, and the bias it plants is measurable.
@@ -102,6 +106,12 @@ def _reader_question(qtype, rng):
         question = READER_QUESTIONS[qtype].format(kind=kind)
         return question, _reader_objects(rng, int(rng.integers(1, 5))), str(rng.choice(_READER_KINDS[kind])), \
             list(rng.choice(others, size=3, replace=False))
+    if qtype == READER_LOOKUP_TYPE:
+        values = list(READER_COLOURS) + list(READER_SHAPES) + list(READER_COUNTS) + list(READER_POSITIONS) + \
+            list(READER_WORDS)
+        picked = [str(v) for v in rng.choice(values, size=4, replace=False)]
+        return READER_QUESTIONS[qtype].format(value=picked[0]), _reader_objects(rng, int(rng.integers(1, 5))), \
+            picked[0], picked[1:]
     if qtype == "word":
         # The word fills the top or bottom half (quadrants 0-1 or 2-3), up to two shapes sit in the other half:
         # objects carry the word as their shape, in the half's left quadrant, and _reader_render draws it.
@@ -159,15 +169,15 @@ def _reader_options(answer, distractors, letter, rng):
     return others[:letter] + [str(answer)] + others[letter:]
 
 
-def _reader_make_split(out, split, n, s, rng, prior):
+def _reader_make_split(out, split, n, s, rng, prior, types=READER_QUESTION_TYPES):
     """Render one split: rows (with answers) and the question type per row."""
     (out / split).mkdir(parents=True, exist_ok=True)
-    qtypes = rng.permutation(np.arange(n) % len(READER_QUESTION_TYPES))  # types appear evenly
+    qtypes = rng.permutation(np.arange(n) % len(types))  # types appear evenly
     letters = rng.choice(4, size=n, p=np.asarray(prior) / np.sum(prior))  # the planted letter prior
     width = max(3, len(str(max(n - 1, 0))))
     rows, meta = [], []
     for i in range(n):
-        qtype = READER_QUESTION_TYPES[qtypes[i]]
+        qtype = types[qtypes[i]]
         question, objects, answer, distractors = _reader_question(qtype, rng)
         row_id = f"{split.upper()}_{i:0{width}d}"
         rel = f"{split}/{row_id}.png"
@@ -188,17 +198,24 @@ def reader_texts():
 
 
 def generate_reader_dataset(out_dir, n_train=400, n_test=200, image_size=112, seed=0,
-                            letter_prior=DEFAULT_LETTER_PRIOR, test_letter_prior=None):
+                            letter_prior=DEFAULT_LETTER_PRIOR, test_letter_prior=None, question_types=None):
     """Write the reader stand-in competition into out_dir (skipped if an identical one is already complete).
 
     `test_letter_prior` (None: the train prior, as in a real competition): e.g. (1, 1, 1, 1) makes a hold-out on
-    which any letter preference is pure bias, the cleanest place to see what TTA and shuffling do to it."""
+    which any letter preference is pure bias, the cleanest place to see what TTA and shuffling do to it.
+    `question_types` (None: READER_QUESTION_TYPES): the types drawn, evenly (pre-training may add "lookup")."""
+    types = tuple(question_types or READER_QUESTION_TYPES)
+    unknown = set(types) - set(READER_QUESTIONS)
+    if unknown:
+        raise ValueError(f"unknown question types {sorted(unknown)}: choose from {list(READER_QUESTIONS)}")
     out = pathlib.Path(out_dir)
     test_letter_prior = letter_prior if test_letter_prior is None else test_letter_prior
     args = {"n_train": int(n_train), "n_test": int(n_test), "image_size": int(image_size), "seed": int(seed),
             "letter_prior": [float(p) for p in letter_prior], "version": _READER_VERSION}
     if list(test_letter_prior) != list(letter_prior):
         args["test_letter_prior"] = [float(p) for p in test_letter_prior]
+    if types != READER_QUESTION_TYPES:
+        args["question_types"] = list(types)
     marker = out / _READER_MARKER
     if _demo_marker_matches(marker, args):
         return out
@@ -211,8 +228,10 @@ def generate_reader_dataset(out_dir, n_train=400, n_test=200, image_size=112, se
     marker.unlink(missing_ok=True)  # a stale marker must not vouch for a half-rewritten folder
     # Independent streams per split, so the test set doesn't change when n_train does.
     rng_train, rng_test = (np.random.default_rng(s) for s in np.random.SeedSequence([int(seed), 26]).spawn(2))
-    train, train_meta = _reader_make_split(out, "train", args["n_train"], args["image_size"], rng_train, letter_prior)
-    test, test_meta = _reader_make_split(out, "test", args["n_test"], args["image_size"], rng_test, test_letter_prior)
+    train, train_meta = _reader_make_split(out, "train", args["n_train"], args["image_size"], rng_train, letter_prior,
+                                           types)
+    test, test_meta = _reader_make_split(out, "test", args["n_test"], args["image_size"], rng_test, test_letter_prior,
+                                         types)
     return write_competition_folder(out, train, test, train_meta + test_meta, "reader_meta.csv", marker, args)
 
 

@@ -15,9 +15,10 @@ Measured (data/reader_model/README.md; bench/results/run43-45): no build here re
 (16,000 rows, 2,550 letter steps on an H100) reads 0.335 with the options permuted (chance 0.25) and picks "a" for
 95 % of permuted rows. The letter loss sits at the prior's entropy (1.32) for ~1,500 steps and leaves it slowly.
 Trained on options in random orders (uniform letters: no prior to lean on), the loss stayed at ln 4 = 1.386 for
-2,000 steps, text-only `category` rows included: the lookup "the option asked for -> its letter" does not form
-in this regime; more steps alone did not fix it. A GPU is barely faster than the CPU for these tiny models
-(120 ms a step on an H100, ~300 ms on 2 CPU cores): they are launch-bound.
+2,000 steps, text-only `category` rows included. The first obstacle found is the learning rate: on the
+pre-training-only `lookup` rows (a string match, `question_types`) the loss sat at the prior at 2e-3 and fell at
+5e-4 (run 47), but 2,000 steps at 5e-4 did not carry the lookup to the image types (runs 48-49). A GPU is barely
+faster than the CPU for these tiny models (120 ms a step on an H100, ~300 ms on 2 CPU cores): launch-bound.
 """
 
 import copy
@@ -36,7 +37,7 @@ from ..core.data import OPTION_LETTERS, load_image, read_competition_csv
 from ..core.prompts import format_user_text, make_prompt_format
 from ..core.scoring import answer_loss, letter_logits
 from .demo_model import tiny_model_class, tiny_model_config, tiny_processor, train_tiny_tokenizer, warm_up_tiny_base
-from .reader_data import DEFAULT_LETTER_PRIOR, generate_reader_dataset, reader_texts
+from .reader_data import DEFAULT_LETTER_PRIOR, READER_QUESTION_TYPES, generate_reader_dataset, reader_texts
 
 READER_FAMILIES = ("qwen2_5_vl", "qwen3_5")
 _READER_BUILDER_VERSION = 2
@@ -61,6 +62,7 @@ class ReaderSpec:
     # lean on, reading is the only way down), the rest the stored, prior-following orders (the bias it keeps).
     uniform_fraction: float = 0.0
     init_from: str = ""  # a reader folder to continue from (its tokenizer and weights; no warm-up)
+    question_types: tuple = READER_QUESTION_TYPES  # of the pre-training rows (add "lookup" for the run-46 curriculum)
 
 
 def reader_prompt_config(image_size):
@@ -161,11 +163,13 @@ def build_reader_model(out_dir, spec=None, eval_data_dir=None, pretrain_data_dir
         raise ValueError(f"family must be one of {READER_FAMILIES}, got {spec.family!r}")
     out_dir = pathlib.Path(out_dir)
     marker = out_dir / "READER_MODEL.json"
-    wanted = {**dataclasses.asdict(spec), "letter_prior": list(spec.letter_prior), "version": _READER_BUILDER_VERSION}
+    wanted = {**dataclasses.asdict(spec), "letter_prior": list(spec.letter_prior), "version": _READER_BUILDER_VERSION,
+              "question_types": list(spec.question_types)}
     if marker.exists() and json.loads(marker.read_text())["spec"] == wanted:
         return out_dir
     data = generate_reader_dataset(pretrain_data_dir or f"{out_dir}_pretrain_data", n_train=spec.pretrain_rows, n_test=4,
-                                   image_size=spec.image_size, seed=spec.seed + 1000, letter_prior=spec.letter_prior)
+                                   image_size=spec.image_size, seed=spec.seed + 1000, letter_prior=spec.letter_prior,
+                                   question_types=spec.question_types)
     cfg = reader_prompt_config(spec.image_size)
     frame = read_competition_csv(data / "train.csv", "train")
     texts = reader_texts() + [cfg.instruction, "a. b. c. d.", "You are a helpful assistant."]
