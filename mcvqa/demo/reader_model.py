@@ -172,23 +172,9 @@ def build_reader_model(out_dir, spec=None, eval_data_dir=None, pretrain_data_dir
                                    question_types=spec.question_types)
     cfg = reader_prompt_config(spec.image_size)
     frame = read_competition_csv(data / "train.csv", "train")
-    texts = reader_texts() + [cfg.instruction, "a. b. c. d.", "You are a helpful assistant."]
-    # Whole user texts as the prompt writes them: the BPE then learns " 빨간색" (after "a.") as one token.
-    texts += [format_user_text(r.question, [r.a, r.b, r.c, r.d], cfg.instruction, cfg.instruction_first)
-              for r in frame.itertuples()]
-    torch.manual_seed(spec.seed)
-    if spec.init_from:  # continue an earlier build: its tokenizer, processor and weights
-        from transformers import AutoProcessor
-
-        processor = AutoProcessor.from_pretrained(spec.init_from)
-        tokenizer = processor.tokenizer
-        model = tiny_model_class(spec.family).from_pretrained(spec.init_from).to(device)
-    else:
-        tokenizer = train_tiny_tokenizer(texts, family=spec.family)
-        config = tiny_model_config(spec.family, tokenizer, spec.hidden_size)
-        _set_depth(config, spec.layers)
-        model = tiny_model_class(spec.family)(config).to(device)
-        processor = tiny_processor(spec.family, tokenizer, cfg.max_pixels)
+    model, processor = _new_or_continued_model(spec, frame, cfg)
+    model = model.to(device)
+    tokenizer = processor.tokenizer
     fmt = make_prompt_format(processor, cfg)
     # The stored orders: they carry the letter prior, which the model learns as a bias.
     batches = _collated_batches(frame, identity_views(len(frame)), processor, fmt, cfg, spec.batch_size, device)
@@ -216,6 +202,24 @@ def build_reader_model(out_dir, spec=None, eval_data_dir=None, pretrain_data_dir
     processor.save_pretrained(out_dir)
     marker.write_text(json.dumps(report, indent=2, ensure_ascii=False))  # written last: the folder is complete
     return out_dir
+
+
+def _new_or_continued_model(spec, frame, cfg):
+    """(model, processor): continued from `spec.init_from` (its tokenizer, processor and weights), or new: a tiny
+    tokenizer trained on the pre-training texts and a model of `spec`'s family, width and depth."""
+    torch.manual_seed(spec.seed)
+    if spec.init_from:
+        from transformers import AutoProcessor
+
+        return tiny_model_class(spec.family).from_pretrained(spec.init_from), AutoProcessor.from_pretrained(spec.init_from)
+    texts = reader_texts() + [cfg.instruction, "a. b. c. d.", "You are a helpful assistant."]
+    # Whole user texts as the prompt writes them: the BPE then learns " 빨간색" (after "a.") as one token.
+    texts += [format_user_text(r.question, [r.a, r.b, r.c, r.d], cfg.instruction, cfg.instruction_first)
+              for r in frame.itertuples()]
+    tokenizer = train_tiny_tokenizer(texts, family=spec.family)
+    config = tiny_model_config(spec.family, tokenizer, spec.hidden_size)
+    _set_depth(config, spec.layers)
+    return tiny_model_class(spec.family)(config), tiny_processor(spec.family, tokenizer, cfg.max_pixels)
 
 
 def _steps_that_fit(model, batches, fmt, spec, device, seconds, probe_steps=30, reserve=45.0):
