@@ -118,7 +118,7 @@ def run_variant(name, seed, args, out):
     seconds = float(timing.read_text()) if timing.exists() else float("nan")
     scores = score_run(run_dir, args.data)
     if changes.get("zero_shot_label_check"):
-        scores.update(score_label_check(run_dir, changes["data_dir"], args.data))
+        scores.update(score_label_check(run_dir, changes["data_dir"]))
     return {"variant": name, "seed": seed, "seconds": round(seconds, 1), **scores}
 
 
@@ -144,7 +144,7 @@ def make_noisy_copy(data_dir, rate=LABEL_NOISE, seed=26):
     return out
 
 
-def score_label_check(run_dir, noisy_dir, data_dir):
+def score_label_check(run_dir, noisy_dir):
     """The zero-shot label check against the planted flips, on the rows it looked at (the folds' out-of-fold
     rows): how many it flags, the share of the flips it finds (recall) and the share of its flags that are flips
     (precision; flagging at random gives the noise rate)."""

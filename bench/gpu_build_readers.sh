@@ -10,7 +10,7 @@ SECONDS_BUDGET=${SECONDS_BUDGET:-480}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/card.txt" 2>&1
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" >> "$OUT/card.txt"
-# The evaluation competition first (the builds read it concurrently).
+# The evaluation competition first: every build measures its reading on it.
 python3 -c "from mcvqa.demo.reader_data import generate_reader_dataset as g; g('runs/reader_data')"
 build() {  # name, then build_reader.py arguments
     local name=$1; shift

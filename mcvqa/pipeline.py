@@ -12,7 +12,6 @@ to the speed, scale, demo and toolkit wings.
 """
 
 import dataclasses
-import gc
 import json
 import pathlib
 import time
@@ -409,9 +408,7 @@ def train_first_stage(run, shared_cache):
     model, ctx = load_fold_model(stage, index, stage_dir, frame, shared_cache)
     train_fold(ctx, model, frame.iloc[n_val:].reset_index(drop=True), frame.iloc[:n_val].reset_index(drop=True))
     del model
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_memory()
 
 
 def start_from_first_stage(ctx, model):

@@ -313,7 +313,6 @@ def letters_from_probs(probs):
     return [OPTION_LETTERS[i] for i in np.asarray(probs).argmax(1)]
 
 
-
 REVERSED_LETTERS = dict(zip(OPTION_LETTERS, reversed(OPTION_LETTERS)))  # a <-> d, b <-> c
 
 

@@ -3,7 +3,7 @@
 The demo data (demo_data.py) keeps every question type's options in one fixed order, so its tiny model
 learns "image -> letter" and never reads the options; on it, option shuffling and option-order TTA can only
 hurt. This generator draws the competition the recipe is made for: several objects per image (1-4 shapes,
-each with its own colour, in distinct quadrants), five Korean question types, the four options drawn from the
+each with its own colour, in distinct quadrants), six Korean question types, the four options drawn from the
 type's answer space in a random order per question, short Korean words drawn in the image, and a letter prior that is not uniform (by default
 40/25/20/15 % for a/b/c/d, as real multiple-choice sets lean to some letters). A model that ignores the
 options can score at most the prior's 40 %; one that reads them can score far more, and a model trained on
@@ -24,6 +24,7 @@ Question types (every answer value is a short word the tiny tokenizer keeps whol
 Same layout as the demo: `train.csv`, `test.csv` (id, path, question, a-d [, answer]), `sample_submission.csv`,
 PNG images, the labelled hold-out `test_answers.csv`, and `reader_meta.csv` (question type per row).
 """
+import functools
 import pathlib
 
 import numpy as np
@@ -47,6 +48,8 @@ READER_WORDS = ("사과", "고양이", "바다", "자동차", "꽃", "우산")
 READER_WORDS_ATLAS = pathlib.Path(__file__).with_name("reader_words.png")  # one grey mask per word, stacked
 READER_WORD_CELL = (96, 40)  # (width, height) of one word's mask in the atlas
 READER_POSITIONS = DEMO_POSITIONS  # index -> quadrant (column = index % 2, row = index // 2)
+# Every answer value of every type (the lookup type's options; the tokenizer and its one-token check read them too).
+READER_VALUES = (*READER_COLOURS, *READER_SHAPES, *READER_COUNTS, *READER_POSITIONS, *READER_WORDS)
 READER_QUESTIONS = {
     "colour": "다음 중 그림에 있는 색은 무엇입니까?",
     "shape": "다음 중 그림에 있는 도형은 무엇입니까?",
@@ -107,9 +110,7 @@ def _reader_question(qtype, rng):
         return question, _reader_objects(rng, int(rng.integers(1, 5))), str(rng.choice(_READER_KINDS[kind])), \
             list(rng.choice(others, size=3, replace=False))
     if qtype == READER_LOOKUP_TYPE:
-        values = list(READER_COLOURS) + list(READER_SHAPES) + list(READER_COUNTS) + list(READER_POSITIONS) + \
-            list(READER_WORDS)
-        picked = [str(v) for v in rng.choice(values, size=4, replace=False)]
+        picked = [str(v) for v in rng.choice(READER_VALUES, size=4, replace=False)]
         return READER_QUESTIONS[qtype].format(value=picked[0]), _reader_objects(rng, int(rng.integers(1, 5))), \
             picked[0], picked[1:]
     if qtype == "word":
@@ -125,17 +126,17 @@ def _reader_question(qtype, rng):
     raise ValueError(f"unknown question type {qtype!r}")
 
 
-_WORD_MASKS = {}
+@functools.lru_cache(maxsize=None)
+def _reader_word_masks():
+    """{word: its grey-level mask (L image, READER_WORD_CELL)} from the committed atlas, read once."""
+    width, height = READER_WORD_CELL
+    with Image.open(READER_WORDS_ATLAS) as atlas:
+        grey = atlas.convert("L")
+    return {word: grey.crop((0, row * height, width, (row + 1) * height)) for row, word in enumerate(READER_WORDS)}
 
 
 def _reader_word_mask(word):
-    """The word's grey-level mask (L image, READER_WORD_CELL) from the committed atlas, read once."""
-    if not _WORD_MASKS:
-        width, height = READER_WORD_CELL
-        with Image.open(READER_WORDS_ATLAS) as atlas:
-            for row, name in enumerate(READER_WORDS):
-                _WORD_MASKS[name] = atlas.convert("L").crop((0, row * height, width, (row + 1) * height))
-    return _WORD_MASKS[word]
+    return _reader_word_masks()[word]
 
 
 def _reader_draw_word(img, word, half, colour, rng):
@@ -190,8 +191,7 @@ def _reader_make_split(out, split, n, s, rng, prior, types=READER_QUESTION_TYPES
 
 def reader_texts():
     """Every word the questions and options use: the stand-in's tokenizer is trained on them (plus the data)."""
-    words = list(READER_COLOURS) + list(READER_SHAPES) + list(READER_COUNTS) + list(READER_POSITIONS) + \
-        list(READER_WORDS)
+    words = list(READER_VALUES)
     questions = [READER_QUESTIONS[t].format(colour=c, kind=k) for t in READER_QUESTION_TYPES for c in READER_COLOURS
                  for k in _READER_KINDS]
     return words + questions

@@ -37,7 +37,8 @@ from ..core.data import OPTION_LETTERS, load_image, read_competition_csv
 from ..core.prompts import format_user_text, make_prompt_format
 from ..core.scoring import answer_loss, letter_logits
 from .demo_model import tiny_model_class, tiny_model_config, tiny_processor, train_tiny_tokenizer, warm_up_tiny_base
-from .reader_data import DEFAULT_LETTER_PRIOR, READER_QUESTION_TYPES, generate_reader_dataset, reader_texts
+from .reader_data import (DEFAULT_LETTER_PRIOR, READER_QUESTION_TYPES, READER_VALUES, generate_reader_dataset,
+                          reader_texts)
 
 READER_FAMILIES = ("qwen2_5_vl", "qwen3_5")
 _READER_BUILDER_VERSION = 2
@@ -74,11 +75,7 @@ def reader_prompt_config(image_size):
 
 def _answer_tokens(tokenizer):
     """{answer value: token count}: the builder wants each value one token (an easy match for a tiny model)."""
-    from .reader_data import READER_COLOURS, READER_COUNTS, READER_POSITIONS, READER_SHAPES, READER_WORDS
-
-    values = list(READER_COLOURS) + list(READER_SHAPES) + list(READER_COUNTS) + list(READER_POSITIONS) + \
-        list(READER_WORDS)
-    return {v: len(tokenizer.encode(" " + v, add_special_tokens=False)) for v in values}
+    return {v: len(tokenizer.encode(" " + v, add_special_tokens=False)) for v in READER_VALUES}
 
 
 def _collated_batches(frame, views, processor, fmt, cfg, batch_size, device="cpu"):
@@ -119,23 +116,23 @@ def _pretrain(model, batches, fmt, spec, device="cpu", uniform_batches=()):
 
 
 @torch.no_grad()
-def reader_letter_probs(model, processor, fmt, cfg, frame, views, batch_size=64, device="cpu"):
+def reader_letter_probs(model, processor, fmt, cfg, frame, views, batch_size=64):
     """[n_views, 4] letter probabilities of `views` (display order) from the product's letter scorer."""
     out = []
     for batch in _collated_batches(frame, views, processor, fmt, cfg, batch_size):
-        out.append(torch.softmax(letter_logits(model, batch, fmt.letter_ids, device, torch.float32), -1).cpu())
+        out.append(torch.softmax(letter_logits(model, batch, fmt.letter_ids, "cpu", torch.float32), -1))
     return torch.cat(out).numpy()
 
 
-def measure_reading(model, processor, fmt, cfg, frame, seed=0, device="cpu"):
-    """How the model reads: accuracy on the stored orders and with every row's options permuted at random
-    (uniform answer letters: 25 % is chance), also per question type (`qtype` column, when present), the permuted
-    predictions' letter rates (bias: above 25 % for the letters the prior favoured) and the letters' mean
-    log-probability shift."""
+def measure_reading(model, processor, fmt, cfg, frame, seed=0):
+    """How the model reads (on the CPU: build_reader_model moves it there first): accuracy on the stored orders and
+    with every row's options permuted at random (uniform answer letters: 25 % is chance), also per question type
+    (`qtype` column, when present), the permuted predictions' letter rates (bias: above 25 % for the letters the
+    prior favoured) and the letters' mean log-probability shift."""
     answers = np.array([OPTION_LETTERS.index(a) for a in frame["answer"]])
-    stored = reader_letter_probs(model, processor, fmt, cfg, frame, identity_views(len(frame)), device=device)
+    stored = reader_letter_probs(model, processor, fmt, cfg, frame, identity_views(len(frame)))
     views = shuffled_views(len(frame), seed + 7, 0)
-    permuted = reader_letter_probs(model, processor, fmt, cfg, frame, views, device=device)
+    permuted = reader_letter_probs(model, processor, fmt, cfg, frame, views)
     targets = np.array([perm.index(a) for (_, perm), a in zip(views, answers)])
     picks = permuted.argmax(1)
     logp = np.log(np.clip(permuted, 1e-9, 1))
