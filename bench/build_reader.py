@@ -1,12 +1,13 @@
 """## Build the reader stand-in: a tiny Qwen-VL that reads its options (issue 26)
 
-    python bench/build_reader.py --out data/reader_model/qwen2_5_vl [--steps 600] [--family qwen2_5_vl]
-    python bench/build_reader.py --device cuda --seconds 520 ...   # how the committed folders were built
+    python bench/build_reader.py --out runs/reader_q25 [--family qwen3_5] [--steps 600]   # the default spec: run 50
+    python bench/build_reader.py --device cuda --seconds 520 --init-from <folder> ...     # runs 51-52, on a GPU
 
 Writes the model folder (loadable by `from_pretrained`, so by `model_name_or_path=`), an evaluation competition
 `runs/reader_data` (train / test / hold-out answers, letter prior 40/25/20/15) and prints how the model reads it:
 accuracy with the options permuted and the permuted predictions' letter rates. Then fine-tune it through the CLI
-with the command it prints. Deterministic for one spec (seeded); a few minutes on 2 CPU cores.
+with the command it prints. Deterministic for one spec (seeded); the default spec takes ~25 minutes on a CPU
+(data/reader_model/README.md: how the committed folders were built).
 """
 import argparse
 import dataclasses

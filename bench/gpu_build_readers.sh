@@ -21,6 +21,7 @@ build() {  # name, then build_reader.py arguments
     tar -cf "$OUT/$name.tar" -C "$OUT" "$name" && rm -rf "${OUT:?}/$name"
 }
 COMMON="--pretrain-rows 16000 --batch-size 64 --steps 40000 --warmup-epochs 1"
+LOOKUP="--pretrain-rows 16000 --batch-size 128 --steps 40000 --warmup-epochs 1 --question-types colour,shape,count,position,category,word,lookup"
 for name in "${@:-q25_h128}"; do
     case $name in
         q25_h128) build q25_h128 --family qwen2_5_vl --hidden-size 128 --learning-rate 0.002 $COMMON ;;
@@ -30,6 +31,16 @@ for name in "${@:-q25_h128}"; do
         # Continues q25_h128 (carried in runs/gpu_init): options in random orders first, the prior at the end.
         q25_cont) build q25_cont --family qwen2_5_vl --hidden-size 128 --learning-rate 0.002 --pretrain-rows 12000 \
             --batch-size 64 --steps 40000 --uniform-fraction 0.75 --init-from runs/gpu_init/q25_h128 ;;
+        # Issue 26, runs 50+: lr 5e-4 with the lookup rows (at 2e-3 not even the lookup is learned); batch 128 costs
+        # a launch-bound GPU about what 64 does.
+        q25_lookup) build q25_lookup --family qwen2_5_vl --hidden-size 128 --learning-rate 0.0005 $LOOKUP ;;
+        q35_lookup) build q35_lookup --family qwen3_5 --hidden-size 128 --learning-rate 0.0005 $LOOKUP ;;
+        # Continues run 50 (the CPU build above at 5,000 steps, carried in runs/gpu_init/run50) on new rows.
+        q25_lookup_cont) build q25_lookup_cont --family qwen2_5_vl --hidden-size 128 --learning-rate 0.0005 --seed 2 \
+            --init-from runs/gpu_init/run50 $LOOKUP ;;
+        # Continues q25_lookup_cont (carried in runs/gpu_init/lookup_cont) on another 16,000 new rows.
+        q25_lookup_cont2) build q25_lookup_cont2 --family qwen2_5_vl --hidden-size 128 --learning-rate 0.0005 --seed 3 \
+            --init-from runs/gpu_init/lookup_cont $LOOKUP ;;
         *) echo "unknown build $name" >&2; exit 2 ;;
     esac
 done
