@@ -41,6 +41,10 @@ for name in "${@:-q25_h128}"; do
         # Continues q25_lookup_cont (carried in runs/gpu_init/lookup_cont) on another 16,000 new rows.
         q25_lookup_cont2) build q25_lookup_cont2 --family qwen2_5_vl --hidden-size 128 --learning-rate 0.0005 --seed 3 \
             --init-from runs/gpu_init/lookup_cont $LOOKUP ;;
+        # Issue 26, run 63: continues run 61 (a CPU Qwen3.5 build with attention first and last, carried in
+        # runs/gpu_init/q35_attn) on 16,000 new rows: the committed data/reader_model/qwen3_5.
+        q35_attn_cont) build q35_attn_cont --family qwen3_5 --hidden-size 128 --learning-rate 0.0005 --seed 2 \
+            --init-from runs/gpu_init/q35_attn $LOOKUP ;;
         *) echo "unknown build $name" >&2; exit 2 ;;
     esac
 done

@@ -120,9 +120,8 @@ def load_competition(cfg):
         if sample_ids != [str(i).strip() for i in test["id"]]:
             print(f"[data] {sample} lists the test ids in another order than test.csv: submission.csv follows its "
                   "order (Kaggle matches the rows by id)")
-    train, bad_train = check_images(train, data_dir / "train.csv", cfg.on_bad_image, cfg.max_pixels, cfg.bomb_limit_pixels)
-    test, bad_test = check_images(test, data_dir / "test.csv", cfg.on_bad_image, cfg.max_pixels, cfg.bomb_limit_pixels)
-    train, test = add_image_hashes(train), add_image_hashes(test)  # folds group by them, resume checks them
+    train, bad_train = _checked_images(cfg, train, data_dir / "train.csv")
+    test, bad_test = _checked_images(cfg, test, data_dir / "test.csv")
     if cfg.max_train_rows:
         train = train.iloc[: cfg.max_train_rows].reset_index(drop=True)
     print(f"[data] {len(train)} train rows, {len(test)} test rows from {data_dir}")
@@ -135,11 +134,16 @@ def load_first_stage(cfg):
     if not (data_dir / "train.csv").is_file():
         raise ConfigError(f"config: first_stage_data={data_dir}: no train.csv there. Fix: a folder in the "
                           "competition's layout (train.csv with id, path or image, question, a-d, answer; its images)")
-    frame = read_competition_csv(data_dir / "train.csv", "train")
-    frame, _ = check_images(frame, data_dir / "train.csv", cfg.on_bad_image, cfg.max_pixels, cfg.bomb_limit_pixels)
+    frame, _ = _checked_images(cfg, read_competition_csv(data_dir / "train.csv", "train"), data_dir / "train.csv")
     print(f"[first stage] {len(frame)} rows from {data_dir}: one adapter trains on them before the folds, which start "
           "from it")
-    return add_image_hashes(frame)
+    return frame
+
+
+def _checked_images(cfg, frame, csv_path):
+    """(frame, bad rows): its images checked (cfg.on_bad_image) and hashed (folds group by them, resume checks them)."""
+    frame, bad = check_images(frame, csv_path, cfg.on_bad_image, cfg.max_pixels, cfg.bomb_limit_pixels)
+    return add_image_hashes(frame), bad
 
 
 def test_labels(cfg, test):
