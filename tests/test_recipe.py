@@ -30,7 +30,7 @@ import torch
 from mcvqa.cli import main as cli_main
 from mcvqa.core.data import PROB_COLUMNS
 from mcvqa.demo.reader_data import READER_WORDS, _reader_word_mask, generate_reader_dataset, letter_bias, letter_lean
-from mcvqa.demo.reader_model import ReaderSpec, build_reader_model
+from mcvqa.demo.reader_model import ReaderSpec, _set_depth, build_reader_model
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # RECIPE_TEST_MODEL: another stand-in folder, used as it is (the committed one is checked against its builder).
@@ -188,7 +188,6 @@ def test_reader_builder_continues_a_folder(tmp_path):
         {"category", "colour", "count", "position", "shape", "word"}
 
 
-
 def test_qwen3_5_reader_layout_has_attention_first_and_last():
     """The Qwen3.5 stand-in's layers: gated attention first and last, Gated DeltaNet between (run 57: with attention
     only 4th, the real 3:1 mix, the letter lookup barely formed); the committed folder is built that way."""
@@ -196,8 +195,6 @@ def test_qwen3_5_reader_layout_has_attention_first_and_last():
         from transformers import Qwen3_5Config
     except ImportError:
         pytest.skip("Qwen3.5 needs transformers >= 5.2")
-    from mcvqa.demo.reader_model import _set_depth
-
     layout = ["full_attention", "linear_attention", "linear_attention", "full_attention"]
     for layers in (4, 8):
         config = Qwen3_5Config()
